@@ -1,0 +1,1 @@
+"""Load tests and benchmarks: simulated clients against a real server (see README, Performance)."""

@@ -1,0 +1,307 @@
+"""The Python asyncio client: one connection, many streams, results as async iterators.
+
+Used by ``realtime stream``, the tests and the load tester. Errors the server sends about a
+request (an open, a close) are raised as the same :mod:`realtime.errors` leaf the server raised;
+errors about a chunk arrive in the stream's results in sequence order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+from websockets.asyncio.client import ClientConnection, connect
+
+from realtime import errors
+from realtime.protocol import (
+    FLAG_END_OF_SEGMENT,
+    Chunk,
+    Close,
+    Closed,
+    Error,
+    Event,
+    Hello,
+    Message,
+    Open,
+    Opened,
+    Ping,
+    Pong,
+    Result,
+    ResultFrame,
+    Timing,
+    Welcome,
+    decode_frame,
+    decode_text,
+    encode_frame,
+    encode_text,
+)
+
+StreamMessage = Result | Error | Event
+_CODES = errors.all_codes()
+
+
+def raise_error(err: Error) -> errors.RealtimeError:
+    """The error-tree exception for an error message (unknown codes become RealtimeError)."""
+    cls = _CODES.get(err.code, errors.RealtimeError)
+    exc = cls(err.message, stream=err.stream, seq=err.seq)
+    return exc
+
+
+class Stream:
+    """One open stream on a :class:`Client`: send chunks, iterate results in order."""
+
+    def __init__(self, client: Client, opened: Opened) -> None:
+        self.client = client
+        self.opened = opened
+        self.id = opened.stream
+        self.output_names = [o["name"] for o in opened.outputs]
+        self._seq = itertools.count()
+        self._queue: asyncio.Queue[StreamMessage | Closed | ConnectionError] = asyncio.Queue()
+        self._partial: dict[int, list[ResultFrame]] = {}
+        self.closed: Closed | None = None
+
+    async def send(
+        self,
+        data: np.ndarray[Any, Any],
+        *,
+        t: float | None = None,
+        seq: int | None = None,
+        deadline_ms: int = 0,
+        end_of_segment: bool = False,
+    ) -> int:
+        """Send one chunk; returns its sequence number. ``t`` is your clock, in ms."""
+        n = next(self._seq) if seq is None else seq
+        chunk = Chunk(
+            self.id,
+            n,
+            time.time() * 1000.0 if t is None else t,
+            data,
+            deadline_ms=deadline_ms,
+            flags=FLAG_END_OF_SEGMENT if end_of_segment else 0,
+        )
+        await self.client.ws.send(encode_frame(chunk))
+        return n
+
+    async def next(self) -> StreamMessage:
+        """The next result, chunk error or event, in sequence order."""
+        msg = await self._get()
+        if isinstance(msg, Closed):
+            raise EOFError(f"stream {self.id} is closed")
+        return msg
+
+    async def _get(self) -> StreamMessage | Closed:
+        msg = await self._queue.get()
+        if isinstance(msg, ConnectionError):
+            raise msg
+        return msg
+
+    async def close(self) -> Closed:
+        """Close the stream and wait until the server has sent every result of it.
+
+        Results still queued stay readable (iteration ends after the last one).
+        """
+        closed = await self.client._request(Close(self.id), ("closed", self.id))
+        assert isinstance(closed, Closed)
+        self.closed = closed
+        return closed
+
+    async def collect(self) -> list[StreamMessage]:
+        """Everything not yet read, up to the end of the stream (after :meth:`close`)."""
+        return [msg async for msg in self]
+
+    def __aiter__(self) -> AsyncIterator[StreamMessage]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[StreamMessage]:
+        while True:
+            msg = await self._get()
+            if isinstance(msg, Closed):
+                self.closed = msg
+                return
+            yield msg
+
+    def _on_frame(self, frame: ResultFrame) -> None:
+        parts = self._partial.setdefault(frame.seq, [])
+        parts.append(frame)
+        if len(parts) == frame.count:
+            del self._partial[frame.seq]
+            parts.sort(key=lambda f: f.index)
+            timing = Timing(frame.queue_us / 1000.0, frame.infer_us / 1000.0, 0)
+            outputs = {name: f.data for name, f in zip(self.output_names, parts, strict=True)}
+            self._queue.put_nowait(Result(self.id, frame.seq, frame.t, outputs, timing))
+
+
+class Client:
+    """A connection to a `realtime` server."""
+
+    def __init__(self, ws: ClientConnection, welcome: Welcome) -> None:
+        self.ws = ws
+        self.welcome = welcome
+        self.streams: dict[int, Stream] = {}
+        self._waiting: dict[tuple[str, int], asyncio.Future[Message]] = {}
+        self._stream_ids = itertools.count(1)
+        self._ping_ids = itertools.count(1)
+        self._unrouted: asyncio.Queue[Error] = asyncio.Queue()
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    @classmethod
+    async def connect(
+        cls, url: str = "ws://127.0.0.1:8765/", name: str = "realtime.client"
+    ) -> Client:
+        """Connect, say hello and wait for the welcome."""
+        ws = await connect(url, compression=None, max_size=None)
+        await ws.send(encode_text(Hello(client=name)), text=True)
+        msg = decode_text(await ws.recv())
+        if isinstance(msg, Error):
+            await ws.close()
+            raise raise_error(msg)
+        if not isinstance(msg, Welcome):
+            await ws.close()
+            raise errors.BadMessage(f"expected welcome, got {msg!r}")
+        return cls(ws, msg)
+
+    @property
+    def models(self) -> list[dict[str, Any]]:
+        """The server's model catalog, from the welcome."""
+        return self.welcome.models
+
+    def model(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """The catalog entry of a model (its default version unless one is named)."""
+        for m in self.models:
+            if m["name"] == name and (
+                m["version"] == version or (version is None and m["default"])
+            ):
+                return m
+        raise errors.UnknownModel(f"no model {name!r} in the catalog")
+
+    async def open(
+        self,
+        model: str,
+        *,
+        version: str | None = None,
+        kind: str | None = None,
+        dtype: str | None = None,
+        shape: tuple[int, ...] | None = None,
+        sample_rate: int | None = None,
+        deadline_ms: float | None = None,
+        results: str = "json",
+        options: dict[str, Any] | None = None,
+        stream_id: int | None = None,
+    ) -> Stream:
+        """Open a stream; kind, dtype and sample rate default to what the catalog says."""
+        entry = next((m for m in self.models if m["name"] == model), None)
+        info = entry["input"] if entry else {}
+        sid = next(self._stream_ids) if stream_id is None else stream_id
+        msg = Open(
+            stream=sid,
+            model=model,
+            version=version,
+            kind=kind or (entry["kind"] if entry else "tensor"),  # type: ignore[arg-type]
+            dtype=dtype or info.get("dtype", "float32"),
+            shape=shape,
+            sample_rate=sample_rate or info.get("sample_rate"),
+            deadline_ms=deadline_ms,
+            results=results,  # type: ignore[arg-type]
+            options=options or {},
+        )
+        # The stream must exist before the server can answer, so no result is ever unrouted.
+        stream = Stream(self, Opened(sid, model, "", {}, [], 0.0))
+        self.streams[sid] = stream
+        try:
+            opened = await self._request(msg, ("opened", sid))
+        except BaseException:
+            self.streams.pop(sid, None)
+            raise
+        assert isinstance(opened, Opened)
+        stream.opened = opened
+        stream.output_names = [o["name"] for o in opened.outputs]
+        return stream
+
+    async def ping(self) -> tuple[float, float]:
+        """Round trip and server-minus-client clock offset, both in ms."""
+        t0 = time.time() * 1000.0
+        pid = next(self._ping_ids)
+        pong = await self._request(Ping(pid, t0), ("pong", pid))
+        assert isinstance(pong, Pong)
+        t1 = time.time() * 1000.0
+        return t1 - t0, pong.server_time - (t0 + t1) / 2
+
+    async def next_error(self) -> Error:
+        """The next error that concerns no open stream (bad frames, unknown streams)."""
+        return await self._unrouted.get()
+
+    async def close(self) -> None:
+        """Close the connection."""
+        await self.ws.close()
+        self._reader.cancel()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _request(self, msg: Message, key: tuple[str, int]) -> Message:
+        fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._waiting[key] = fut
+        try:
+            await self.ws.send(encode_text(msg), text=True)
+            return await fut
+        finally:
+            self._waiting.pop(key, None)
+
+    async def _read(self) -> None:
+        try:
+            async for raw in self.ws:
+                if isinstance(raw, bytes):
+                    frame = decode_frame(raw)
+                    if isinstance(frame, ResultFrame) and frame.stream in self.streams:
+                        self.streams[frame.stream]._on_frame(frame)
+                    continue
+                self._route(decode_text(raw))
+        finally:
+            exc = ConnectionError(
+                f"connection closed ({self.ws.close_code} {self.ws.close_reason})"
+            )
+            for fut in self._waiting.values():
+                if not fut.done():
+                    fut.set_exception(exc)
+            for stream in self.streams.values():
+                stream._queue.put_nowait(exc)
+
+    def _route(self, msg: Message) -> None:
+        key: tuple[str, int] | None = None
+        if isinstance(msg, Opened):
+            key = ("opened", msg.stream)
+        elif isinstance(msg, Pong):
+            key = ("pong", msg.id)
+        elif isinstance(msg, Closed):
+            key = ("closed", msg.stream)
+            if msg.stream in self.streams:
+                self.streams.pop(msg.stream)._queue.put_nowait(msg)
+        if key is not None:
+            fut = self._waiting.get(key)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+            return
+        if isinstance(msg, Error):
+            if msg.seq is None and msg.stream is not None:
+                for kind in ("opened", "closed"):
+                    fut = self._waiting.get((kind, msg.stream))
+                    if fut is not None and not fut.done():
+                        fut.set_exception(raise_error(msg))
+                        return
+            stream = self.streams.get(msg.stream) if msg.stream is not None else None
+            if stream is not None and msg.seq is not None:
+                stream._queue.put_nowait(msg)
+            else:
+                self._unrouted.put_nowait(msg)
+            return
+        if isinstance(msg, Result | Event):
+            stream = self.streams.get(msg.stream)
+            if stream is not None:
+                stream._queue.put_nowait(msg)

@@ -1,0 +1,35 @@
+"""The one frozen configuration of a server, built once at start."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from realtime.session import Limits
+
+
+def _default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything a server needs to know, from flags (and later files)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    model_dirs: tuple[Path, ...] = ()
+    builtin_models: bool = True
+    log_level: str = "info"
+    limits: Limits = field(default_factory=Limits)
+    #: Batches run at once (per model and in all); one per core is right for small models.
+    workers: int = field(default_factory=_default_workers)
+    #: ONNX Runtime threads inside one batch; raise it for few, large models on many cores.
+    intra_op_threads: int = 1
+    #: Chunks waiting per model version before new ones are refused with ``overloaded``.
+    max_queue: int = 4096
+    #: Results waiting to be written to one client before it is disconnected as too slow.
+    max_outbox: int = 4096
+    #: Seconds in-flight batches get to finish on shutdown.
+    drain_seconds: float = 5.0

@@ -1,0 +1,1 @@
+"""Model repository: model folders, model.toml, and the built-in models."""

@@ -1,0 +1,302 @@
+"""The asyncio WebSocket server: handshake, limits, per-connection tasks, plain HTTP GETs.
+
+This is the only module that uses websockets' server API. It feeds frames to the pure
+:class:`realtime.session.Session`, hands accepted chunks to the :class:`Scheduler`, and writes
+what comes back through one bounded outbox per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import deque
+from functools import partial
+from http import HTTPStatus
+from pathlib import Path
+
+import orjson
+from websockets.asyncio.server import Server as WsServer
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from realtime import __version__, errors
+from realtime.config import Config
+from realtime.models.repository import BUILTIN_DIR, Model, ModelRepository, scan
+from realtime.protocol import (
+    CLIENT_MESSAGES,
+    Chunk,
+    Close,
+    Error,
+    Hello,
+    Message,
+    Open,
+    Ping,
+    Pong,
+    Result,
+    decode_frame,
+    decode_text,
+    encode_text,
+    result_frames,
+)
+from realtime.runtime import RuntimeOptions
+from realtime.scheduler import Scheduler
+from realtime.session import Prediction, Session, WorkItem
+
+log = logging.getLogger("realtime")
+SERVER_NAME = f"realtime/{__version__}"
+#: websockets refuses (and closes on) frames this many times over our own limit; below it, an
+#: oversize message gets a typed ``message_too_big`` error and the session stays usable.
+HARD_SIZE_FACTOR = 4
+#: Close code for a client that does not read its results fast enough.
+CLOSE_TOO_SLOW = 4008
+
+
+def load_models(config: Config) -> list[Model]:
+    """Every model the config names: the built-ins, then each ``--models`` folder."""
+    options = RuntimeOptions(intra_op_threads=config.intra_op_threads)
+    dirs = ([BUILTIN_DIR] if config.builtin_models else []) + list(config.model_dirs)
+    models: list[Model] = []
+    seen: dict[str, Path] = {}
+    for d in dirs:
+        for m in scan(d, options):
+            if m.key in seen:
+                raise errors.ModelLoadError(
+                    f"{m.path}: {m.key} is already loaded from {seen[m.key]}"
+                )
+            seen[m.key] = m.path
+            models.append(m)
+    return models
+
+
+class _Connection:
+    """One client's socket, session and outbox."""
+
+    def __init__(self, ws: ServerConnection, session: Session, max_outbox: int) -> None:
+        self.ws = ws
+        self.session = session
+        self._outbox: deque[tuple[bytes, bool]] = deque()  # (frame, is_text)
+        self._wakeup = asyncio.Event()
+        self._max_outbox = max_outbox
+        self.too_slow = False
+
+    def send_messages(self, messages: list[Message], binary_results: bool) -> None:
+        """Queue messages in order, results as binary frames where the stream asked for them."""
+        for msg in messages:
+            if binary_results and isinstance(msg, Result):
+                self._outbox.extend((frame, False) for frame in result_frames(msg))
+            else:
+                self._outbox.append((encode_text(msg), True))
+        if len(self._outbox) > self._max_outbox and not self.too_slow:
+            self.too_slow = True
+            self._outbox.clear()
+            asyncio.get_running_loop().create_task(
+                self.ws.close(CLOSE_TOO_SLOW, "results are not read fast enough")
+            )
+        self._wakeup.set()
+
+    def error(self, exc: errors.RealtimeError) -> None:
+        """Queue a typed error."""
+        self.send_messages([Error.of(exc)], False)
+
+    async def write_loop(self) -> None:
+        """Write queued frames until the connection closes."""
+        outbox, ws = self._outbox, self.ws
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while outbox:
+                frame, text = outbox.popleft()
+                await ws.send(frame, text=text)
+
+
+class Server:
+    """A running `realtime` server: lifecycle, connections and the HTTP side."""
+
+    def __init__(self, config: Config, models: list[Model] | None = None) -> None:
+        self.config = config
+        self.models = load_models(config) if models is None else models
+        self.repository = ModelRepository(self.models)
+        self.scheduler = Scheduler(self.models, workers=config.workers, max_queue=config.max_queue)
+        self._ws: WsServer | None = None
+        self._catalog = orjson.dumps({"models": self.repository.catalog()})
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when the config asked for port 0)."""
+        assert self._ws is not None
+        port: int = self._ws.sockets[0].getsockname()[1]
+        return port
+
+    @property
+    def url(self) -> str:
+        """The WebSocket URL clients connect to."""
+        return f"ws://{self.config.host}:{self.port}/"
+
+    async def start(self) -> None:
+        """Bind and start accepting connections."""
+        limits = self.config.limits
+        self._ws = await serve(
+            self._handle,
+            self.config.host,
+            self.config.port,
+            process_request=self._http,
+            compression=None,
+            max_size=limits.max_message_bytes * HARD_SIZE_FACTOR,
+            max_queue=64,
+            server_header=SERVER_NAME,
+        )
+        log.info("event=listening url=%s models=%d", self.url, len(self.models))
+
+    async def close(self) -> None:
+        """Stop accepting, close every connection as going away, finish running batches."""
+        if self._ws is not None:
+            self._ws.close(close_connections=True)
+            await self._ws.wait_closed()
+        await self.scheduler.close()
+
+    # --- HTTP --------------------------------------------------------------------------------
+
+    def _http(self, ws: ServerConnection, request: Request) -> Response | None:
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return None
+        path = request.path.split("?", 1)[0]
+        if path == "/healthz":
+            return _response(HTTPStatus.OK, b'{"status":"ok"}', "application/json")
+        if path == "/v1/models":
+            return _response(HTTPStatus.OK, self._catalog, "application/json")
+        if path == "/":
+            body = f"{SERVER_NAME}: connect a WebSocket to this URL (see docs/protocol.md)\n"
+            return _response(HTTPStatus.OK, body.encode(), "text/plain; charset=utf-8")
+        return _response(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain; charset=utf-8")
+
+    # --- WebSocket ---------------------------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        session = Session(
+            secrets.token_urlsafe(9), self.repository, self.config.limits, SERVER_NAME
+        )
+        conn = _Connection(ws, session, self.config.max_outbox)
+        peer = ws.remote_address[0] if ws.remote_address else "?"
+        log.info("event=connect session=%s peer=%s", session.id, peer)
+        writer = asyncio.get_running_loop().create_task(conn.write_loop())
+        max_bytes = self.config.limits.max_message_bytes
+        try:
+            async for message in ws:
+                if len(message) > max_bytes:
+                    conn.error(errors.MessageTooBig(f"{len(message)} bytes, at most {max_bytes}"))
+                elif isinstance(message, str):
+                    self._on_text(conn, message)
+                else:
+                    self._on_binary(conn, message)
+        except ConnectionClosed:
+            pass
+        finally:
+            session.disconnect()
+            writer.cancel()
+            log.info(
+                "event=disconnect session=%s code=%s too_slow=%s",
+                session.id,
+                ws.close_code,
+                conn.too_slow,
+            )
+
+    def _on_text(self, conn: _Connection, text: str) -> None:
+        session = conn.session
+        try:
+            msg = decode_text(text)
+            if not isinstance(msg, CLIENT_MESSAGES):
+                raise errors.BadMessage(f"{type(msg).__name__.lower()} is a server message")
+            if isinstance(msg, Hello):
+                reply: list[Message] = [session.hello(msg)]
+            elif isinstance(msg, Open):
+                reply = [session.open_stream(msg)]
+                log.info(
+                    "event=open session=%s stream=%d model=%s",
+                    session.id,
+                    msg.stream,
+                    session.streams[msg.stream].model.key,
+                )
+            elif isinstance(msg, Close):
+                reply = session.close_stream(msg)
+            elif isinstance(msg, Ping):
+                reply = [Pong(msg.id, msg.t, time.time() * 1000.0)]
+            conn.send_messages(reply, False)
+        except errors.RealtimeError as e:
+            conn.error(e)
+
+    def _on_binary(self, conn: _Connection, data: bytes) -> None:
+        session = conn.session
+        try:
+            frame = decode_frame(data)
+            if not isinstance(frame, Chunk):
+                raise errors.BadFrame("result frames go from server to client only")
+            item = session.accept(frame, time.monotonic())
+        except errors.RealtimeError as e:
+            conn.error(e)
+            return
+        try:
+            fut = self.scheduler.submit(item)
+        except errors.ServingError as e:
+            self._deliver(conn, item, e)
+            return
+        fut.add_done_callback(partial(self._on_outcome, conn, item))
+
+    def _on_outcome(
+        self, conn: _Connection, item: WorkItem, fut: asyncio.Future[Prediction]
+    ) -> None:
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is None:
+            self._deliver(conn, item, fut.result())
+        elif isinstance(exc, errors.ServingError):
+            self._deliver(conn, item, exc)
+        else:
+            log.error("event=internal_error session=%s error=%r", conn.session.id, exc)
+            self._deliver(
+                conn,
+                item,
+                errors.InferenceFailed(repr(exc)[:300], stream=item.stream.id, seq=item.seq),
+            )
+
+    @staticmethod
+    def _deliver(
+        conn: _Connection, item: WorkItem, outcome: Prediction | errors.ServingError
+    ) -> None:
+        messages = conn.session.complete(item, outcome)
+        if messages:
+            conn.send_messages(messages, item.stream.results == "binary")
+
+
+def _response(status: HTTPStatus, body: bytes, content_type: str) -> Response:
+    headers = Headers(
+        [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+            ("Server", SERVER_NAME),
+        ]
+    )
+    return Response(status.value, status.phrase, headers, body)
+
+
+async def run(config: Config) -> None:
+    """Serve until SIGINT or SIGTERM, then shut down cleanly."""
+    import signal
+
+    server = Server(config)
+    await server.start()
+    print(f"realtime {__version__} serving {len(server.models)} models on {server.url}", flush=True)
+    for entry in server.repository.catalog():
+        print(f"  {entry['name']}@{entry['version']}  {entry['kind']}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("event=shutdown")
+    await server.close()

@@ -1,0 +1,360 @@
+"""One client's session, without I/O: its streams, chunk checks, sequence order and state.
+
+A :class:`Session` turns protocol messages into replies and chunks into :class:`WorkItem` s for
+the scheduler, and turns each item's outcome back into the messages to send, released strictly in
+per-stream sequence order. Every chunk it accepts gets exactly one result or one typed error.
+Everything a session holds lives here, in plain objects, so that it can be moved or resumed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import numpy as np
+
+from realtime import errors
+from realtime.models.repository import Model, ModelRepository
+from realtime.protocol import (
+    FLAG_END_OF_SEGMENT,
+    Chunk,
+    Close,
+    Closed,
+    Error,
+    Hello,
+    Message,
+    Open,
+    Opened,
+    Result,
+    ResultMode,
+    Timing,
+    Welcome,
+)
+
+#: Audio chunk dtypes a stream may send; integers are PCM, scaled to [-1, 1).
+AUDIO_DTYPES = {
+    "float32": 1.0,
+    "float64": 1.0,
+    "int16": 1.0 / 32768,
+    "int32": 1.0 / 2147483648,
+    "uint8": 1.0 / 128,  # 8-bit PCM is unsigned, centred on 128
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-session limits the server enforces and announces in its welcome."""
+
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_streams: int = 64
+    max_inflight_per_stream: int = 64
+
+    def as_wire(self) -> dict[str, Any]:
+        """The limits as the welcome message lists them."""
+        return {
+            "max_message_bytes": self.max_message_bytes,
+            "max_streams": self.max_streams,
+            "max_inflight_per_stream": self.max_inflight_per_stream,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """A chunk's model outputs (aligned with ``Model.outputs``) and where its time went."""
+
+    outputs: list[np.ndarray[Any, Any]]
+    queue_ms: float
+    infer_ms: float
+    batch: int
+
+
+Outcome = Prediction | errors.ServingError
+
+
+@dataclass(slots=True, eq=False)
+class Stream:
+    """One open stream: its model binding, sequence position, recurrent state and ordering."""
+
+    session: str
+    id: int
+    model: Model
+    dtype: np.dtype[Any]
+    deadline_ms: float
+    results: ResultMode
+    options: dict[str, Any]
+    #: Recurrent state per ``model.states`` (batch size 1); the scheduler updates it in place.
+    state: list[np.ndarray[Any, Any]]
+    #: Audio: the last ``model.context`` samples, prepended to the next chunk.
+    context: np.ndarray[Any, Any] | None
+    last_seq: int = -1
+    #: Accepted sequence numbers without a sent outcome, in order.
+    pending: deque[int] = field(default_factory=deque)
+    #: Outcomes that arrived before an earlier seq's; released in order.
+    done: dict[int, tuple[WorkItem, Outcome]] = field(default_factory=dict)
+    closing: bool = False
+    #: False once the client is gone or the stream closed: the scheduler skips its items.
+    live: bool = True
+    results_sent: int = 0
+    errors_sent: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class WorkItem:
+    """One accepted chunk on its way through the scheduler."""
+
+    stream: Stream
+    seq: int
+    t: float
+    inputs: np.ndarray[Any, Any]  # the model's input for this item, without the batch axis
+    received: float  # monotonic seconds when the frame arrived
+    deadline: float  # monotonic seconds by which the result is due
+    end_of_segment: bool = False
+
+
+class Phase(Enum):
+    """Where a session is in its life."""
+
+    AWAITING_HELLO = "awaiting_hello"
+    OPEN = "open"
+
+
+class Session:
+    """The pure state machine of one client connection."""
+
+    def __init__(
+        self, session_id: str, repository: ModelRepository, limits: Limits, server: str
+    ) -> None:
+        self.id = session_id
+        self.repository = repository
+        self.limits = limits
+        self.server = server
+        self.phase = Phase.AWAITING_HELLO
+        self.streams: dict[int, Stream] = {}
+        self.client = ""
+
+    # --- control messages -------------------------------------------------------------------
+
+    def hello(self, msg: Hello) -> Welcome:
+        """Start the session: the welcome with its id, limits and catalog."""
+        if self.phase is not Phase.AWAITING_HELLO:
+            raise errors.BadMessage("hello was already received on this session")
+        self.phase = Phase.OPEN
+        self.client = msg.client
+        return Welcome(self.id, self.server, self.limits.as_wire(), self.repository.catalog())
+
+    def _require_open(self) -> None:
+        if self.phase is not Phase.OPEN:
+            raise errors.HelloRequired("send hello before anything else")
+
+    def open_stream(self, msg: Open) -> Opened:
+        """Bind a new stream to a model version after checking that its chunks can fit."""
+        self._require_open()
+        sid = msg.stream
+        if sid in self.streams:
+            raise errors.StreamAlreadyOpen(f"stream {sid} is already open", stream=sid)
+        if len(self.streams) >= self.limits.max_streams:
+            raise errors.TooManyStreams(
+                f"at most {self.limits.max_streams} streams per session", stream=sid
+            )
+        model = self.repository.get(msg.model, msg.version)
+        if model is None:
+            if self.repository.has_name(msg.model):
+                raise errors.UnknownVersion(
+                    f"model {msg.model} has no version {msg.version}", stream=sid
+                )
+            raise errors.UnknownModel(f"no model named {msg.model!r}", stream=sid)
+        if msg.kind != model.kind:
+            raise errors.KindMismatch(
+                f"{model.key} takes {model.kind} streams, not {msg.kind}", stream=sid
+            )
+        dtype = np.dtype(msg.dtype)
+        if model.kind == "audio":
+            if msg.dtype not in AUDIO_DTYPES:
+                raise errors.DtypeMismatch(
+                    f"audio chunks must be one of {', '.join(AUDIO_DTYPES)}", stream=sid
+                )
+            if msg.sample_rate != model.sample_rate:
+                raise errors.UnsupportedSampleRate(
+                    f"{model.key} takes {model.sample_rate} Hz audio, not {msg.sample_rate}",
+                    stream=sid,
+                )
+            if msg.shape is not None and msg.shape != (model.chunk,):
+                raise errors.ShapeMismatch(
+                    f"{model.key} takes chunks of {model.chunk} samples", stream=sid
+                )
+        else:
+            if dtype != model.input.dtype:
+                raise errors.DtypeMismatch(
+                    f"{model.key} takes {model.input.dtype.name}, not {msg.dtype}", stream=sid
+                )
+            if msg.shape is not None and msg.shape != model.item_shape:
+                raise errors.ShapeMismatch(
+                    f"{model.key} takes chunks shaped {list(model.item_shape)}, "
+                    f"not {list(msg.shape)}",
+                    stream=sid,
+                )
+        deadline = model.deadline_ms if msg.deadline_ms is None else msg.deadline_ms
+        if not 0 < deadline <= 60_000:
+            raise errors.BadMessage("deadline_ms must be in (0, 60000]", stream=sid)
+        self.streams[sid] = Stream(
+            session=self.id,
+            id=sid,
+            model=model,
+            dtype=dtype,
+            deadline_ms=deadline,
+            results=msg.results,
+            options=msg.options,
+            state=[s.initial.copy() for s in model.states],
+            context=np.zeros(model.context, model.input.dtype) if model.context else None,
+        )
+        return Opened(
+            sid,
+            model.name,
+            model.version,
+            {
+                "dtype": msg.dtype,
+                "shape": list(model.chunk_shape),
+                **({"sample_rate": model.sample_rate} if model.kind == "audio" else {}),
+            },
+            [
+                {"name": o.name, "dtype": o.dtype.name, "shape": list(o.shape[1:])}
+                for o in model.outputs
+            ],
+            deadline,
+        )
+
+    def close_stream(self, msg: Close) -> list[Message]:
+        """Stop accepting chunks on a stream; ``closed`` goes out once its results have."""
+        self._require_open()
+        stream = self.streams.get(msg.stream)
+        if stream is None or stream.closing:
+            raise errors.StreamNotOpen(f"stream {msg.stream} is not open", stream=msg.stream)
+        stream.closing = True
+        return self._maybe_closed(stream)
+
+    def _maybe_closed(self, stream: Stream) -> list[Message]:
+        if not stream.closing or stream.pending:
+            return []
+        stream.live = False
+        del self.streams[stream.id]
+        return [Closed(stream.id, stream.results_sent, stream.errors_sent)]
+
+    def disconnect(self) -> None:
+        """The client is gone: its queued items are skipped and nothing more is sent."""
+        for stream in self.streams.values():
+            stream.live = False
+        self.streams.clear()
+
+    # --- chunks -----------------------------------------------------------------------------
+
+    def accept(self, chunk: Chunk, now: float) -> WorkItem:
+        """Check a chunk against its stream and build the model input; raise if it is refused."""
+        self._require_open()
+        sid, seq = chunk.stream, chunk.seq
+        stream = self.streams.get(sid)
+        if stream is None or stream.closing:
+            raise errors.StreamNotOpen(f"stream {sid} is not open", stream=sid, seq=seq)
+        if seq <= stream.last_seq:
+            raise errors.BadSequence(
+                f"seq {seq} after {stream.last_seq}: sequence numbers must increase",
+                stream=sid,
+                seq=seq,
+            )
+        data = chunk.data
+        if data.dtype != stream.dtype:
+            raise errors.DtypeMismatch(
+                f"stream {sid} was opened with {stream.dtype.name}, chunk is {data.dtype.name}",
+                stream=sid,
+                seq=seq,
+            )
+        model = stream.model
+        expected = model.chunk_shape
+        if data.shape != expected:
+            raise errors.ShapeMismatch(
+                f"chunk shaped {list(data.shape)}, {model.key} takes {list(expected)}",
+                stream=sid,
+                seq=seq,
+            )
+        if data.dtype.kind == "f" and not math.isfinite(data.sum(dtype=np.float64)):
+            raise errors.NonFiniteInput("chunk holds NaN or infinity", stream=sid, seq=seq)
+        if len(stream.pending) >= self.limits.max_inflight_per_stream:
+            raise errors.Overloaded(
+                f"stream {sid} has {len(stream.pending)} chunks in flight; wait for results",
+                stream=sid,
+                seq=seq,
+            )
+        inputs = self._model_input(stream, data)
+        stream.last_seq = seq
+        stream.pending.append(seq)
+        deadline_ms = chunk.deadline_ms or stream.deadline_ms
+        return WorkItem(
+            stream,
+            seq,
+            chunk.t,
+            inputs,
+            now,
+            now + deadline_ms / 1000.0,
+            bool(chunk.flags & FLAG_END_OF_SEGMENT),
+        )
+
+    @staticmethod
+    def _model_input(stream: Stream, data: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        """The array the model takes for this chunk: a view where no conversion is needed."""
+        model = stream.model
+        if model.kind != "audio":
+            return data
+        scale = AUDIO_DTYPES[data.dtype.name]
+        target = model.input.dtype
+        ctx = stream.context
+        if ctx is None:
+            if data.dtype == target:
+                samples = data
+            else:
+                samples = np.empty(data.shape, target)
+                np.multiply(data, scale, out=samples, casting="unsafe")
+                if data.dtype == np.uint8:
+                    samples -= 1.0
+        else:
+            n = ctx.shape[0]
+            samples = np.empty(n + data.shape[0], target)
+            samples[:n] = ctx
+            np.multiply(data, scale, out=samples[n:], casting="unsafe")
+            if data.dtype == np.uint8:
+                samples[n:] -= 1.0
+            stream.context = samples[-n:]
+        return samples.reshape([-1 if d is None else d for d in model.item_shape])
+
+    # --- outcomes ---------------------------------------------------------------------------
+
+    def complete(self, item: WorkItem, outcome: Outcome) -> list[Message]:
+        """Record an item's outcome; return the messages now due, in stream order."""
+        stream = item.stream
+        if not stream.live:
+            return []
+        stream.done[item.seq] = (item, outcome)
+        out: list[Message] = []
+        pending, done = stream.pending, stream.done
+        while pending and pending[0] in done:
+            ready_item, ready = done.pop(pending.popleft())
+            if isinstance(ready, Prediction):
+                stream.results_sent += 1
+                outputs = {
+                    o.name: a for o, a in zip(stream.model.outputs, ready.outputs, strict=True)
+                }
+                out.append(
+                    Result(
+                        stream.id,
+                        ready_item.seq,
+                        ready_item.t,
+                        outputs,
+                        Timing(ready.queue_ms, ready.infer_ms, ready.batch),
+                    )
+                )
+            else:
+                stream.errors_sent += 1
+                out.append(Error.of(ready))
+        out.extend(self._maybe_closed(stream))
+        return out

@@ -1,0 +1,138 @@
+"""Shared fixtures: tiny ONNX models built on the spot, real servers on loopback."""
+
+from __future__ import annotations
+
+import wave
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from realtime.config import Config
+from realtime.server import Server
+from realtime.session import Limits
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+needs_shared = pytest.mark.skipif(
+    not (SHARED / "models").is_dir() or not (SHARED / "data").is_dir(),
+    reason=f"{SHARED} (the team's real models and clips) is not beside the repo",
+)
+
+
+def write_model(
+    root: Path, name: str, graph: onnx.GraphProto, toml: str = "", version: str = "1"
+) -> Path:
+    """Write ``root/name/version/model.onnx`` (+ model.toml) and return the version folder."""
+    folder = root / name / version
+    folder.mkdir(parents=True, exist_ok=True)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, folder / "model.onnx")
+    if toml:
+        (folder / "model.toml").write_text(toml)
+    return folder
+
+
+def _vi(name: str, elem: int, shape: list[Any]) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def double_graph() -> onnx.GraphProto:
+    """A stateless tensor model: y = 2x for x of shape [batch, 4]."""
+    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
+    return helper.make_graph(
+        [helper.make_node("Mul", ["x", "two"], ["y"])],
+        "double",
+        [_vi("x", TensorProto.FLOAT, ["batch", 4])],
+        [_vi("y", TensorProto.FLOAT, ["batch", 4])],
+        [two],
+    )
+
+
+def accumulate_graph() -> onnx.GraphProto:
+    """A stateful tensor model: total = state + x; the new state is the total."""
+    return helper.make_graph(
+        [
+            helper.make_node("Add", ["state", "x"], ["total"]),
+            helper.make_node("Identity", ["total"], ["state_out"]),
+        ],
+        "accumulate",
+        [_vi("x", TensorProto.FLOAT, ["batch", 3]), _vi("state", TensorProto.FLOAT, ["batch", 3])],
+        [
+            _vi("total", TensorProto.FLOAT, ["batch", 3]),
+            _vi("state_out", TensorProto.FLOAT, ["batch", 3]),
+        ],
+    )
+
+
+def window_graph() -> onnx.GraphProto:
+    """An audio model that echoes its whole input window (context + chunk)."""
+    return helper.make_graph(
+        [helper.make_node("Identity", ["audio"], ["window"])],
+        "window",
+        [_vi("audio", TensorProto.FLOAT, ["batch", 20])],
+        [_vi("window", TensorProto.FLOAT, ["batch", 20])],
+    )
+
+
+ACCUMULATE_TOML = """
+kind = "tensor"
+[[state]]
+input = "state"
+output = "state_out"
+batch_axis = 0
+"""
+WINDOW_TOML = """
+kind = "audio"
+sample_rate = 8000
+chunk = 16
+context = 4
+"""
+
+
+@pytest.fixture
+def tiny_models(tmp_path: Path) -> Path:
+    """A model folder with ``double``, ``accumulate`` (stateful) and ``window`` (audio)."""
+    root = tmp_path / "models"
+    write_model(root, "double", double_graph())
+    write_model(root, "accumulate", accumulate_graph(), ACCUMULATE_TOML)
+    write_model(root, "window", window_graph(), WINDOW_TOML)
+    return root
+
+
+ServerFactory = Callable[..., Any]
+
+
+@pytest.fixture
+async def start_server() -> AsyncIterator[ServerFactory]:
+    """Start real servers on ephemeral loopback ports; all are closed at the end of the test."""
+    servers: list[Server] = []
+
+    async def start(
+        model_dirs: tuple[Path, ...] = (), builtin: bool = True, limits: Limits | None = None
+    ) -> Server:
+        config = Config(
+            port=0,
+            model_dirs=model_dirs,
+            builtin_models=builtin,
+            limits=limits or Limits(),
+        )
+        server = Server(config)
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.close()
+
+
+def read_clip(name: str) -> tuple[np.ndarray[Any, Any], int]:
+    """A clip from ../shared/data as int16 samples and its sample rate."""
+    with wave.open(str(SHARED / "data" / name), "rb") as w:
+        return np.frombuffer(w.readframes(w.getnframes()), "<i2"), w.getframerate()

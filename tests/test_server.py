@@ -1,0 +1,328 @@
+"""The real server on loopback, driven by the Python client and by raw WebSocket frames."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from realtime import errors
+from realtime.client import Client
+from realtime.protocol import Chunk, Error, Result, ResultFrame, encode_frame
+from realtime.server import Server
+from realtime.session import Limits
+from tests.conftest import ServerFactory
+
+
+async def _server(start_server: ServerFactory, tiny_models: Path, **kw: Any) -> Server:
+    server: Server = await start_server((tiny_models,), builtin=False, **kw)
+    return server
+
+
+async def test_tensor_stream_results_arrive_in_order_with_timings(
+    start_server: ServerFactory, tiny_models: Path
+) -> None:
+    server = await _server(start_server, tiny_models)
+    async with await Client.connect(server.url) as client:
+        stream = await client.open("double")
+        assert stream.opened.version == "1"
+        xs = [np.full(4, i, np.float32) for i in range(50)]
+        for i, x in enumerate(xs):
+            await stream.send(x, t=1000.0 + i)
+        closed = await stream.close()
+        got = await stream.collect()
+    assert closed.results == 50 and closed.errors == 0
+    assert [m.seq for m in got] == list(range(50))
+    for i, msg in enumerate(got):
+        assert isinstance(msg, Result)
+        assert msg.t == 1000.0 + i
+        np.testing.assert_array_equal(msg.outputs["y"], 2 * xs[i])
+        assert msg.timing.queue_ms >= 0 and msg.timing.infer_ms > 0 and msg.timing.batch >= 1
+
+
+async def test_stateful_streams_keep_their_own_state(
+    start_server: ServerFactory, tiny_models: Path
+) -> None:
+    server = await _server(start_server, tiny_models)
+    async with await Client.connect(server.url) as client:
+        streams = [await client.open("accumulate") for _ in range(5)]
+        for _step in range(20):
+            for k, stream in enumerate(streams):
+                await stream.send(np.full(3, k + 1, np.float32))
+        for stream in streams:
+            await stream.close()
+        results = [await s.collect() for s in streams]
+    for k, got in enumerate(results):
+        totals = [float(m.outputs["total"][0]) for m in got if isinstance(m, Result)]
+        assert totals == [(k + 1) * (step + 1) for step in range(20)]
+
+
+async def test_audio_stream_gets_context_and_pcm_conversion(
+    start_server: ServerFactory, tiny_models: Path
+) -> None:
+    server = await _server(start_server, tiny_models)
+    async with await Client.connect(server.url) as client:
+        stream = await client.open("window", dtype="int16", sample_rate=8000)
+        pcm = (np.arange(48, dtype=np.int16) * 512).reshape(3, 16)
+        for chunk in pcm:
+            await stream.send(chunk)
+        await stream.close()
+        got = [m.outputs["window"] for m in await stream.collect() if isinstance(m, Result)]
+    flat = pcm.reshape(-1).astype(np.float32) / 32768
+    np.testing.assert_array_equal(got[0], np.concatenate([np.zeros(4, np.float32), flat[:16]]))
+    np.testing.assert_array_equal(got[1], flat[12:32])
+    np.testing.assert_array_equal(got[2], flat[28:48])
+
+
+async def test_binary_results(start_server: ServerFactory, tiny_models: Path) -> None:
+    server = await _server(start_server, tiny_models)
+    async with await Client.connect(server.url) as client:
+        stream = await client.open("double", results="binary")
+        await stream.send(np.arange(4, dtype=np.float32))
+        msg = await stream.next()
+    assert isinstance(msg, Result)
+    np.testing.assert_array_equal(msg.outputs["y"], np.arange(4) * 2)
+
+
+async def test_ping_measures_round_trip(start_server: ServerFactory, tiny_models: Path) -> None:
+    server = await _server(start_server, tiny_models)
+    async with await Client.connect(server.url) as client:
+        rtt, offset = await client.ping()
+    assert 0 <= rtt < 5000 and abs(offset) < 5000
+
+
+async def test_http_endpoints(start_server: ServerFactory, tiny_models: Path) -> None:
+    server = await _server(start_server, tiny_models)
+    base = f"http://127.0.0.1:{server.port}"
+
+    def get(path: str) -> tuple[int, str, bytes]:
+        try:
+            with urllib.request.urlopen(base + path, timeout=5) as r:
+                return r.status, r.headers["Content-Type"], r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers["Content-Type"], e.read()
+
+    status, ctype, body = await asyncio.to_thread(get, "/v1/models")
+    assert status == 200 and ctype == "application/json"
+    names = {m["name"] for m in orjson.loads(body)["models"]}
+    assert names == {"double", "accumulate", "window"}
+    assert (await asyncio.to_thread(get, "/healthz"))[0] == 200
+    assert (await asyncio.to_thread(get, "/../etc/passwd"))[0] == 404
+
+
+# --- Bad input: every kind gets its typed error and the session keeps working -------------
+
+
+class Raw:
+    """A bare WebSocket session for sending what a well-behaved client never would."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+
+    @classmethod
+    async def connect(cls, url: str, hello: bool = True) -> Raw:
+        raw = cls(await connect(url, compression=None, max_size=None))
+        if hello:
+            await raw.text({"type": "hello", "protocol": 1})
+            assert (await raw.recv())["type"] == "welcome"
+        return raw
+
+    async def text(self, msg: Any) -> None:
+        await self.ws.send(msg if isinstance(msg, str) else orjson.dumps(msg).decode())
+
+    async def recv(self) -> dict[str, Any]:
+        raw = await asyncio.wait_for(self.ws.recv(), 10)
+        assert isinstance(raw, str), "expected a text frame"
+        msg: dict[str, Any] = orjson.loads(raw)
+        return msg
+
+    async def open(self, stream: int, model: str = "double", **kw: Any) -> dict[str, Any]:
+        msg = {
+            "type": "open",
+            "stream": stream,
+            "model": model,
+            "kind": "tensor",
+            "dtype": "float32",
+        }
+        await self.text({**msg, **kw})
+        return await self.recv()
+
+    async def chunk(self, stream: int, seq: int, data: np.ndarray[Any, Any]) -> None:
+        await self.ws.send(encode_frame(Chunk(stream, seq, 0.0, data)))
+
+    async def still_works(self, stream: int, seq: int) -> None:
+        """A good chunk on an open ``double`` stream still gets its result."""
+        await self.chunk(stream, seq, np.ones(4, np.float32))
+        msg = await self.recv()
+        assert (msg["type"], msg["seq"], msg["outputs"]["y"]["data"]) == ("result", seq, [2.0] * 4)
+
+
+GOOD = np.ones(4, np.float32)
+BAD_TEXT: list[tuple[str, Any, str]] = [
+    ("invalid JSON", "{not json", "bad_message"),
+    ("deeply nested JSON", "[" * 100_000 + "]" * 100_000, "bad_message"),
+    ("not an object", "[1,2,3]", "bad_message"),
+    ("unknown type", {"type": "teleport"}, "bad_message"),
+    (
+        "server message",
+        {"type": "welcome", "session": "x", "server": "x", "models": [], "protocol": 1},
+        "bad_message",
+    ),
+    ("second hello", {"type": "hello", "protocol": 1}, "bad_message"),
+    ("wrong protocol version", {"type": "hello", "protocol": 99}, "unsupported_version"),
+    ("close unknown stream", {"type": "close", "stream": 77}, "stream_not_open"),
+    ("huge text", "x" * 300_000, "message_too_big"),
+]
+
+
+@pytest.mark.parametrize(("why", "msg", "code"), BAD_TEXT, ids=[b[0] for b in BAD_TEXT])
+async def test_bad_text_gets_typed_error(
+    start_server: ServerFactory, tiny_models: Path, why: str, msg: Any, code: str
+) -> None:
+    server = await _server(start_server, tiny_models, limits=Limits(max_message_bytes=200_000))
+    raw = await Raw.connect(server.url)
+    assert (await raw.open(1))["type"] == "opened"
+    await raw.text(msg)
+    err = await raw.recv()
+    assert err["type"] == "error" and err["code"] == code, err
+    assert isinstance(err["message"], str) and isinstance(err["retryable"], bool)
+    await raw.still_works(1, 0)
+
+
+BAD_OPEN: list[tuple[str, dict[str, Any], str]] = [
+    ("unknown model", {"model": "nope"}, "unknown_model"),
+    ("unknown version", {"version": "9"}, "unknown_version"),
+    ("kind mismatch", {"kind": "audio"}, "kind_mismatch"),
+    ("dtype mismatch", {"dtype": "int16"}, "dtype_mismatch"),
+    ("shape mismatch", {"shape": [5]}, "shape_mismatch"),
+    ("already open", {"stream": 1}, "stream_already_open"),
+    (
+        "wrong sample rate",
+        {"model": "window", "kind": "audio", "sample_rate": 44100},
+        "unsupported_sample_rate",
+    ),
+    (
+        "bad audio dtype",
+        {"model": "window", "kind": "audio", "dtype": "bool", "sample_rate": 8000},
+        "dtype_mismatch",
+    ),
+    ("bad deadline", {"deadline_ms": -5}, "bad_message"),
+    ("bad results mode", {"results": "xml"}, "bad_message"),
+]
+
+
+@pytest.mark.parametrize(("why", "fields", "code"), BAD_OPEN, ids=[b[0] for b in BAD_OPEN])
+async def test_bad_open_gets_typed_error(
+    start_server: ServerFactory, tiny_models: Path, why: str, fields: dict[str, Any], code: str
+) -> None:
+    server = await _server(start_server, tiny_models)
+    raw = await Raw.connect(server.url)
+    assert (await raw.open(1))["type"] == "opened"
+    err = await raw.open(fields.pop("stream", 2), **fields)
+    assert err["type"] == "error" and err["code"] == code, err
+    if code != "bad_message":
+        assert err["stream"] == 1 if why == "already open" else err["stream"] == 2
+    await raw.still_works(1, 0)
+
+
+BAD_CHUNKS: list[tuple[str, Any, str]] = [
+    ("garbage bytes", b"\x00garbage", "bad_frame"),
+    ("truncated header", encode_frame(Chunk(1, 5, 0.0, GOOD))[:20], "bad_frame"),
+    ("truncated payload", encode_frame(Chunk(1, 5, 0.0, GOOD))[:-1], "bad_frame"),
+    ("result frame from client", encode_frame(ResultFrame(1, 5, 0.0, GOOD)), "bad_frame"),
+    ("stream not open", encode_frame(Chunk(9, 5, 0.0, GOOD)), "stream_not_open"),
+    ("wrong dtype", encode_frame(Chunk(1, 5, 0.0, GOOD.astype(np.float64))), "dtype_mismatch"),
+    ("wrong shape", encode_frame(Chunk(1, 5, 0.0, np.ones(5, np.float32))), "shape_mismatch"),
+    (
+        "NaN",
+        encode_frame(Chunk(1, 5, 0.0, np.array([1, np.nan, 0, 0], np.float32))),
+        "non_finite_input",
+    ),
+    (
+        "Inf",
+        encode_frame(Chunk(1, 5, 0.0, np.array([1, np.inf, 0, 0], np.float32))),
+        "non_finite_input",
+    ),
+    ("repeated seq", encode_frame(Chunk(1, 0, 0.0, GOOD)), "bad_sequence"),
+    ("huge frame", encode_frame(Chunk(1, 5, 0.0, np.ones(100_000, np.float32))), "message_too_big"),
+]
+
+
+@pytest.mark.parametrize(("why", "frame", "code"), BAD_CHUNKS, ids=[b[0] for b in BAD_CHUNKS])
+async def test_bad_chunk_gets_typed_error_and_session_goes_on(
+    start_server: ServerFactory, tiny_models: Path, why: str, frame: bytes, code: str
+) -> None:
+    server = await _server(start_server, tiny_models, limits=Limits(max_message_bytes=200_000))
+    raw, bystander = await Raw.connect(server.url), await Raw.connect(server.url)
+    assert (await raw.open(1))["type"] == "opened"
+    assert (await bystander.open(1))["type"] == "opened"
+    await raw.still_works(1, 0)
+    await raw.ws.send(frame)
+    err = await raw.recv()
+    assert err["type"] == "error" and err["code"] == code, err
+    if code not in ("bad_frame", "message_too_big"):
+        assert (err["stream"], err["seq"]) == (
+            (9 if why == "stream not open" else 1),
+            5 if why != "repeated seq" else 0,
+        )
+    await raw.still_works(1, 6)
+    await bystander.still_works(1, 0)
+
+
+async def test_hello_comes_first(start_server: ServerFactory, tiny_models: Path) -> None:
+    server = await _server(start_server, tiny_models)
+    raw = await Raw.connect(server.url, hello=False)
+    err = await raw.open(1)
+    assert err["code"] == "hello_required"
+    await raw.text({"type": "hello", "protocol": 1})
+    assert (await raw.recv())["type"] == "welcome"
+    assert (await raw.open(1))["type"] == "opened"
+    await raw.still_works(1, 0)
+
+
+async def test_stream_limit(start_server: ServerFactory, tiny_models: Path) -> None:
+    server = await _server(start_server, tiny_models, limits=Limits(max_streams=2))
+    raw = await Raw.connect(server.url)
+    assert (await raw.open(1))["type"] == "opened"
+    assert (await raw.open(2))["type"] == "opened"
+    assert (await raw.open(3))["code"] == "too_many_streams"
+    await raw.text({"type": "close", "stream": 2})
+    assert (await raw.recv())["type"] == "closed"
+    assert (await raw.open(3))["type"] == "opened"
+
+
+async def test_in_flight_limit_refuses_with_overloaded(
+    start_server: ServerFactory, tiny_models: Path
+) -> None:
+    server = await _server(start_server, tiny_models, limits=Limits(max_inflight_per_stream=4))
+    raw = await Raw.connect(server.url)
+    assert (await raw.open(1, "accumulate", shape=[3]))["type"] == "opened"
+    n = 200
+    for seq in range(n):
+        await raw.chunk(1, seq, np.ones(3, np.float32))
+    got = [await raw.recv() for _ in range(n)]
+    results = [m["seq"] for m in got if m["type"] == "result"]
+    refused = [m for m in got if m["type"] == "error"]
+    assert results == sorted(results) and len(results) >= 4
+    assert refused and all(m["code"] == "overloaded" and m["retryable"] for m in refused)
+    assert sorted(results + [m["seq"] for m in refused]) == list(range(n))
+    # The accepted chunks alone fed the state, once each and in order.
+    totals = [m["outputs"]["total"]["data"][0] for m in got if m["type"] == "result"]
+    assert totals == [float(k + 1) for k in range(len(results))]
+
+
+async def test_client_raises_typed_errors(start_server: ServerFactory, tiny_models: Path) -> None:
+    server = await _server(start_server, tiny_models)
+    async with await Client.connect(server.url) as client:
+        with pytest.raises(errors.UnknownModel):
+            await client.open("nope", kind="tensor", dtype="float32")
+        stream = await client.open("double")
+        await stream.send(np.ones(3, np.float32))
+        msg = await stream.next()
+    assert isinstance(msg, Error) and msg.code == "shape_mismatch" and msg.seq == 0
