@@ -17,7 +17,7 @@ from realtime.client import Client
 from realtime.protocol import Chunk, Error, Result, ResultFrame, encode_frame
 from realtime.server import Server
 from realtime.session import Limits
-from tests.conftest import ServerFactory
+from tests.conftest import REPO, ServerFactory, needs_shared, read_clip
 
 
 async def _server(start_server: ServerFactory, tiny_models: Path, **kw: Any) -> Server:
@@ -326,3 +326,56 @@ async def test_client_raises_typed_errors(start_server: ServerFactory, tiny_mode
         await stream.send(np.ones(3, np.float32))
         msg = await stream.next()
     assert isinstance(msg, Error) and msg.code == "shape_mismatch" and msg.seq == 0
+
+
+# --- The real third-party models, through the real server ------------------------------------
+
+
+def _segments_mask(times_s: np.ndarray[Any, Any], margin: float) -> tuple[Any, Any]:
+    """Chunks well inside speech, and well inside silence, per ../shared/data/README.md."""
+    speech_segments = [(1.01, 2.99), (4.93, 6.71)]
+    inside = np.zeros(len(times_s), bool)
+    near = np.zeros(len(times_s), bool)
+    for a, b in speech_segments:
+        inside |= (times_s >= a + margin) & (times_s <= b - margin)
+        near |= (times_s >= a - margin) & (times_s <= b + margin)
+    return inside, ~near
+
+
+@needs_shared
+async def test_silero_vad_through_the_server(start_server: ServerFactory) -> None:
+    server = await start_server((REPO / "examples" / "models",), builtin=False)
+    pcm, rate = read_clip("speech_16k.wav")
+    n = len(pcm) // 512
+    async with await Client.connect(server.url) as client:
+        stream = await client.open("silero_vad", dtype="int16", sample_rate=rate)
+        got = []
+        for i in range(n):  # at most 32 in flight, well under the stream's limit
+            await stream.send(pcm[i * 512 : (i + 1) * 512], t=1000.0 * i * 512 / rate)
+            if i >= 31:
+                got.append(await stream.next())
+        closed = await stream.close()
+        got += await stream.collect()
+    assert (closed.results, closed.errors) == (n, 0)
+    assert [m.seq for m in got] == list(range(n))
+    probs = np.array([float(m.outputs["output"][0]) for m in got if isinstance(m, Result)])
+    speech, silence = _segments_mask(np.array([m.t / 1000 + 0.016 for m in got]), 0.3)
+    assert probs[speech].mean() > 0.8 and probs[silence].mean() < 0.1
+
+
+@needs_shared
+async def test_basic_pitch_through_the_server(start_server: ServerFactory) -> None:
+    server = await start_server((REPO / "examples" / "models",), builtin=False)
+    pcm, rate = read_clip("melody_22k.wav")
+    window = np.zeros(43844, np.int16)
+    window[: min(len(pcm), 43844)] = pcm[:43844]
+    async with await Client.connect(server.url) as client:
+        stream = await client.open("basic_pitch", dtype="int16", sample_rate=rate)
+        await stream.send(window)
+        msg = await stream.next()
+    assert isinstance(msg, Result)
+    notes = msg.outputs["StatefulPartitionedCall:1"]
+    assert notes.shape == (172, 88)
+    frame = lambda s: int(s * 22050 / 256)  # noqa: E731 - frames of 256 samples
+    assert int(notes[frame(0.75)].argmax()) + 21 == 60  # C4 in the middle of the first note
+    assert int(notes[frame(1.5)].argmax()) + 21 == 64  # E4 in the middle of the second
