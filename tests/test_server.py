@@ -379,3 +379,56 @@ async def test_basic_pitch_through_the_server(start_server: ServerFactory) -> No
     frame = lambda s: int(s * 22050 / 256)  # noqa: E731 - frames of 256 samples
     assert int(notes[frame(0.75)].argmax()) + 21 == 60  # C4 in the middle of the first note
     assert int(notes[frame(1.5)].argmax()) + 21 == 64  # E4 in the middle of the second
+
+
+async def _stream_all(stream: Any, chunks: list[np.ndarray[Any, Any]], dt_ms: float) -> list[Any]:
+    """Send every chunk with at most 32 in flight; return the results in arrival order."""
+    got = []
+    for i, chunk in enumerate(chunks):
+        await stream.send(chunk, t=i * dt_ms)
+        if i >= 31:
+            got.append(await stream.next())
+    closed = await stream.close()
+    got += await stream.collect()
+    assert not [m for m in got if isinstance(m, Error)]
+    assert (closed.results, closed.errors) == (len(chunks), 0)
+    assert [m.seq for m in got] == list(range(len(chunks)))
+    return got
+
+
+@needs_shared
+async def test_builtin_models_serve_all_three_kinds(start_server: ServerFactory) -> None:
+    server = await start_server()  # the built-in models only, as `realtime serve` with no flags
+    pcm, rate = read_clip("speech_16k.wav")
+    n = len(pcm) // 320
+    rng = np.random.default_rng(0)
+    poses = np.zeros((40, 3, 7), np.float32)
+    poses[:, :, 6] = 1  # identity orientation
+    poses[:, 0, :3] = rng.normal(0, 0.01, (40, 3)).cumsum(axis=0)  # a wandering head
+    frames = [np.full((96, 96, 3), 60, np.uint8) for _ in range(12)]
+    for i, f in enumerate(frames):
+        f[30:50, 8 * i : 8 * i + 16] = 255  # a white square moving right
+    async with await Client.connect(server.url) as client:
+        assert {m["name"] for m in client.models} >= {"speech_activity", "pitch", "pose", "motion"}
+        # Chunks go out in bursts of 32, far faster than real time: relax the deadlines.
+        speech, pose, video = await asyncio.gather(
+            client.open("speech_activity", dtype="int16", sample_rate=rate, deadline_ms=5000),
+            client.open("pose", deadline_ms=5000),
+            client.open("motion", deadline_ms=5000),
+        )
+        audio_got, pose_got, video_got = await asyncio.gather(
+            _stream_all(speech, [pcm[i * 320 : (i + 1) * 320] for i in range(n)], 20.0),
+            _stream_all(pose, list(poses), 12.5),
+            _stream_all(video, frames, 66.7),
+        )
+    probs = np.array([float(m.outputs["speech_prob"]) for m in audio_got])
+    assert all(m.outputs["speech_prob"].shape == () for m in audio_got)
+    inside, outside = _segments_mask(np.array([m.t / 1000 + 0.01 for m in audio_got]), 0.1)
+    assert probs[inside].mean() > 0.5 > 0.05 > probs[outside].mean()
+    assert all(m.outputs["smoothed"].shape == (3, 7) for m in pose_got)
+    np.testing.assert_allclose(pose_got[0].outputs["smoothed"], poses[0], atol=1e-6)
+    assert all(m.outputs["mean_rgb"].shape == (3,) for m in video_got)
+    motion = [float(m.outputs["motion"]) for m in video_got]
+    assert motion[0] == 0 and min(motion[1:]) > 0.01  # the square moved in every later frame
+    xs = [float(m.outputs["motion_xy"][0]) for m in video_got[1:]]
+    assert xs == sorted(xs)  # ... to the right
