@@ -131,8 +131,10 @@ class Stream:
             del self._partial[frame.seq]
             parts.sort(key=lambda f: f.index)
             timing = Timing(frame.queue_us / 1000.0, frame.infer_us / 1000.0, 0)
-            outputs = {name: f.data for name, f in zip(self.output_names, parts, strict=True)}
-            self._queue.put_nowait(Result(self.id, frame.seq, frame.t, outputs, timing))
+            names = self.output_names
+            outputs = {name: f.data for name, f in zip(names, parts[: len(names)], strict=True)}
+            windows = parts[-1].data if len(parts) > len(names) else None
+            self._queue.put_nowait(Result(self.id, frame.seq, frame.t, outputs, timing, windows))
 
 
 class Client:

@@ -264,25 +264,33 @@ class Timing:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Result:
-    """The model outputs for one chunk (JSON result mode), in stream order."""
+    """The model outputs for one chunk, in stream order.
+
+    For audio streams each output has a leading axis of the model windows the chunk completed
+    (possibly none), and ``windows`` holds each window's time in the client's timeline (ms).
+    """
 
     stream: int
     seq: int
     t: float
     outputs: dict[str, np.ndarray[Any, Any]]
     timing: Timing
+    windows: np.ndarray[Any, Any] | None = None
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Result):
             return False
         mine = {k: (v.dtype.name, v.shape, v.tobytes()) for k, v in self.outputs.items()}
         theirs = {k: (v.dtype.name, v.shape, v.tobytes()) for k, v in other.outputs.items()}
-        return (self.stream, self.seq, self.t, self.timing, mine) == (
+        windows = None if self.windows is None else self.windows.tolist()
+        other_windows = None if other.windows is None else other.windows.tolist()
+        return (self.stream, self.seq, self.t, self.timing, mine, windows) == (
             other.stream,
             other.seq,
             other.t,
             other.timing,
             theirs,
+            other_windows,
         )
 
 
@@ -450,12 +458,19 @@ def _parse(d: dict[str, Any]) -> Message:
         outputs = _dict(d, "outputs")
         timing = _dict(d, "timing")
         timing["type"] = "result.timing"
+        windows = d.get("windows")
+        if windows is not None and (
+            not isinstance(windows, list)
+            or not all(isinstance(w, int | float) and not isinstance(w, bool) for w in windows)
+        ):
+            raise BadMessage("result.windows must be a list of numbers")
         return Result(
             _int(d, "stream"),
             _int(d, "seq"),
             _num(d, "t"),
             {name: _array(name, v) for name, v in outputs.items()},
             Timing(_num(timing, "queue_ms"), _num(timing, "infer_ms"), _int(timing, "batch")),
+            None if windows is None else np.array(windows, np.float64),
         )
     if kind == "event":
         data = {k: v for k, v in d.items() if k not in ("type", "stream", "event", "t")}
@@ -539,7 +554,7 @@ def _as_dict(msg: Message) -> dict[str, Any]:
     if isinstance(msg, Pong):
         return {"type": "pong", "id": msg.id, "t": msg.t, "server_time": msg.server_time}
     if isinstance(msg, Result):
-        return {
+        d = {
             "type": "result",
             "stream": msg.stream,
             "seq": msg.seq,
@@ -551,6 +566,9 @@ def _as_dict(msg: Message) -> dict[str, Any]:
                 "batch": msg.timing.batch,
             },
         }
+        if msg.windows is not None:
+            d["windows"] = msg.windows
+        return d
     if isinstance(msg, Event):
         return {**msg.data, "type": "event", "stream": msg.stream, "event": msg.event, "t": msg.t}
     if isinstance(msg, Error):
@@ -569,11 +587,15 @@ def encode_text(msg: Message) -> bytes:
 
 
 def result_frames(msg: Result) -> list[bytes]:
-    """A result in binary mode: one frame per output, in the model's output order."""
-    count = len(msg.outputs)
+    """A result in binary mode: one frame per output, in the model's output order, then (audio
+    streams) one float64 frame of the window times."""
+    arrays = list(msg.outputs.values())
+    if msg.windows is not None:
+        arrays.append(msg.windows)
+    count = len(arrays)
     queue_us = round(msg.timing.queue_ms * 1000)
     infer_us = round(msg.timing.infer_ms * 1000)
     return [
         encode_frame(ResultFrame(msg.stream, msg.seq, msg.t, a, i, count, queue_us, infer_us))
-        for i, a in enumerate(msg.outputs.values())
+        for i, a in enumerate(arrays)
     ]

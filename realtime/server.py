@@ -234,16 +234,20 @@ class Server:
             frame = decode_frame(data)
             if not isinstance(frame, Chunk):
                 raise errors.BadFrame("result frames go from server to client only")
-            item = session.accept(frame, time.monotonic())
+            items = session.accept(frame, time.monotonic())
         except errors.RealtimeError as e:
             conn.error(e)
             return
-        try:
-            fut = self.scheduler.submit(item)
-        except errors.ServingError as e:
-            self._deliver(conn, item, e)
-            return
-        fut.add_done_callback(partial(self._on_outcome, conn, item))
+        if not items:  # an audio chunk that completed no model window: its result is due
+            stream = session.streams[frame.stream]
+            conn.send_messages(session.release(frame.stream), stream.results == "binary")
+        for item in items:
+            try:
+                fut = self.scheduler.submit(item)
+            except errors.ServingError as e:
+                self._deliver(conn, item, e)
+                continue
+            fut.add_done_callback(partial(self._on_outcome, conn, item))
 
     def _on_outcome(
         self, conn: _Connection, item: WorkItem, fut: asyncio.Future[Prediction]

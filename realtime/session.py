@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from realtime import errors
+from realtime.audio import AUDIO_DTYPES, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, Rechunker
 from realtime.models.repository import Model, ModelRepository
 from realtime.protocol import (
     FLAG_END_OF_SEGMENT,
@@ -33,15 +34,6 @@ from realtime.protocol import (
     Timing,
     Welcome,
 )
-
-#: Audio chunk dtypes a stream may send; integers are PCM, scaled to [-1, 1).
-AUDIO_DTYPES = {
-    "float32": 1.0,
-    "float64": 1.0,
-    "int16": 1.0 / 32768,
-    "int32": 1.0 / 2147483648,
-    "uint8": 1.0 / 128,  # 8-bit PCM is unsigned, centred on 128
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +67,17 @@ Outcome = Prediction | errors.ServingError
 
 
 @dataclass(slots=True, eq=False)
+class Gather:
+    """An audio chunk's model windows on their way through the scheduler: one outcome each."""
+
+    seq: int
+    t: float
+    window_t: np.ndarray[Any, Any]  # client ms of each window's first new sample
+    outcomes: list[Outcome | None]
+    left: int
+
+
+@dataclass(slots=True, eq=False)
 class Stream:
     """One open stream: its model binding, sequence position, recurrent state and ordering."""
 
@@ -87,13 +90,16 @@ class Stream:
     options: dict[str, Any]
     #: Recurrent state per ``model.states`` (batch size 1); the scheduler updates it in place.
     state: list[np.ndarray[Any, Any]]
-    #: Audio: the last ``model.context`` samples, prepended to the next chunk.
-    context: np.ndarray[Any, Any] | None
+    #: Audio: converts, resamples and cuts the client's chunks into model windows.
+    rechunker: Rechunker | None
     last_seq: int = -1
     #: Accepted sequence numbers without a sent outcome, in order.
     pending: deque[int] = field(default_factory=deque)
-    #: Outcomes that arrived before an earlier seq's; released in order.
-    done: dict[int, tuple[WorkItem, Outcome]] = field(default_factory=dict)
+    #: Outcomes (with the chunk's t and, for audio, its window times) that arrived before an
+    #: earlier seq's; released in order.
+    done: dict[int, tuple[float, Outcome, np.ndarray[Any, Any] | None]] = field(
+        default_factory=dict
+    )
     closing: bool = False
     #: False once the client is gone or the stream closed: the scheduler skips its items.
     live: bool = True
@@ -103,15 +109,18 @@ class Stream:
 
 @dataclass(slots=True, eq=False)
 class WorkItem:
-    """One accepted chunk on its way through the scheduler."""
+    """One model input on its way through the scheduler: a chunk, or one window of an audio
+    chunk (then ``gather`` collects the chunk's windows into its one outcome)."""
 
     stream: Stream
     seq: int
-    t: float
+    t: float  # the chunk's t; for an audio window, the window's own time
     inputs: np.ndarray[Any, Any]  # the model's input for this item, without the batch axis
     received: float  # monotonic seconds when the frame arrived
     deadline: float  # monotonic seconds by which the result is due
     end_of_segment: bool = False
+    gather: Gather | None = None
+    window: int = 0  # index among the chunk's windows
 
 
 class Phase(Enum):
@@ -176,14 +185,15 @@ class Session:
                 raise errors.DtypeMismatch(
                     f"audio chunks must be one of {', '.join(AUDIO_DTYPES)}", stream=sid
                 )
-            if msg.sample_rate != model.sample_rate:
+            rate = msg.sample_rate or model.sample_rate or 0
+            if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
                 raise errors.UnsupportedSampleRate(
-                    f"{model.key} takes {model.sample_rate} Hz audio, not {msg.sample_rate}",
+                    f"audio streams take {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE} Hz, not {rate}",
                     stream=sid,
                 )
-            if msg.shape is not None and msg.shape != (model.chunk,):
+            if msg.shape is not None and len(msg.shape) != 1:
                 raise errors.ShapeMismatch(
-                    f"{model.key} takes chunks of {model.chunk} samples", stream=sid
+                    "audio chunks are 1-D: mono samples, any number", stream=sid
                 )
         else:
             if dtype != model.input.dtype:
@@ -208,8 +218,9 @@ class Session:
             results=msg.results,
             options=msg.options,
             state=[s.initial.copy() for s in model.states],
-            context=np.zeros(model.context, model.input.dtype) if model.context else None,
+            rechunker=_rechunker(model, msg) if model.kind == "audio" else None,
         )
+        audio = model.kind == "audio"
         return Opened(
             sid,
             model.name,
@@ -217,10 +228,23 @@ class Session:
             {
                 "dtype": msg.dtype,
                 "shape": list(model.chunk_shape),
-                **({"sample_rate": model.sample_rate} if model.kind == "audio" else {}),
+                **(
+                    {
+                        "sample_rate": msg.sample_rate or model.sample_rate,
+                        "model_sample_rate": model.sample_rate,
+                        "chunk": model.chunk,
+                        "context": model.context,
+                    }
+                    if audio
+                    else {}
+                ),
             },
             [
-                {"name": o.name, "dtype": o.dtype.name, "shape": list(o.shape[1:])}
+                {
+                    "name": o.name,
+                    "dtype": o.dtype.name,
+                    "shape": [None, *o.shape[1:]] if audio else list(o.shape[1:]),
+                }
                 for o in model.outputs
             ],
             deadline,
@@ -250,8 +274,12 @@ class Session:
 
     # --- chunks -----------------------------------------------------------------------------
 
-    def accept(self, chunk: Chunk, now: float) -> WorkItem:
-        """Check a chunk against its stream and build the model input; raise if it is refused."""
+    def accept(self, chunk: Chunk, now: float) -> list[WorkItem]:
+        """Check a chunk against its stream and build its model inputs; raise if it is refused.
+
+        A tensor or video chunk is one item. An audio chunk is one item per model window it
+        completed, possibly none: then its (empty) result is due at once, see :meth:`release`.
+        """
         self._require_open()
         sid, seq = chunk.stream, chunk.seq
         stream = self.streams.get(sid)
@@ -272,7 +300,9 @@ class Session:
             )
         model = stream.model
         expected = model.chunk_shape
-        if data.shape != expected:
+        if data.ndim != len(expected) or any(
+            e is not None and n != e for n, e in zip(data.shape, expected, strict=True)
+        ):
             raise errors.ShapeMismatch(
                 f"chunk shaped {list(data.shape)}, {model.key} takes {list(expected)}",
                 stream=sid,
@@ -286,46 +316,33 @@ class Session:
                 stream=sid,
                 seq=seq,
             )
-        inputs = self._model_input(stream, data)
         stream.last_seq = seq
         stream.pending.append(seq)
-        deadline_ms = chunk.deadline_ms or stream.deadline_ms
-        return WorkItem(
-            stream,
-            seq,
-            chunk.t,
-            inputs,
-            now,
-            now + deadline_ms / 1000.0,
-            bool(chunk.flags & FLAG_END_OF_SEGMENT),
-        )
-
-    @staticmethod
-    def _model_input(stream: Stream, data: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-        """The array the model takes for this chunk: a view where no conversion is needed."""
-        model = stream.model
-        if model.kind != "audio":
-            return data
-        scale = AUDIO_DTYPES[data.dtype.name]
-        target = model.input.dtype
-        ctx = stream.context
-        if ctx is None:
-            if data.dtype == target:
-                samples = data
-            else:
-                samples = np.empty(data.shape, target)
-                np.multiply(data, scale, out=samples, casting="unsafe")
-                if data.dtype == np.uint8:
-                    samples -= 1.0
-        else:
-            n = ctx.shape[0]
-            samples = np.empty(n + data.shape[0], target)
-            samples[:n] = ctx
-            np.multiply(data, scale, out=samples[n:], casting="unsafe")
-            if data.dtype == np.uint8:
-                samples[n:] -= 1.0
-            stream.context = samples[-n:]
-        return samples.reshape([-1 if d is None else d for d in model.item_shape])
+        deadline = now + (chunk.deadline_ms or stream.deadline_ms) / 1000.0
+        end = bool(chunk.flags & FLAG_END_OF_SEGMENT)
+        if stream.rechunker is None:
+            return [WorkItem(stream, seq, chunk.t, data, now, deadline, end)]
+        windows = stream.rechunker.push(data, chunk.t, end)
+        k = len(windows.data)
+        gather = Gather(seq, chunk.t, windows.t, [None] * k, k)
+        if k == 0:
+            stream.done[seq] = (chunk.t, _stack(stream, []), windows.t)
+            return []
+        shape = [-1 if d is None else d for d in model.item_shape]
+        return [
+            WorkItem(
+                stream,
+                seq,
+                float(windows.t[i]),
+                w.reshape(shape),
+                now,
+                deadline,
+                end and i == k - 1,
+                gather,
+                i,
+            )
+            for i, w in enumerate(windows.data)
+        ]
 
     # --- outcomes ---------------------------------------------------------------------------
 
@@ -334,11 +351,28 @@ class Session:
         stream = item.stream
         if not stream.live:
             return []
-        stream.done[item.seq] = (item, outcome)
+        gather = item.gather
+        if gather is None:
+            stream.done[item.seq] = (item.t, outcome, None)
+        else:
+            gather.outcomes[item.window] = outcome
+            gather.left -= 1
+            if gather.left:
+                return []
+            stream.done[gather.seq] = (gather.t, _merge(stream, gather.outcomes), gather.window_t)
+        return self._release(stream)
+
+    def release(self, stream_id: int) -> list[Message]:
+        """The messages of a stream now due (after an audio chunk that completed no window)."""
+        stream = self.streams.get(stream_id)
+        return [] if stream is None or not stream.live else self._release(stream)
+
+    def _release(self, stream: Stream) -> list[Message]:
         out: list[Message] = []
         pending, done = stream.pending, stream.done
         while pending and pending[0] in done:
-            ready_item, ready = done.pop(pending.popleft())
+            seq = pending.popleft()
+            t, ready, window_t = done.pop(seq)
             if isinstance(ready, Prediction):
                 stream.results_sent += 1
                 outputs = {
@@ -347,10 +381,11 @@ class Session:
                 out.append(
                     Result(
                         stream.id,
-                        ready_item.seq,
-                        ready_item.t,
+                        seq,
+                        t,
                         outputs,
                         Timing(ready.queue_ms, ready.infer_ms, ready.batch),
+                        window_t,
                     )
                 )
             else:
@@ -358,3 +393,44 @@ class Session:
                 out.append(Error.of(ready))
         out.extend(self._maybe_closed(stream))
         return out
+
+
+def _rechunker(model: Model, msg: Open) -> Rechunker:
+    """The re-chunker of a new audio stream (the model's rate and chunk are set for audio)."""
+    assert model.sample_rate is not None and model.chunk is not None
+    return Rechunker(
+        msg.sample_rate or model.sample_rate,
+        msg.dtype,
+        model.sample_rate,
+        model.chunk,
+        model.context,
+        model.input.dtype,
+    )
+
+
+def _stack(stream: Stream, predictions: list[Prediction]) -> Prediction:
+    """One audio chunk's outcome: its windows' outputs stacked on a new leading axis."""
+    if not predictions:
+        return Prediction(
+            [np.empty((0, *(d or 0 for d in o.shape[1:])), o.dtype) for o in stream.model.outputs],
+            0.0,
+            0.0,
+            0,
+        )
+    return Prediction(
+        [np.stack(arrays) for arrays in zip(*(p.outputs for p in predictions), strict=True)],
+        max(p.queue_ms for p in predictions),
+        sum(p.infer_ms for p in predictions),
+        max(p.batch for p in predictions),
+    )
+
+
+def _merge(stream: Stream, outcomes: list[Outcome | None]) -> Outcome:
+    """A chunk's one outcome from its windows': the first error if any window failed."""
+    predictions: list[Prediction] = []
+    for o in outcomes:
+        if not isinstance(o, Prediction):
+            assert o is not None
+            return o
+        predictions.append(o)
+    return _stack(stream, predictions)

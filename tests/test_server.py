@@ -73,11 +73,41 @@ async def test_audio_stream_gets_context_and_pcm_conversion(
         for chunk in pcm:
             await stream.send(chunk)
         await stream.close()
-        got = [m.outputs["window"] for m in await stream.collect() if isinstance(m, Result)]
+        got = [m.outputs["window"][0] for m in await stream.collect() if isinstance(m, Result)]
     flat = pcm.reshape(-1).astype(np.float32) / 32768
     np.testing.assert_array_equal(got[0], np.concatenate([np.zeros(4, np.float32), flat[:16]]))
     np.testing.assert_array_equal(got[1], flat[12:32])
     np.testing.assert_array_equal(got[2], flat[28:48])
+
+
+@pytest.mark.parametrize("results", ["json", "binary"])
+async def test_audio_chunks_of_any_length_each_get_one_result(
+    start_server: ServerFactory, tiny_models: Path, results: str
+) -> None:
+    server = await _server(start_server, tiny_models)
+    sizes = [5, 0, 40, 7, 16, 1, 60]  # 129 samples at 8 kHz: windows of 16 new samples
+    async with await Client.connect(server.url) as client:
+        stream = await client.open("window", dtype="float32", sample_rate=8000, results=results)
+        assert stream.opened.input["shape"] == [None]
+        assert stream.opened.outputs[0]["shape"] == [None, 20]
+        sent = 0
+        for size in sizes:
+            await stream.send(np.arange(sent, sent + size, dtype=np.float32), t=10 + sent / 8)
+            sent += size
+        await stream.close()
+        got = await stream.collect()
+    assert [m.seq for m in got] == list(range(len(sizes)))
+    assert all(isinstance(m, Result) and m.windows is not None for m in got)
+    counts = [len(m.windows) for m in got if isinstance(m, Result) and m.windows is not None]
+    assert counts == [0, 0, 2, 1, 1, 0, 4]  # each chunk holds the windows it completed
+    windows = np.concatenate([m.outputs["window"] for m in got if isinstance(m, Result)])
+    times = np.concatenate(
+        [m.windows for m in got if isinstance(m, Result) and m.windows is not None]
+    )
+    assert windows.shape == (8, 20)
+    np.testing.assert_array_equal(times, 10 + np.arange(8) * 2.0)  # 16 samples at 8 kHz: 2 ms
+    for i in range(1, 8):  # each window: 4 samples of context, then its 16 new ones
+        np.testing.assert_array_equal(windows[i], np.arange(16 * i - 4, 16 * i + 16))
 
 
 async def test_binary_results(start_server: ServerFactory, tiny_models: Path) -> None:
@@ -204,7 +234,7 @@ BAD_OPEN: list[tuple[str, dict[str, Any], str]] = [
     ("already open", {"stream": 1}, "stream_already_open"),
     (
         "wrong sample rate",
-        {"model": "window", "kind": "audio", "sample_rate": 44100},
+        {"model": "window", "kind": "audio", "sample_rate": 500},
         "unsupported_sample_rate",
     ),
     (
@@ -358,7 +388,7 @@ async def test_silero_vad_through_the_server(start_server: ServerFactory) -> Non
         got += await stream.collect()
     assert (closed.results, closed.errors) == (n, 0)
     assert [m.seq for m in got] == list(range(n))
-    probs = np.array([float(m.outputs["output"][0]) for m in got if isinstance(m, Result)])
+    probs = np.array([float(m.outputs["output"][0, 0]) for m in got if isinstance(m, Result)])
     speech, silence = _segments_mask(np.array([m.t / 1000 + 0.016 for m in got]), 0.3)
     assert probs[speech].mean() > 0.8 and probs[silence].mean() < 0.1
 
@@ -374,7 +404,7 @@ async def test_basic_pitch_through_the_server(start_server: ServerFactory) -> No
         await stream.send(window)
         msg = await stream.next()
     assert isinstance(msg, Result)
-    notes = msg.outputs["StatefulPartitionedCall:1"]
+    notes = msg.outputs["StatefulPartitionedCall:1"][0]  # the one window of the chunk
     assert notes.shape == (172, 88)
     frame = lambda s: int(s * 22050 / 256)  # noqa: E731 - frames of 256 samples
     assert int(notes[frame(0.75)].argmax()) + 21 == 60  # C4 in the middle of the first note
@@ -421,8 +451,8 @@ async def test_builtin_models_serve_all_three_kinds(start_server: ServerFactory)
             _stream_all(pose, list(poses), 12.5),
             _stream_all(video, frames, 66.7),
         )
-    probs = np.array([float(m.outputs["speech_prob"]) for m in audio_got])
-    assert all(m.outputs["speech_prob"].shape == () for m in audio_got)
+    probs = np.array([float(m.outputs["speech_prob"][0]) for m in audio_got])
+    assert all(m.outputs["speech_prob"].shape == (1,) for m in audio_got)  # one window each
     inside, outside = _segments_mask(np.array([m.t / 1000 + 0.01 for m in audio_got]), 0.1)
     assert probs[inside].mean() > 0.5 > 0.05 > probs[outside].mean()
     assert all(m.outputs["smoothed"].shape == (3, 7) for m in pose_got)

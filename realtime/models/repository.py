@@ -100,12 +100,13 @@ class Model:
         if self.kind == "audio":
             entry["input"]["sample_rate"] = self.sample_rate
             entry["input"]["chunk"] = self.chunk
+            entry["input"]["context"] = self.context
         return entry
 
     @property
     def chunk_shape(self) -> tuple[int | None, ...]:
-        """The shape of one chunk as a client sends it (audio: ``[chunk]`` samples)."""
-        return (self.chunk,) if self.kind == "audio" else self.item_shape
+        """The shape of one chunk as a client sends it (audio: any number of samples)."""
+        return (None,) if self.kind == "audio" else self.item_shape
 
 
 def _version_order(v: str) -> tuple[int, int, str]:

@@ -1,0 +1,157 @@
+"""Audio streams: client chunks of any length, dtype and rate in; model windows out. No I/O.
+
+A :class:`Rechunker` belongs to one audio stream. It scales PCM to floats, resamples to the
+model's rate with a streaming ``soxr`` resampler (whose filter state spans chunk boundaries, so
+the output does not depend on how the client cut its audio), appends to one preallocated buffer
+and cuts model windows of ``context + chunk`` samples, each hopping by ``chunk``. Every window
+carries the time of its first new sample in the client's own timeline (ms), so whatever a model
+says about a window maps back to the client's clock exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+import soxr
+
+#: Audio chunk dtypes a stream may send; integers are PCM, scaled to [-1, 1).
+AUDIO_DTYPES: Final[dict[str, float]] = {
+    "float32": 1.0,
+    "float64": 1.0,
+    "int16": 1.0 / 32768,
+    "int32": 1.0 / 2147483648,
+    "uint8": 1.0 / 128,  # 8-bit PCM is unsigned, centred on 128
+}
+#: Client sample rates an audio stream may declare.
+MIN_SAMPLE_RATE: Final = 1000
+MAX_SAMPLE_RATE: Final = 384_000
+
+
+@dataclass(frozen=True, slots=True)
+class Windows:
+    """The model windows one client chunk completed (possibly none), in stream order."""
+
+    data: list[np.ndarray[Any, Any]]  # each ``context + chunk`` samples, owned by the caller
+    t: np.ndarray[Any, Any]  # float64 ms: client time of each window's first new sample
+
+
+class Rechunker:
+    """One audio stream's converter, resampler and window cutter."""
+
+    def __init__(
+        self,
+        in_rate: int,
+        in_dtype: str,
+        out_rate: int,
+        chunk: int,
+        context: int,
+        out_dtype: np.dtype[Any] | None = None,
+    ) -> None:
+        self.in_rate = in_rate
+        self.out_rate = out_rate
+        self.chunk = chunk
+        self.context = context
+        self.window = chunk + context
+        self._scale = AUDIO_DTYPES[in_dtype]
+        self._unsigned = in_dtype == "uint8"
+        self._dtype = np.dtype(np.float32) if out_dtype is None else out_dtype
+        self._resampler = (
+            soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32", quality="HQ")
+            if in_rate != out_rate
+            else None
+        )
+        # [0, fill) holds the context of the next window, then samples not yet in a window.
+        self._buf = np.zeros(2 * self.window + 4096, self._dtype)
+        self._fill = context
+        self._scratch = np.empty(0, np.float32)
+        self._next = 0  # model samples of the segment that already opened a window
+        self._segment_t: float | None = None  # client ms of the segment's first sample
+        self._client_samples = 0  # client samples of this segment so far
+
+    @property
+    def pending(self) -> int:
+        """Model-rate samples waiting for the next window (beyond its context)."""
+        return self._fill - self.context
+
+    def push(self, data: np.ndarray[Any, Any], t: float, end_of_segment: bool = False) -> Windows:
+        """Add one client chunk (1-D, the stream's dtype) sent at client time ``t`` (ms).
+
+        ``end_of_segment`` pads what is left with zeros into a last window and starts a new
+        segment whose timeline resumes from the samples the client actually sent.
+        """
+        if self._segment_t is None:
+            self._segment_t = t
+        self._client_samples += data.shape[0]
+        if self._resampler is None:
+            self._append_scaled(data)
+        else:
+            floats = self._to_float(data)
+            self._append(self._resampler.resample_chunk(floats, last=end_of_segment))
+        windows, times = self._cut()
+        if end_of_segment:
+            if self.pending > 0:
+                self._append(np.zeros(self.window - self._fill, self._dtype))
+                more, more_t = self._cut()
+                windows += more
+                times += more_t
+            self._segment_t += 1000.0 * self._client_samples / self.in_rate
+            self._client_samples = 0
+            self._next = 0
+            if self._resampler is not None:
+                self._resampler.clear()
+        return Windows(windows, np.array(times, np.float64))
+
+    def _to_float(self, data: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        if data.dtype == np.float32:
+            return data
+        n = data.shape[0]
+        if self._scratch.shape[0] < n:
+            self._scratch = np.empty(max(n, 2 * self._scratch.shape[0]), np.float32)
+        out = self._scratch[:n]
+        np.multiply(data, self._scale, out=out, casting="unsafe")
+        if self._unsigned:
+            out -= 1.0
+        return out
+
+    def _room(self, n: int) -> np.ndarray[Any, Any]:
+        """A view of ``n`` free samples at the end of the buffer (grown if needed)."""
+        end = self._fill + n
+        if end > self._buf.shape[0]:
+            grown = np.zeros(max(end, 2 * self._buf.shape[0]), self._dtype)
+            grown[: self._fill] = self._buf[: self._fill]
+            self._buf = grown
+        view = self._buf[self._fill : end]
+        self._fill = end
+        return view
+
+    def _append_scaled(self, data: np.ndarray[Any, Any]) -> None:
+        out = self._room(data.shape[0])
+        if data.dtype == self._dtype:
+            out[:] = data
+            return
+        np.multiply(data, self._scale, out=out, casting="unsafe")
+        if self._unsigned:
+            out -= 1.0
+
+    def _append(self, samples: np.ndarray[Any, Any]) -> None:
+        self._room(samples.shape[0])[:] = samples
+
+    def _cut(self) -> tuple[list[np.ndarray[Any, Any]], list[float]]:
+        """Copy out every full window; keep the last window's context and the rest."""
+        buf, size, hop = self._buf, self.window, self.chunk
+        windows: list[np.ndarray[Any, Any]] = []
+        times: list[float] = []
+        start = 0
+        assert self._segment_t is not None
+        while self._fill - start >= size:
+            windows.append(buf[start : start + size].copy())
+            times.append(self._segment_t + 1000.0 * self._next / self.out_rate)
+            self._next += hop
+            start += hop
+        if start:
+            rest = self._fill - start
+            buf[:rest] = buf[start : self._fill]
+            self._fill = rest
+        return windows, times
