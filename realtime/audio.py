@@ -35,6 +35,7 @@ class Windows:
 
     data: list[np.ndarray[Any, Any]]  # each ``context + chunk`` samples, owned by the caller
     t: np.ndarray[Any, Any]  # float64 ms: client time of each window's first new sample
+    segment_end: float | None = None  # client ms where the segment ended, if this chunk ended it
 
 
 class Rechunker:
@@ -90,6 +91,7 @@ class Rechunker:
             floats = self._to_float(data)
             self._append(self._resampler.resample_chunk(floats, last=end_of_segment))
         windows, times = self._cut()
+        segment_end = None
         if end_of_segment:
             if self.pending > 0:
                 self._append(np.zeros(self.window - self._fill, self._dtype))
@@ -97,11 +99,12 @@ class Rechunker:
                 windows += more
                 times += more_t
             self._segment_t += 1000.0 * self._client_samples / self.in_rate
+            segment_end = self._segment_t
             self._client_samples = 0
             self._next = 0
             if self._resampler is not None:
                 self._resampler.clear()
-        return Windows(windows, np.array(times, np.float64))
+        return Windows(windows, np.array(times, np.float64), segment_end)
 
     def _to_float(self, data: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         if data.dtype == np.float32:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
@@ -52,11 +52,20 @@ def raise_error(err: Error) -> errors.RealtimeError:
 
 
 class Stream:
-    """One open stream on a :class:`Client`: send chunks, iterate results in order."""
+    """One open stream on a :class:`Client`: send chunks, iterate results in order.
 
-    def __init__(self, client: Client, opened: Opened) -> None:
+    Iteration (and :meth:`next`) yields each chunk's result or error in sequence order, and the
+    stream's events (``speech_start``, ``note_on``, ...) where the server sent them: after the
+    result of the chunk that completed them. With ``on_event`` given to :meth:`Client.open`,
+    events go to that callback instead and iteration yields results and errors only.
+    """
+
+    def __init__(
+        self, client: Client, opened: Opened, on_event: Callable[[Event], None] | None = None
+    ) -> None:
         self.client = client
         self.opened = opened
+        self.on_event = on_event
         self.id = opened.stream
         self.output_names = [o["name"] for o in opened.outputs]
         self._seq = itertools.count()
@@ -193,8 +202,13 @@ class Client:
         results: str = "json",
         options: dict[str, Any] | None = None,
         stream_id: int | None = None,
+        on_event: Callable[[Event], None] | None = None,
     ) -> Stream:
-        """Open a stream; kind, dtype and sample rate default to what the catalog says."""
+        """Open a stream; kind, dtype and sample rate default to what the catalog says.
+
+        Audio chunks may then be of any length, at ``sample_rate`` (the server resamples).
+        ``on_event``, if given, is called with each event of the stream (see :class:`Stream`).
+        """
         entry = next((m for m in self.models if m["name"] == model), None)
         info = entry["input"] if entry else {}
         sid = next(self._stream_ids) if stream_id is None else stream_id
@@ -211,7 +225,7 @@ class Client:
             options=options or {},
         )
         # The stream must exist before the server can answer, so no result is ever unrouted.
-        stream = Stream(self, Opened(sid, model, "", {}, [], 0.0))
+        stream = Stream(self, Opened(sid, model, "", {}, [], 0.0), on_event)
         self.streams[sid] = stream
         try:
             opened = await self._request(msg, ("opened", sid))
@@ -305,5 +319,9 @@ class Client:
             return
         if isinstance(msg, Result | Event):
             stream = self.streams.get(msg.stream)
-            if stream is not None:
+            if stream is None:
+                return
+            if isinstance(msg, Event) and stream.on_event is not None:
+                stream.on_event(msg)
+            else:
                 stream._queue.put_nowait(msg)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from realtime import errors
+from realtime import errors, events
 from realtime.audio import AUDIO_DTYPES, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, Rechunker
 from realtime.models.repository import Model, ModelRepository
 from realtime.protocol import (
@@ -25,6 +25,7 @@ from realtime.protocol import (
     Close,
     Closed,
     Error,
+    Event,
     Hello,
     Message,
     Open,
@@ -73,8 +74,19 @@ class Gather:
     seq: int
     t: float
     window_t: np.ndarray[Any, Any]  # client ms of each window's first new sample
+    segment_end: float | None  # client ms, when this chunk ended a segment
     outcomes: list[Outcome | None]
     left: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """A chunk's outcome, waiting for earlier chunks' before it is sent."""
+
+    t: float
+    outcome: Outcome
+    windows: np.ndarray[Any, Any] | None  # audio: each window's client time (ms)
+    segment_end: float | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -95,11 +107,12 @@ class Stream:
     last_seq: int = -1
     #: Accepted sequence numbers without a sent outcome, in order.
     pending: deque[int] = field(default_factory=deque)
-    #: Outcomes (with the chunk's t and, for audio, its window times) that arrived before an
-    #: earlier seq's; released in order.
-    done: dict[int, tuple[float, Outcome, np.ndarray[Any, Any] | None]] = field(
-        default_factory=dict
-    )
+    #: Outcomes that arrived before an earlier seq's; released in order.
+    done: dict[int, Ready] = field(default_factory=dict)
+    #: This stream's post-processors (the model's ``[[postprocess]]``), fed in stream order.
+    chain: list[events.PostProcessor] = field(default_factory=list)
+    #: Client time (ms) of the end of the last window released, to end a stream's segment.
+    last_end: float | None = None
     closing: bool = False
     #: False once the client is gone or the stream closed: the scheduler skips its items.
     live: bool = True
@@ -219,6 +232,7 @@ class Session:
             options=msg.options,
             state=[s.initial.copy() for s in model.states],
             rechunker=_rechunker(model, msg) if model.kind == "audio" else None,
+            chain=[make(msg.options) for make in model.postprocess],
         )
         audio = model.kind == "audio"
         return Opened(
@@ -264,7 +278,11 @@ class Session:
             return []
         stream.live = False
         del self.streams[stream.id]
-        return [Closed(stream.id, stream.results_sent, stream.errors_sent)]
+        out: list[Message] = []
+        if stream.chain and stream.last_end is not None:  # the end of the stream ends a segment
+            out += self._events(stream, _NO_WINDOWS, {}, stream.last_end)
+        out.append(Closed(stream.id, stream.results_sent, stream.errors_sent))
+        return out
 
     def disconnect(self) -> None:
         """The client is gone: its queued items are skipped and nothing more is sent."""
@@ -324,9 +342,9 @@ class Session:
             return [WorkItem(stream, seq, chunk.t, data, now, deadline, end)]
         windows = stream.rechunker.push(data, chunk.t, end)
         k = len(windows.data)
-        gather = Gather(seq, chunk.t, windows.t, [None] * k, k)
+        gather = Gather(seq, chunk.t, windows.t, windows.segment_end, [None] * k, k)
         if k == 0:
-            stream.done[seq] = (chunk.t, _stack(stream, []), windows.t)
+            stream.done[seq] = Ready(chunk.t, _stack(stream, []), windows.t, windows.segment_end)
             return []
         shape = [-1 if d is None else d for d in model.item_shape]
         return [
@@ -353,13 +371,16 @@ class Session:
             return []
         gather = item.gather
         if gather is None:
-            stream.done[item.seq] = (item.t, outcome, None)
+            end = item.t if item.end_of_segment else None
+            stream.done[item.seq] = Ready(item.t, outcome, None, end)
         else:
             gather.outcomes[item.window] = outcome
             gather.left -= 1
             if gather.left:
                 return []
-            stream.done[gather.seq] = (gather.t, _merge(stream, gather.outcomes), gather.window_t)
+            stream.done[gather.seq] = Ready(
+                gather.t, _merge(stream, gather.outcomes), gather.window_t, gather.segment_end
+            )
         return self._release(stream)
 
     def release(self, stream_id: int) -> list[Message]:
@@ -367,12 +388,30 @@ class Session:
         stream = self.streams.get(stream_id)
         return [] if stream is None or not stream.live else self._release(stream)
 
+    @staticmethod
+    def _events(
+        stream: Stream,
+        times: np.ndarray[Any, Any],
+        outputs: dict[str, np.ndarray[Any, Any]],
+        segment_end: float | None,
+    ) -> list[Message]:
+        """Feed released windows through the stream's post-processors; their events."""
+        if len(times):
+            stream.last_end = float(times[-1]) + stream.model.timebase.hop_ms
+        if segment_end is not None:
+            stream.last_end = segment_end
+        batch = events.Batch(times, outputs, [], segment_end)
+        return [
+            Event(stream.id, e.event, e.t, e.data) for e in events.run_chain(stream.chain, batch)
+        ]
+
     def _release(self, stream: Stream) -> list[Message]:
         out: list[Message] = []
         pending, done = stream.pending, stream.done
         while pending and pending[0] in done:
             seq = pending.popleft()
-            t, ready, window_t = done.pop(seq)
+            entry = done.pop(seq)
+            ready = entry.outcome
             if isinstance(ready, Prediction):
                 stream.results_sent += 1
                 outputs = {
@@ -382,17 +421,25 @@ class Session:
                     Result(
                         stream.id,
                         seq,
-                        t,
+                        entry.t,
                         outputs,
                         Timing(ready.queue_ms, ready.infer_ms, ready.batch),
-                        window_t,
+                        entry.windows,
                     )
                 )
+                if stream.chain:
+                    times = np.array([entry.t]) if entry.windows is None else entry.windows
+                    out += self._events(stream, times, outputs, entry.segment_end)
             else:
                 stream.errors_sent += 1
                 out.append(Error.of(ready))
+                if stream.chain and entry.segment_end is not None:
+                    out += self._events(stream, _NO_WINDOWS, {}, entry.segment_end)
         out.extend(self._maybe_closed(stream))
         return out
+
+
+_NO_WINDOWS: np.ndarray[Any, Any] = np.empty(0, np.float64)
 
 
 def _rechunker(model: Model, msg: Open) -> Rechunker:

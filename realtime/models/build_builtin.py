@@ -180,6 +180,17 @@ chunk = {n}
 max_batch = 64
 max_delay_ms = 2.0
 deadline_ms = 100
+
+# speech_start / speech_end (docs/protocol.md). The score dips for a chunk or two inside words,
+# so speech is confirmed after 100 ms rather than 250.
+[[postprocess]]
+kind = "speech"
+output = "speech_prob"
+threshold = 0.5
+off_threshold = 0.35
+min_speech_ms = 100
+min_silence_ms = 300
+pad_ms = 30
 '''
     return g.build(doc), toml
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from realtime import events
 from realtime.errors import ModelLoadError
 from realtime.protocol import DTYPE_CODES, KINDS, Kind
 from realtime.runtime import ModelRunner, RuntimeOptions, TensorInfo
@@ -35,6 +36,7 @@ _TOML_KEYS = frozenset(
         "deadline_ms",
         "state",
         "constants",
+        "postprocess",
     }
 )
 
@@ -70,6 +72,15 @@ class Model:
     max_delay_ms: float
     deadline_ms: float
     runner: ModelRunner
+    #: ``[[postprocess]]`` tables, validated: each makes one stream's processor.
+    postprocess: tuple[events.Factory, ...] = ()
+
+    @property
+    def timebase(self) -> events.Timebase:
+        """Where this model's windows sit in time (for post-processors)."""
+        if self.kind != "audio":
+            return events.Timebase()
+        return events.Timebase(self.sample_rate, self.chunk, self.context)
 
     @property
     def key(self) -> str:
@@ -239,6 +250,20 @@ def load_model(
     deadline = _get(toml, "deadline_ms", (int, float), 200.0, toml_path)
     if max_batch < 1 or max_delay < 0 or deadline <= 0:
         raise _fail(toml_path, "max_batch >= 1, max_delay_ms >= 0 and deadline_ms > 0 please")
+    model_outputs = tuple(o for o in runner.outputs if o.name not in state_outputs)
+    timebase = (
+        events.Timebase(sample_rate, chunk, context) if kind == "audio" else events.Timebase()
+    )
+    raw_post = toml.get("postprocess", [])
+    if not isinstance(raw_post, list) or not all(isinstance(t, dict) for t in raw_post):
+        raise _fail(toml_path, "postprocess must be an array of tables ([[postprocess]])")
+    infos = [events.OutputInfo(o.name, o.shape[1:]) for o in model_outputs]
+    postprocess = []
+    for table in raw_post:
+        try:
+            postprocess.append(events.build(table, infos, timebase))
+        except events.ConfigError as e:
+            raise _fail(toml_path, str(e)) from None
     return Model(
         name=name,
         version=version,
@@ -247,7 +272,7 @@ def load_model(
         kind=kind,
         input=chunk_input,
         item_shape=item_shape,
-        outputs=tuple(o for o in runner.outputs if o.name not in state_outputs),
+        outputs=model_outputs,
         states=tuple(states),
         constants=constants,
         sample_rate=sample_rate,
@@ -257,6 +282,7 @@ def load_model(
         max_delay_ms=float(max_delay),
         deadline_ms=float(deadline),
         runner=runner,
+        postprocess=tuple(postprocess),
     )
 
 
