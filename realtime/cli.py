@@ -42,14 +42,24 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=None, help="batches run at once (default: cores)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
-    st = sub.add_parser("stream", help="stream a WAV file to a server and print what comes back")
-    st.add_argument("file", type=Path, help="a PCM WAV file")
+    st = sub.add_parser(
+        "stream", help="stream a WAV file to a server and print its results and events"
+    )
+    st.add_argument(
+        "file", type=Path, help="a PCM WAV file, any sample rate (the server resamples)"
+    )
     st.add_argument(
         "--model", default="speech_activity", help="model name (default speech_activity)"
     )
     st.add_argument("--url", default=DEFAULT_URL, help=f"server URL (default {DEFAULT_URL})")
     st.add_argument(
         "--fast", action="store_true", help="send as fast as possible, not in real time"
+    )
+    st.add_argument(
+        "--chunk-ms", type=float, default=20.0, help="audio per chunk sent, in ms (default 20)"
+    )
+    st.add_argument(
+        "--events-only", action="store_true", help="print events, not one line per result"
     )
     return p
 
@@ -73,11 +83,27 @@ def read_wav(path: Path) -> tuple[np.ndarray[Any, Any], int]:
     return (mono - 1.0 if width == 1 else mono).astype(np.float32), rate
 
 
+def describe_event(event: Event) -> str:
+    """One event as a person reads it: time in seconds, name, then its fields."""
+    fields = "  ".join(f"{k}={_value(v)}" for k, v in event.data.items())
+    return f"{event.t / 1000:8.3f} s  {event.event:<13} {fields}".rstrip()
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_value(x) for x in v[:8]) + (", ...]" if len(v) > 8 else "]")
+    return str(v)
+
+
 def _describe(msg: Result | Error | Event) -> str:
     if isinstance(msg, Error):
         return f"seq {msg.seq}: error {msg.code}: {msg.message}"
     if isinstance(msg, Event):
-        return f"t={msg.t / 1000:7.3f}s  event {msg.event} {msg.data}"
+        return describe_event(msg)
     parts = []
     for name, a in msg.outputs.items():
         if a.size <= 4:
@@ -85,27 +111,40 @@ def _describe(msg: Result | Error | Event) -> str:
         else:
             parts.append(f"{name}=<{'x'.join(map(str, a.shape))} max {float(a.max()):.3f}>")
     timing = msg.timing
+    windows = "" if msg.windows is None else f"  windows={len(msg.windows)}"
     return (
-        f"seq {msg.seq:5d}  t={msg.t / 1000:7.3f}s  {'  '.join(parts)}  "
+        f"seq {msg.seq:5d}  t={msg.t / 1000:7.3f}s{windows}  {'  '.join(parts)}  "
         f"(queue {timing.queue_ms:.2f} ms, infer {timing.infer_ms:.2f} ms, batch {timing.batch})"
     )
 
 
-async def stream_file(path: Path, model: str, url: str, fast: bool, out: Any = sys.stdout) -> int:
-    """Stream a WAV file to a model chunk by chunk; print results as they arrive."""
+async def stream_file(
+    path: Path,
+    model: str,
+    url: str,
+    fast: bool,
+    out: Any = sys.stdout,
+    chunk_ms: float = 20.0,
+    events_only: bool = False,
+) -> int:
+    """Stream a WAV file to a model chunk by chunk; print results and events as they arrive.
+
+    The last chunk ends the segment, so the model sees the end of the file and what is still
+    open (an utterance, a note) is closed.
+    """
     from realtime.client import Client
 
     samples, rate = read_wav(path)
+    if not 0 < chunk_ms <= 10_000:
+        raise errors.ConfigError("--chunk-ms must be in (0, 10000]")
     async with await Client.connect(url, name="realtime-stream") as client:
         entry = client.model(model)
         if entry["kind"] != "audio":
             raise errors.KindMismatch(f"{model} is a {entry['kind']} model, not an audio one")
-        chunk = int(entry["input"]["chunk"])
+        chunk = max(1, round(rate * chunk_ms / 1000))
         dtype = samples.dtype.name
         stream = await client.open(model, sample_rate=rate, dtype=dtype)
-        n_chunks = -(-len(samples) // chunk)
-        padded = np.zeros(n_chunks * chunk, samples.dtype)
-        padded[: len(samples)] = samples
+        n_chunks = max(1, -(-len(samples) // chunk))
         print(
             f"streaming {path.name} ({len(samples) / rate:.2f} s, {rate} Hz) to {model}@"
             f"{stream.opened.version}: {n_chunks} chunks of {chunk} samples",
@@ -113,14 +152,19 @@ async def stream_file(path: Path, model: str, url: str, fast: bool, out: Any = s
             flush=True,
         )
         counts = {"results": 0, "errors": 0}
-        # --fast keeps a window of chunks in flight, well under the server's per-stream limit.
-        window = asyncio.Semaphore(min(32, client.welcome.limits["max_inflight_per_stream"]))
+        # --fast keeps about 320 ms of audio in flight (at most 32 chunks, well under the
+        # server's per-stream limit): a stateful model runs a stream's windows one at a time,
+        # so more would only queue past the deadline.
+        in_flight = max(1, min(32, round(320 / chunk_ms)))
+        window = asyncio.Semaphore(min(in_flight, client.welcome.limits["max_inflight_per_stream"]))
 
         async def receive() -> None:
             async for msg in stream:
                 if not isinstance(msg, Event):
                     window.release()
                     counts["errors" if isinstance(msg, Error) else "results"] += 1
+                    if events_only and isinstance(msg, Result):
+                        continue
                 print(_describe(msg), file=out, flush=True)
 
         reader = asyncio.get_running_loop().create_task(receive())
@@ -132,7 +176,11 @@ async def stream_file(path: Path, model: str, url: str, fast: bool, out: Any = s
                 delay = start + i * chunk / rate - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)  # real-time pacing, not synchronisation
-            await stream.send(padded[i * chunk : (i + 1) * chunk], t=1000.0 * i * chunk / rate)
+            await stream.send(
+                samples[i * chunk : (i + 1) * chunk],
+                t=1000.0 * i * chunk / rate,
+                end_of_segment=i == n_chunks - 1,
+            )
         await stream.close()
         await reader
         closed = stream.closed
@@ -169,7 +217,16 @@ def main(argv: list[str] | None = None) -> int:
             )
             _run(run(config))
             return 0
-        code: int = _run(stream_file(args.file, args.model, args.url, args.fast))
+        code: int = _run(
+            stream_file(
+                args.file,
+                args.model,
+                args.url,
+                args.fast,
+                chunk_ms=args.chunk_ms,
+                events_only=args.events_only,
+            )
+        )
         return code
     except errors.RealtimeError as e:
         print(f"realtime: {e.code}: {e.message}", file=sys.stderr)

@@ -6,12 +6,15 @@ import re
 import signal
 import subprocess
 import sys
+import wave
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soxr
 
-from tests.conftest import REPO, SHARED, double_graph, needs_shared, write_model
+from tests.conftest import REPO, SHARED, double_graph, needs_shared, read_clip, write_model
 
 
 class Served:
@@ -72,12 +75,37 @@ def test_stream_prints_one_result_per_chunk_and_the_end(served: Served) -> None:
     assert len(results) == n_chunks
     assert [int(ln.split()[1]) for ln in results] == list(range(n_chunks))
     assert all("speech_prob=" in ln and "error" not in ln for ln in results)
+    events = [ln.split()[:3] for ln in lines if re.match(r" +\d+\.\d{3} s  speech_", ln)]
+    assert [e[2] for e in events] == ["speech_start", "speech_end"] * 2
     assert lines[-1] == (
         f"end of stream: {n_chunks} results, 0 errors (server: {n_chunks} results, 0 errors)"
     )
     code, err = served.stop()
     assert code == 0, err
     assert "event=shutdown" in err
+
+
+@needs_shared
+@pytest.mark.parametrize("served", [("--models", str(REPO / "examples" / "models"))], indirect=True)
+def test_stream_any_rate_prints_events_only(served: Served, tmp_path: Path) -> None:
+    pcm, rate = read_clip("speech_16k.wav")
+    resampled = soxr.resample(pcm.astype(np.float32) / 32768, rate, 44100)
+    path = tmp_path / "speech_44k.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(44100)
+        w.writeframes((resampled * 32767).astype("<i2").tobytes())
+    r = stream(str(path), "--model", "silero_vad", "--url", served.url, "--fast", "--events-only")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("streaming speech_44k.wav (8.10 s, 44100 Hz) to silero_vad@1")
+    assert not [ln for ln in lines if ln.startswith("seq")]
+    events = [ln.split() for ln in lines[1:-1]]
+    assert [e[2] for e in events] == ["speech_start", "speech_end"] * 2
+    times = [float(e[0]) for e in events]
+    assert all(abs(a - b) <= 0.15 for a, b in zip(times, [1.01, 2.99, 4.93, 6.71], strict=True))
+    assert lines[-1].startswith("end of stream: 405 results, 0 errors")
 
 
 def test_sigterm_stops_the_server_cleanly(served: Served) -> None:
