@@ -407,7 +407,8 @@ async def test_basic_pitch_through_the_server(start_server: ServerFactory) -> No
     assert isinstance(msg, Result)
     notes = msg.outputs["StatefulPartitionedCall:1"][0]  # the one window of the chunk
     assert notes.shape == (172, 88)
-    frame = lambda s: int(s * 22050 / 256)  # noqa: E731 - frames of 256 samples
+    # The window is 7680 samples of (zero) context, then the clip's first 36164 samples.
+    frame = lambda s: int((s * 22050 + 7680) / 256)  # noqa: E731 - frames of 256 samples
     assert int(notes[frame(0.75)].argmax()) + 21 == 60  # C4 in the middle of the first note
     assert int(notes[frame(1.5)].argmax()) + 21 == 64  # E4 in the middle of the second
 

@@ -89,10 +89,11 @@ class ConfigError(ValueError):
 
 def build(table: Mapping[str, Any], outputs: list[OutputInfo], timebase: Timebase) -> Factory:
     """Validate one ``[[postprocess]]`` table against the model; raise :class:`ConfigError`."""
-    from realtime.events import speech
+    from realtime.events import notes, speech
 
     kinds: dict[str, Callable[[Mapping[str, Any], list[OutputInfo], Timebase], Factory]] = {
         "speech": speech.factory,
+        "notes": notes.factory,
     }
     kind = table.get("kind")
     if kind not in kinds:

@@ -310,6 +310,18 @@ context = {n - PITCH_HOP}
 max_batch = 32
 max_delay_ms = 2.0
 deadline_ms = 100
+
+# note_on / note_off (docs/protocol.md): a voiced pitch held for 60 ms is a note, on the nearest
+# MIDI number (kept while within 0.75 semitone, so vibrato does not split it).
+[[postprocess]]
+kind = "notes"
+layout = "midi"
+output = "midi"
+confidence_output = "confidence"
+note_threshold = 0.5
+frame_threshold = 0.5
+min_note_ms = 60
+min_gap_ms = 40
 '''
     return g.build(doc), toml
 

@@ -128,3 +128,50 @@ async def test_builtin_speech_activity_finds_both_utterances(
         )
     assert_near(segments(events), SPEECH, 150.0)
     assert [e.data["segment"] for e in events] == [1, 1, 2, 2]
+
+
+MELODY = [(60, 500.0, 1000.0), (64, 1250.0, 1750.0), (67, 2000.0, 2500.0), (72, 2750.0, 3250.0)]
+
+
+def notes(events: list[Event]) -> list[tuple[int, float, float]]:
+    """(midi, onset, offset) of each note, checking that every note_on has its note_off."""
+    ons = [e for e in events if e.event == "note_on"]
+    offs = [e for e in events if e.event == "note_off"]
+    assert [(e.data["midi"], e.t) for e in ons] == [(e.data["midi"], e.data["onset"]) for e in offs]
+    return [(e.data["midi"], e.data["onset"], e.t) for e in offs]
+
+
+def assert_melody(got: list[tuple[int, float, float]], onset_tol: float) -> None:
+    assert [m for m, _, _ in got] == [m for m, _, _ in MELODY], got
+    for (_, on, off), (_, want_on, want_off) in zip(got, MELODY, strict=True):
+        assert abs(on - want_on) <= onset_tol and abs(off - want_off) <= 100.0, got
+
+
+@needs_shared
+@pytest.mark.parametrize(
+    ("rate", "dtype", "chunk_ms"),
+    [(22050, "int16", 20), (48000, "float32", 10), (22050, "int16", 100)],
+)
+async def test_basic_pitch_notes_match_the_melody(
+    start_server: ServerFactory, rate: int, dtype: str, chunk_ms: float
+) -> None:
+    server = await start_server((REPO / "examples" / "models",), builtin=False)
+    async with await Client.connect(server.url) as client:
+        events, _ = await stream_clip(
+            client, "basic_pitch", clip("melody_22k.wav", rate, dtype), rate, chunk_ms
+        )
+    assert_melody(notes(events), 60.0)
+    assert all(e.data["name"] in ("C4", "E4", "G4", "C5") for e in events)
+
+
+@needs_shared
+@pytest.mark.parametrize(("rate", "dtype"), [(22050, "int16"), (48000, "float32")])
+async def test_builtin_pitch_notes_match_the_melody(
+    start_server: ServerFactory, rate: int, dtype: str
+) -> None:
+    server = await start_server()
+    async with await Client.connect(server.url) as client:
+        events, _ = await stream_clip(
+            client, "pitch", clip("melody_22k.wav", rate, dtype), rate, 20
+        )
+    assert_melody(notes(events), 60.0)
