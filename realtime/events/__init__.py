@@ -89,11 +89,13 @@ class ConfigError(ValueError):
 
 def build(table: Mapping[str, Any], outputs: list[OutputInfo], timebase: Timebase) -> Factory:
     """Validate one ``[[postprocess]]`` table against the model; raise :class:`ConfigError`."""
-    from realtime.events import notes, speech
+    from realtime.events import labels, notes, segments, speech
 
     kinds: dict[str, Callable[[Mapping[str, Any], list[OutputInfo], Timebase], Factory]] = {
         "speech": speech.factory,
         "notes": notes.factory,
+        "labels": labels.factory,
+        "segments": segments.factory,
     }
     kind = table.get("kind")
     if kind not in kinds:

@@ -191,6 +191,14 @@ off_threshold = 0.35
 min_speech_ms = 100
 min_silence_ms = 300
 pad_ms = 30
+
+# partial / final: mean speech_prob and level of each utterance; partials when a stream asks
+# (open option partial_ms).
+[[postprocess]]
+kind = "segments"
+segment_by = "speech"
+outputs = ["speech_prob", "energy_db"]
+reduce = "mean"
 '''
     return g.build(doc), toml
 

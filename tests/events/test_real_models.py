@@ -127,7 +127,9 @@ async def test_builtin_speech_activity_finds_both_utterances(
             client, "speech_activity", clip("speech_16k.wav", rate, dtype), rate, 20
         )
     assert_near(segments(events), SPEECH, 150.0)
-    assert [e.data["segment"] for e in events] == [1, 1, 2, 2]
+    speech = [e for e in events if e.event.startswith("speech_")]
+    assert [e.data["segment"] for e in speech] == [1, 1, 2, 2]
+    assert [e.data["segment"] for e in events if e.event == "final"] == [1, 2]
 
 
 MELODY = [(60, 500.0, 1000.0), (64, 1250.0, 1750.0), (67, 2000.0, 2500.0), (72, 2750.0, 3250.0)]
@@ -175,3 +177,37 @@ async def test_builtin_pitch_notes_match_the_melody(
             client, "pitch", clip("melody_22k.wav", rate, dtype), rate, 20
         )
     assert_melody(notes(events), 60.0)
+
+
+@needs_shared
+async def test_builtin_speech_activity_partials_and_finals(start_server: ServerFactory) -> None:
+    server = await start_server()
+    samples = clip("speech_16k.wav", 16000, "int16")
+    async with await Client.connect(server.url) as client:
+        stream = await client.open(
+            "speech_activity", dtype="int16", options={"partial_ms": 500}, deadline_ms=10_000
+        )
+        got: list[Event] = []
+        stream.on_event = got.append  # events to a callback; iteration yields results only
+        results = []
+        for k, i in enumerate(range(0, len(samples), 320)):
+            await stream.send(samples[i : i + 320], t=i / 16.0)
+            if k >= 31:  # at most 32 in flight
+                results.append(await stream.next())
+        await stream.close()
+        results += await stream.collect()
+    assert [type(m).__name__ for m in results] == ["Result"] * -(-len(samples) // 320)
+    finals = [e for e in got if e.event == "final"]
+    ends = [e for e in got if e.event == "speech_end"]
+    assert [(f.t, f.data["start"]) for f in finals] == [(e.t, e.data["start"]) for e in ends]
+    assert len(finals) == 2
+    for f in finals:
+        assert f.data["outputs"]["speech_prob"] > 0.6 and f.data["outputs"]["energy_db"] > -40
+        partials = [
+            e for e in got if e.event == "partial" and e.data["segment"] == f.data["segment"]
+        ]
+        assert len(partials) >= 2  # utterances of about 2 s, a partial every 500 ms
+        # A partial is sent while the utterance lasts, as far as anyone knows then: up to
+        # min_silence_ms (300) past its end, before the speech_end that closes it.
+        assert all(f.data["start"] < p.t <= f.t + 300 for p in partials), (partials, f)
+        assert all(got.index(p) < got.index(f) for p in partials)
