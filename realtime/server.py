@@ -292,15 +292,15 @@ async def run(config: Config) -> None:
     """Serve until SIGINT or SIGTERM, then shut down cleanly."""
     import signal
 
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before the banner: a supervisor may act on it
+        loop.add_signal_handler(sig, stop.set)
     server = Server(config)
     await server.start()
     print(f"realtime {__version__} serving {len(server.models)} models on {server.url}", flush=True)
     for entry in server.repository.catalog():
         print(f"  {entry['name']}@{entry['version']}  {entry['kind']}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("event=shutdown")
     await server.close()

@@ -113,6 +113,7 @@ class Stream:
     chain: list[events.PostProcessor] = field(default_factory=list)
     #: Client time (ms) of the end of the last window released, to end a stream's segment.
     last_end: float | None = None
+    hop_ms: float = 0.0  # audio: ms between two model windows
     closing: bool = False
     #: False once the client is gone or the stream closed: the scheduler skips its items.
     live: bool = True
@@ -233,6 +234,7 @@ class Session:
             state=[s.initial.copy() for s in model.states],
             rechunker=_rechunker(model, msg) if model.kind == "audio" else None,
             chain=[make(msg.options) for make in model.postprocess],
+            hop_ms=model.timebase.hop_ms,
         )
         audio = model.kind == "audio"
         return Opened(
@@ -397,7 +399,7 @@ class Session:
     ) -> list[Message]:
         """Feed released windows through the stream's post-processors; their events."""
         if len(times):
-            stream.last_end = float(times[-1]) + stream.model.timebase.hop_ms
+            stream.last_end = float(times[-1]) + stream.hop_ms
         if segment_end is not None:
             stream.last_end = segment_end
         batch = events.Batch(times, outputs, [], segment_end)
@@ -464,6 +466,9 @@ def _stack(stream: Stream, predictions: list[Prediction]) -> Prediction:
             0.0,
             0,
         )
+    if len(predictions) == 1:  # the common case: a view with a window axis, no copy
+        (p,) = predictions
+        return Prediction([a[np.newaxis] for a in p.outputs], p.queue_ms, p.infer_ms, p.batch)
     return Prediction(
         [np.stack(arrays) for arrays in zip(*(p.outputs for p in predictions), strict=True)],
         max(p.queue_ms for p in predictions),

@@ -87,6 +87,15 @@ class ConfigError(ValueError):
     """A ``[[postprocess]]`` table that cannot work with its model."""
 
 
+#: The events each post-processor kind emits (the catalog lists a model's).
+EVENTS: dict[str, tuple[str, ...]] = {
+    "speech": ("speech_start", "speech_end"),
+    "notes": ("note_on", "note_off"),
+    "labels": ("label",),
+    "segments": ("partial", "final"),
+}
+
+
 def build(table: Mapping[str, Any], outputs: list[OutputInfo], timebase: Timebase) -> Factory:
     """Validate one ``[[postprocess]]`` table against the model; raise :class:`ConfigError`."""
     from realtime.events import labels, notes, segments, speech

@@ -74,6 +74,8 @@ class Model:
     runner: ModelRunner
     #: ``[[postprocess]]`` tables, validated: each makes one stream's processor.
     postprocess: tuple[events.Factory, ...] = ()
+    #: The event types those post-processors emit, in chain order.
+    event_types: tuple[str, ...] = ()
 
     @property
     def timebase(self) -> events.Timebase:
@@ -105,6 +107,7 @@ class Model:
                 for o in self.outputs
             ],
             "stateful": bool(self.states),
+            "events": list(self.event_types),
             "max_batch": self.max_batch,
             "deadline_ms": self.deadline_ms,
         }
@@ -283,6 +286,7 @@ def load_model(
         deadline_ms=float(deadline),
         runner=runner,
         postprocess=tuple(postprocess),
+        event_types=tuple(e for table in raw_post for e in events.EVENTS[table["kind"]]),
     )
 
 

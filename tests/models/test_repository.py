@@ -107,3 +107,17 @@ def test_the_real_shared_models_load_through_examples() -> None:
     assert pitch is not None and pitch.item_shape == (43844, 1)
     assert (pitch.chunk, pitch.context) == (36164, 7680)  # overlapping 2 s windows
     assert len(pitch.outputs) == 3
+
+
+def test_postprocess_tables_are_checked_and_listed_in_the_catalog(tmp_path: Path) -> None:
+    good = WINDOW_TOML + '[[postprocess]]\nkind = "segments"\nreduce = "max"\n'
+    write_model(tmp_path, "window", window_graph(), good)
+    (model,) = scan(tmp_path)
+    assert model.catalog_entry(True)["events"] == ["partial", "final"]
+    bad = WINDOW_TOML + '[[postprocess]]\nkind = "speech"\noutput = "nope"\n'
+    write_model(tmp_path, "window", window_graph(), bad)
+    with pytest.raises(errors.ModelLoadError, match=r"model\.toml: postprocess output = 'nope'"):
+        scan(tmp_path)
+    write_model(tmp_path, "window", window_graph(), WINDOW_TOML + "[[postprocess]]\nkind = 1\n")
+    with pytest.raises(errors.ModelLoadError, match="postprocess kind 1 is not one of"):
+        scan(tmp_path)
