@@ -28,6 +28,7 @@ from realtime.protocol import (
     Message,
     Open,
     Opened,
+    Overflow,
     Ping,
     Pong,
     Result,
@@ -201,6 +202,7 @@ class Client:
         deadline_ms: float | None = None,
         results: str = "json",
         options: dict[str, Any] | None = None,
+        overflow: Overflow | None = None,
         stream_id: int | None = None,
         on_event: Callable[[Event], None] | None = None,
     ) -> Stream:
@@ -223,6 +225,7 @@ class Client:
             deadline_ms=deadline_ms,
             results=results,  # type: ignore[arg-type]
             options=options or {},
+            overflow=overflow,
         )
         # The stream must exist before the server can answer, so no result is ever unrouted.
         stream = Stream(self, Opened(sid, model, "", {}, [], 0.0), on_event)

@@ -168,8 +168,13 @@ def decode_frame(buf: bytes | bytearray | memoryview) -> Chunk | ResultFrame:
 
 Kind: TypeAlias = Literal["audio", "video", "tensor"]
 ResultMode: TypeAlias = Literal["json", "binary"]
+#: What a stream does when its client sends faster than it is served: drop its oldest queued
+#: chunk (live media: a newer frame is worth more) or refuse the new one (tensors that must
+#: not be lost). Both with a typed error for the chunk concerned.
+Overflow: TypeAlias = Literal["drop_oldest", "reject"]
 KINDS: Final = ("audio", "video", "tensor")
 RESULT_MODES: Final = ("json", "binary")
+OVERFLOWS: Final = ("drop_oldest", "reject")
 _MAX_ID: Final = _U32_MAX
 
 
@@ -206,6 +211,7 @@ class Open:
     deadline_ms: float | None = None
     results: ResultMode = "json"
     options: dict[str, Any] = field(default_factory=dict)
+    overflow: Overflow | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +224,7 @@ class Opened:
     input: dict[str, Any]
     outputs: list[dict[str, Any]]
     deadline_ms: float
+    overflow: Overflow = "reject"
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,6 +433,7 @@ def _parse(d: dict[str, Any]) -> Message:
             deadline_ms=None if deadline is None else _num(d, "deadline_ms"),
             results=_choice(d, "results", RESULT_MODES, "json"),
             options=_dict(d, "options"),
+            overflow=None if d.get("overflow") is None else _choice(d, "overflow", OVERFLOWS),
         )
     if kind == "close":
         return Close(_int(d, "stream"))
@@ -449,6 +457,7 @@ def _parse(d: dict[str, Any]) -> Message:
             _dict(d, "input"),
             outputs,
             _num(d, "deadline_ms"),
+            _choice(d, "overflow", OVERFLOWS, "reject"),
         )
     if kind == "closed":
         return Closed(_int(d, "stream"), _int(d, "results"), _int(d, "errors"))
@@ -526,7 +535,7 @@ def _as_dict(msg: Message) -> dict[str, Any]:
             "results": msg.results,
             "options": msg.options,
         }
-        for key in ("version", "shape", "sample_rate", "deadline_ms"):
+        for key in ("version", "shape", "sample_rate", "deadline_ms", "overflow"):
             if (v := getattr(msg, key)) is not None:
                 d[key] = v
         return d
@@ -539,6 +548,7 @@ def _as_dict(msg: Message) -> dict[str, Any]:
             "input": msg.input,
             "outputs": msg.outputs,
             "deadline_ms": msg.deadline_ms,
+            "overflow": msg.overflow,
         }
     if isinstance(msg, Close):
         return {"type": "close", "stream": msg.stream}

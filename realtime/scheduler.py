@@ -2,8 +2,9 @@
 
 :meth:`Scheduler.submit` takes an accepted :class:`WorkItem` and returns a future of its
 :class:`Prediction` (or a :class:`realtime.errors.ServingError`). Each model version has a queue
-and a fixed number of batch slots; whenever a slot is free and items wait, a batch is cut from
-the queue and run in the worker pool. Stateful streams never have two chunks in one batch or in
+and a fixed number of batch slots; whenever a slot is free and its :class:`BatchQueue` says a
+batch is due (full, waited ``max_delay_ms``, or its earliest deadline would slip), the batch is cut
+and run in the worker pool. Stateful streams never have two chunks in one batch or in
 flight at once, and their recurrent state is gathered into the batch and scattered back on the
 event loop, so no thread ever touches a stream or an asyncio object.
 """
@@ -11,35 +12,64 @@ event loop, so no thread ever touches a stream or an asyncio object.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
-from collections import deque
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from realtime import errors
+from realtime.batching import BatchQueue, Entry, Policy, RunTimes
 from realtime.models.repository import Model
 from realtime.session import Prediction, Stream, WorkItem
 
 Clock = Callable[[], float]
 
 
+#: Upper bounds (ms) of the queue-wait and run-time histogram buckets; the last is +inf.
+LATENCY_BOUNDS_MS: tuple[float, ...] = (
+    *(0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+    math.inf,
+)
+
+
+def _histogram() -> list[int]:
+    return [0] * len(LATENCY_BOUNDS_MS)
+
+
 @dataclass(slots=True)
 class QueueStats:
-    """What one model queue has done, for metrics: counters only ever grow."""
+    """What one model queue has done, for metrics: counters only ever grow. Histograms count
+    items (queue wait) or batches (run time) per :data:`LATENCY_BOUNDS_MS` bucket."""
 
     submitted: int = 0
     batches: int = 0
     items: int = 0
     deadline_misses: int = 0
     rejected: int = 0
+    dropped: int = 0
+    gone: int = 0
     failures: int = 0
     queue_seconds: float = 0.0
     infer_seconds: float = 0.0
     batch_sizes: dict[int, int] = field(default_factory=dict)
+    queue_ms: list[int] = field(default_factory=_histogram)
+    infer_ms: list[int] = field(default_factory=_histogram)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSnapshot:
+    """One model queue at one instant: its gauges and a copy of its counters."""
+
+    depth: int
+    in_flight: int
+    stats: QueueStats
+    #: Measured run time (seconds) per batch size, as the deadline policy uses it.
+    run_times: dict[int, float]
 
 
 class _Slot:
@@ -62,8 +92,11 @@ class _Slot:
         ]
 
 
+Future = asyncio.Future[Prediction]
+
+
 class ModelQueue:
-    """The queue and batch slots of one model version."""
+    """The queue and batch slots of one model version, driven by its :class:`BatchQueue`."""
 
     def __init__(
         self,
@@ -75,100 +108,125 @@ class ModelQueue:
     ) -> None:
         self.model = model
         self.stats = QueueStats()
+        self.run_times = RunTimes(model.max_batch)
+        self._queue: BatchQueue[Future] = BatchQueue(
+            Policy(model.max_batch, model.max_delay_ms / 1000.0),
+            self.run_times,
+            stateful=bool(model.states),
+        )
         self._pool = pool
         self._clock = clock
         self._max_queue = max_queue
-        self._items: deque[tuple[WorkItem, asyncio.Future[Prediction]]] = deque()
+        self._slots = slots
         self._free = [_Slot(model) for _ in range(slots)]
         self._busy: set[Stream] = set()  # stateful streams with an item in flight
         self._tasks: set[asyncio.Task[None]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
 
     @property
     def depth(self) -> int:
         """Items waiting for a batch."""
-        return len(self._items)
+        return len(self._queue)
 
-    def submit(self, item: WorkItem) -> asyncio.Future[Prediction]:
+    def snapshot(self) -> QueueSnapshot:
+        """The queue's gauges and counters now."""
+        s = self.stats
+        copy = replace(
+            s,
+            batch_sizes=dict(s.batch_sizes),
+            queue_ms=list(s.queue_ms),
+            infer_ms=list(s.infer_ms),
+        )
+        return QueueSnapshot(
+            len(self._queue), self._slots - len(self._free), copy, self.run_times.as_dict()
+        )
+
+    def submit(self, item: WorkItem) -> Future:
         """Queue an item; its future resolves on the event loop."""
-        if len(self._items) >= self._max_queue:
+        if len(self._queue) >= self._max_queue:
             self.stats.rejected += 1
             raise errors.Overloaded(
-                f"{self.model.key} has {len(self._items)} chunks queued",
+                f"{self.model.key} has {len(self._queue)} chunks queued",
                 stream=item.stream.id,
                 seq=item.seq,
             )
-        fut: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
-        self._items.append((item, fut))
+        fut: Future = asyncio.get_running_loop().create_future()
+        self._queue.push(Entry(item, fut))
         self.stats.submitted += 1
         self._dispatch()
         return fut
 
+    def drop_oldest(self, stream: Stream) -> list[WorkItem]:
+        """Take the stream's oldest queued chunk (each of its windows) out of the queue; its
+        futures are cancelled and the caller gives the items their ``dropped`` outcome at once."""
+        dropped = self._queue.drop_oldest(stream)
+        self.stats.dropped += len(dropped)
+        for entry in dropped:
+            entry.token.cancel()
+        return [entry.item for entry in dropped]
+
     def _dispatch(self) -> None:
-        """Start batches while a slot is free and something is runnable."""
-        while self._free and self._items:
-            batch = self._cut()
-            if not batch:
+        """Start batches while a slot is free and one is due; else wake up when one will be."""
+        queue = self._queue
+        while self._free and len(queue):
+            now = self._clock()
+            due = queue.due()
+            if due > now:
+                self._wake_at(due, now)
                 return
+            cut = queue.cut(now, self._busy)
+            for entry in cut.expired:
+                self.stats.deadline_misses += 1
+                item = entry.item
+                _fail(
+                    entry,
+                    errors.DeadlineExceeded,
+                    f"waited {1000 * (now - item.received):.1f} ms, deadline was "
+                    f"{1000 * (item.deadline - item.received):.1f} ms",
+                )
+            for entry in cut.gone:
+                self.stats.gone += 1
+                entry.token.cancel()
+            if not cut.batch:
+                if cut.expired or cut.gone:
+                    continue
+                return  # only stateful streams with an item in flight wait: their end wakes us
+            if queue.stateful:
+                self._busy.update(e.item.stream for e in cut.batch)
             slot = self._free.pop()
-            task = asyncio.get_running_loop().create_task(self._run(batch, slot))
+            task = asyncio.get_running_loop().create_task(self._run(cut.batch, slot))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def _cut(self) -> list[tuple[WorkItem, asyncio.Future[Prediction]]]:
-        """Take up to ``max_batch`` runnable items in queue order, shedding expired ones."""
-        now = self._clock()
-        stateful = bool(self.model.states)
-        batch: list[tuple[WorkItem, asyncio.Future[Prediction]]] = []
-        skipped: list[tuple[WorkItem, asyncio.Future[Prediction]]] = []
-        taken: set[Stream] = set()
-        items = self._items
-        while items and len(batch) < self.model.max_batch:
-            entry = items.popleft()
-            item, fut = entry
-            stream = item.stream
-            if not stream.live or fut.done():
-                if not fut.done():
-                    fut.cancel()
-                continue
-            if stateful and (stream in self._busy or stream in taken):
-                skipped.append(entry)
-                continue
-            if now > item.deadline:
-                self.stats.deadline_misses += 1
-                fut.set_exception(
-                    errors.DeadlineExceeded(
-                        f"waited {1000 * (now - item.received):.1f} ms, deadline was "
-                        f"{1000 * (item.deadline - item.received):.1f} ms",
-                        stream=stream.id,
-                        seq=item.seq,
-                    )
-                )
-                continue
-            taken.add(stream)
-            batch.append(entry)
-        items.extendleft(reversed(skipped))
-        if stateful:
-            self._busy |= taken
-        return batch
+    def _wake_at(self, due: float, now: float) -> None:
+        if self._timer is not None:
+            if self._timer_at <= due:
+                return
+            self._timer.cancel()
+        self._timer_at = due
+        self._timer = asyncio.get_running_loop().call_later(due - now, self._on_timer)
 
-    async def _run(
-        self, batch: list[tuple[WorkItem, asyncio.Future[Prediction]]], slot: _Slot
-    ) -> None:
+    def _on_timer(self) -> None:
+        self._timer, self._timer_at = None, math.inf
+        self._dispatch()
+
+    async def _run(self, batch: list[Entry[Future]], slot: _Slot) -> None:
         model = self.model
         n = len(batch)
         started = self._clock()
         try:
             feeds: dict[str, np.ndarray[Any, Any]] = dict(model.constants)
             if slot.inputs is not None:
-                np.stack([it.inputs for it, _ in batch], out=slot.inputs[:n])
+                np.stack([e.item.inputs for e in batch], out=slot.inputs[:n])
                 feeds[model.input.name] = slot.inputs[:n]
             else:
-                feeds[model.input.name] = np.stack([it.inputs for it, _ in batch])
+                feeds[model.input.name] = np.stack([e.item.inputs for e in batch])
             for k, spec in enumerate(model.states):
                 buf = slot.states[k]
                 view = buf[(slice(None),) * spec.batch_axis + (slice(0, n),)]
                 np.concatenate(
-                    [it.stream.state[k] for it, _ in batch], axis=spec.batch_axis, out=view
+                    [e.item.stream.state[k] for e in batch], axis=spec.batch_axis, out=view
                 )
                 feeds[spec.input] = view
             loop = asyncio.get_running_loop()
@@ -177,50 +235,56 @@ class ModelQueue:
             )
         except Exception as e:  # the model raised: every item of the batch gets the error
             self.stats.failures += 1
-            for it, fut in batch:
-                if not fut.done():
-                    fut.set_exception(
-                        errors.InferenceFailed(
-                            f"{model.key} failed: {str(e)[:300]}", stream=it.stream.id, seq=it.seq
-                        )
-                    )
+            for entry in batch:
+                _fail(entry, errors.InferenceFailed, f"{model.key} failed: {str(e)[:300]}")
         else:
             by_name = dict(zip((o.name for o in model.runner.outputs), outputs, strict=True))
             results = [by_name[o.name] for o in model.outputs]
             new_states = [by_name[s.output] for s in model.states]
+            self.run_times.observe(n, infer_seconds)
             stats = self.stats
             stats.batches += 1
             stats.items += n
             stats.infer_seconds += infer_seconds
             stats.batch_sizes[n] = stats.batch_sizes.get(n, 0) + 1
             infer_ms = infer_seconds * 1000.0
-            for i, (it, fut) in enumerate(batch):
+            stats.infer_ms[bisect_left(LATENCY_BOUNDS_MS, infer_ms)] += 1
+            for i, entry in enumerate(batch):
+                it, fut = entry.item, entry.token
                 for k, spec in enumerate(model.states):
                     index = (slice(None),) * spec.batch_axis + (slice(i, i + 1),)
                     np.copyto(it.stream.state[k], new_states[k][index])
                 queue_s = started - it.received
                 stats.queue_seconds += queue_s
+                stats.queue_ms[bisect_left(LATENCY_BOUNDS_MS, queue_s * 1000.0)] += 1
                 if not fut.done():
                     fut.set_result(
                         Prediction([r[i] for r in results], queue_s * 1000.0, infer_ms, n)
                     )
         finally:
             if model.states:
-                self._busy.difference_update(it.stream for it, _ in batch)
+                self._busy.difference_update(e.item.stream for e in batch)
             self._free.append(slot)
             self._dispatch()
 
     def fail_all(self, exc_type: type[errors.ServingError], why: str) -> None:
         """Resolve every queued item with an error (shutdown)."""
-        while self._items:
-            item, fut = self._items.popleft()
-            if not fut.done():
-                fut.set_exception(exc_type(why, stream=item.stream.id, seq=item.seq))
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer, self._timer_at = None, math.inf
+        for entry in self._queue.clear():
+            _fail(entry, exc_type, why)
 
     async def drain(self) -> None:
         """Wait for the batches in flight."""
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _fail(entry: Entry[Future], exc_type: type[errors.ServingError], why: str) -> None:
+    if not entry.token.done():
+        item = entry.item
+        entry.token.set_exception(exc_type(why, stream=item.stream.id, seq=item.seq))
 
 
 def _timed_run(
@@ -245,9 +309,17 @@ class Scheduler:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="realtime-infer")
         self.queues = {m.key: ModelQueue(m, self._pool, workers, max_queue, clock) for m in models}
 
-    def submit(self, item: WorkItem) -> asyncio.Future[Prediction]:
+    def submit(self, item: WorkItem) -> Future:
         """Queue an accepted item for its model version."""
         return self.queues[item.stream.model.key].submit(item)
+
+    def drop_oldest(self, stream: Stream) -> list[WorkItem]:
+        """Make room on a live-media stream: take its oldest queued chunk's items out."""
+        return self.queues[stream.model.key].drop_oldest(stream)
+
+    def snapshot(self) -> dict[str, QueueSnapshot]:
+        """Every model queue's gauges and counters, by model key (what metrics export)."""
+        return {key: q.snapshot() for key, q in self.queues.items()}
 
     async def close(self) -> None:
         """Fail what is queued, finish what is running, stop the workers."""

@@ -44,7 +44,7 @@ from realtime.protocol import (
 )
 from realtime.runtime import RuntimeOptions
 from realtime.scheduler import Scheduler
-from realtime.session import Prediction, Session, WorkItem
+from realtime.session import Prediction, Session, Stream, WorkItem
 
 log = logging.getLogger("realtime")
 SERVER_NAME = f"realtime/{__version__}"
@@ -234,7 +234,7 @@ class Server:
             frame = decode_frame(data)
             if not isinstance(frame, Chunk):
                 raise errors.BadFrame("result frames go from server to client only")
-            items = session.accept(frame, time.monotonic())
+            items = session.accept(frame, time.monotonic(), partial(self._make_room, conn))
         except errors.RealtimeError as e:
             conn.error(e)
             return
@@ -248,6 +248,14 @@ class Server:
                 self._deliver(conn, item, e)
                 continue
             fut.add_done_callback(partial(self._on_outcome, conn, item))
+
+    def _make_room(self, conn: _Connection, stream: Stream) -> bool:
+        """Drop a live-media stream's oldest queued chunk for a newer one; False if none waits."""
+        dropped = self.scheduler.drop_oldest(stream)
+        for item in dropped:
+            why = "dropped for a newer chunk: the stream sends faster than it is served"
+            self._deliver(conn, item, errors.Dropped(why, stream=stream.id, seq=item.seq))
+        return bool(dropped)
 
     def _on_outcome(
         self, conn: _Connection, item: WorkItem, fut: asyncio.Future[Prediction]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -30,6 +31,7 @@ from realtime.protocol import (
     Message,
     Open,
     Opened,
+    Overflow,
     Result,
     ResultMode,
     Timing,
@@ -44,6 +46,7 @@ class Limits:
     max_message_bytes: int = 4 * 1024 * 1024
     max_streams: int = 64
     max_inflight_per_stream: int = 64
+    max_inflight_per_session: int = 512
 
     def as_wire(self) -> dict[str, Any]:
         """The limits as the welcome message lists them."""
@@ -51,6 +54,7 @@ class Limits:
             "max_message_bytes": self.max_message_bytes,
             "max_streams": self.max_streams,
             "max_inflight_per_stream": self.max_inflight_per_stream,
+            "max_inflight_per_session": self.max_inflight_per_session,
         }
 
 
@@ -100,6 +104,7 @@ class Stream:
     deadline_ms: float
     results: ResultMode
     options: dict[str, Any]
+    overflow: Overflow
     #: Recurrent state per ``model.states`` (batch size 1); the scheduler updates it in place.
     state: list[np.ndarray[Any, Any]]
     #: Audio: converts, resamples and cuts the client's chunks into model windows.
@@ -157,6 +162,8 @@ class Session:
         self.phase = Phase.AWAITING_HELLO
         self.streams: dict[int, Stream] = {}
         self.client = ""
+        #: Chunks accepted on all streams whose outcome is not sent yet.
+        self.inflight = 0
 
     # --- control messages -------------------------------------------------------------------
 
@@ -231,6 +238,7 @@ class Session:
             deadline_ms=deadline,
             results=msg.results,
             options=msg.options,
+            overflow=msg.overflow or ("reject" if model.kind == "tensor" else "drop_oldest"),
             state=[s.initial.copy() for s in model.states],
             rechunker=_rechunker(model, msg) if model.kind == "audio" else None,
             chain=[make(msg.options) for make in model.postprocess],
@@ -264,6 +272,7 @@ class Session:
                 for o in model.outputs
             ],
             deadline,
+            self.streams[sid].overflow,
         )
 
     def close_stream(self, msg: Close) -> list[Message]:
@@ -291,14 +300,20 @@ class Session:
         for stream in self.streams.values():
             stream.live = False
         self.streams.clear()
+        self.inflight = 0
 
     # --- chunks -----------------------------------------------------------------------------
 
-    def accept(self, chunk: Chunk, now: float) -> list[WorkItem]:
+    def accept(
+        self, chunk: Chunk, now: float, make_room: Callable[[Stream], bool] | None = None
+    ) -> list[WorkItem]:
         """Check a chunk against its stream and build its model inputs; raise if it is refused.
 
         A tensor or video chunk is one item. An audio chunk is one item per model window it
         completed, possibly none: then its (empty) result is due at once, see :meth:`release`.
+        When the stream or the session has its limit of chunks in flight, a ``drop_oldest``
+        stream calls ``make_room`` (the scheduler drops its oldest queued chunk, which gets a
+        ``dropped`` error) and the new chunk is accepted; otherwise it is refused (``overloaded``).
         """
         self._require_open()
         sid, seq = chunk.stream, chunk.seq
@@ -330,14 +345,30 @@ class Session:
             )
         if data.dtype.kind == "f" and not math.isfinite(data.sum(dtype=np.float64)):
             raise errors.NonFiniteInput("chunk holds NaN or infinity", stream=sid, seq=seq)
-        if len(stream.pending) >= self.limits.max_inflight_per_stream:
+        limits = self.limits
+        # Chunks whose outcome is known but waits for an earlier one's do not count, up to a
+        # hard bound: dropped chunks wait so behind a running batch.
+        in_stream = len(stream.pending) - len(stream.done)
+        if (
+            in_stream >= limits.max_inflight_per_stream
+            or self.inflight >= limits.max_inflight_per_session
+        ) and not (
+            stream.overflow == "drop_oldest"
+            and len(stream.pending) < 4 * limits.max_inflight_per_stream
+            and make_room is not None
+            and make_room(stream)
+        ):
+            where = (
+                f"stream {sid} has {in_stream}"
+                if in_stream >= limits.max_inflight_per_stream
+                else f"session has {self.inflight}"
+            )
             raise errors.Overloaded(
-                f"stream {sid} has {len(stream.pending)} chunks in flight; wait for results",
-                stream=sid,
-                seq=seq,
+                f"{where} chunks in flight; wait for results", stream=sid, seq=seq
             )
         stream.last_seq = seq
         stream.pending.append(seq)
+        self.inflight += 1
         deadline = now + (chunk.deadline_ms or stream.deadline_ms) / 1000.0
         end = bool(chunk.flags & FLAG_END_OF_SEGMENT)
         if stream.rechunker is None:
@@ -412,6 +443,7 @@ class Session:
         pending, done = stream.pending, stream.done
         while pending and pending[0] in done:
             seq = pending.popleft()
+            self.inflight -= 1
             entry = done.pop(seq)
             ready = entry.outcome
             if isinstance(ready, Prediction):

@@ -347,6 +347,32 @@ async def test_in_flight_limit_refuses_with_overloaded(
     assert totals == [float(k + 1) for k in range(len(results))]
 
 
+async def test_drop_oldest_streams_shed_old_chunks_with_a_typed_error(
+    start_server: ServerFactory, tiny_models: Path
+) -> None:
+    server = await _server(start_server, tiny_models, limits=Limits(max_inflight_per_stream=4))
+    raw = await Raw.connect(server.url)
+    opened = await raw.open(1, "double", shape=[4], overflow="drop_oldest")
+    assert opened["overflow"] == "drop_oldest"
+    n = 200
+    for seq in range(n):  # as fast as the socket takes them: far faster than served
+        await raw.chunk(1, seq, np.full(4, seq, np.float32))
+    got = [await raw.recv() for _ in range(n)]
+    assert sorted(m["seq"] for m in got) == list(range(n))  # one outcome per chunk
+    results = [m for m in got if m["type"] == "result"]
+    dropped = [m for m in got if m["type"] == "error" and m["code"] == "dropped"]
+    refused = [m for m in got if m["type"] == "error" and m["code"] == "overloaded"]
+    assert len(results) + len(dropped) + len(refused) == n
+    # Accepted chunks (run or dropped) come back in order; a refused one's error comes at once.
+    accepted = [m["seq"] for m in got if m["type"] == "result" or m["code"] == "dropped"]
+    assert accepted == sorted(accepted)
+    assert all(m["outputs"]["y"]["data"] == [2.0 * m["seq"]] * 4 for m in results)
+    assert dropped and all(m["retryable"] for m in dropped + refused)
+    # Dropping makes room: far more chunks are accepted than a reject policy would take.
+    assert len(refused) < n // 2, (len(results), len(dropped), len(refused))
+    await raw.still_works(1, n)
+
+
 async def test_client_raises_typed_errors(start_server: ServerFactory, tiny_models: Path) -> None:
     server = await _server(start_server, tiny_models)
     async with await Client.connect(server.url) as client:

@@ -1,0 +1,253 @@
+"""The batching policy of one model version, without asyncio: when to cut, what, and what to shed.
+
+A :class:`BatchQueue` holds the chunks waiting for one model version. It is told the time and
+asked two questions: :meth:`BatchQueue.due` (when should the next batch be cut?) and
+:meth:`BatchQueue.cut` (which items make it, and which are shed because their deadline passed or
+their client is gone?). A batch is due when it would be full (``max_batch``), when its oldest item
+has waited ``max_delay``, or when waiting longer would make its earliest deadline unreachable given
+the model's measured run time (:class:`RunTimes`), whichever comes first.
+
+Items of different input shapes never share a batch: each shape has its own bucket. Within a
+bucket, sessions are served round-robin, one item per session per turn, so a flooding client
+cannot starve the others. A stateful stream never has two items in one batch or in flight at once,
+and its items run in order. Everything here is plain code over an injected clock, so the policy is
+tested with a fake clock and no sleeps.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from realtime.session import Stream, WorkItem
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """How one model version cuts batches (seconds)."""
+
+    max_batch: int
+    max_delay: float
+    #: Time kept in hand before a deadline for splitting and sending the results.
+    margin: float = 0.001
+
+
+@dataclass(slots=True, eq=False)
+class Entry(Generic[T]):
+    """One queued item and its caller's token (the scheduler's future)."""
+
+    item: WorkItem
+    token: T
+    taken: bool = False
+
+
+class RunTimes:
+    """A running estimate of a model's run time (seconds) for each batch size."""
+
+    def __init__(self, max_batch: int, prior: float = 0.002, weight: float = 0.2) -> None:
+        self._seconds = [math.nan] * (max_batch + 1)
+        self._prior = prior
+        self._weight = weight
+
+    def observe(self, n: int, seconds: float) -> None:
+        """Fold in one batch of ``n`` items that ran in ``seconds``."""
+        old = self._seconds[n]
+        self._seconds[n] = seconds if math.isnan(old) else old + self._weight * (seconds - old)
+
+    def estimate(self, n: int) -> float:
+        """Expected run time of a batch of ``n``: measured, else the nearest larger measured size,
+        else the largest smaller one scaled up by size, else the prior."""
+        known = self._seconds
+        if not math.isnan(known[n]):
+            return known[n]
+        for m in range(n + 1, len(known)):
+            if not math.isnan(known[m]):
+                return known[m]
+        for m in range(n - 1, 0, -1):
+            if not math.isnan(known[m]):
+                return known[m] * n / m
+        return self._prior
+
+    def as_dict(self) -> dict[int, float]:
+        """The measured sizes and their estimates (seconds)."""
+        return {n: s for n, s in enumerate(self._seconds) if not math.isnan(s)}
+
+
+@dataclass(slots=True, eq=False)
+class _Bucket(Generic[T]):
+    """The items of one input shape: a FIFO per session, served round-robin."""
+
+    sessions: dict[str, deque[Entry[T]]] = field(default_factory=dict)
+    ring: deque[str] = field(default_factory=deque)  # sessions with items, next to serve first
+    arrivals: deque[Entry[T]] = field(default_factory=deque)  # arrival order (lazily pruned)
+    deadlines: list[tuple[float, int, Entry[T]]] = field(default_factory=list)  # lazy min-heap
+    count: int = 0
+
+    def oldest(self) -> WorkItem:
+        arrivals = self.arrivals
+        while arrivals[0].taken:
+            arrivals.popleft()
+        return arrivals[0].item
+
+    def earliest_deadline(self) -> float:
+        heap = self.deadlines
+        while heap[0][2].taken:
+            heapq.heappop(heap)
+        return heap[0][0]
+
+
+@dataclass(slots=True)
+class Cut(Generic[T]):
+    """What one call to :meth:`BatchQueue.cut` took out of the queue."""
+
+    batch: list[Entry[T]] = field(default_factory=list)
+    expired: list[Entry[T]] = field(default_factory=list)  # deadline passed before running
+    gone: list[Entry[T]] = field(default_factory=list)  # stream closed or client disconnected
+
+
+class BatchQueue(Generic[T]):
+    """The waiting items of one model version and the policy that batches them."""
+
+    def __init__(self, policy: Policy, run_times: RunTimes, stateful: bool) -> None:
+        self.policy = policy
+        self.run_times = run_times
+        self.stateful = stateful
+        self._buckets: dict[tuple[int, ...], _Bucket[T]] = {}
+        self._order = itertools.count()
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def push(self, entry: Entry[T]) -> None:
+        """Queue an item at the back of its session's line in its shape's bucket."""
+        item = entry.item
+        bucket = self._buckets.get(item.inputs.shape)
+        if bucket is None:
+            bucket = self._buckets[item.inputs.shape] = _Bucket()
+        line = bucket.sessions.get(item.stream.session)
+        if line is None:
+            line = bucket.sessions[item.stream.session] = deque()
+            bucket.ring.append(item.stream.session)
+        line.append(entry)
+        bucket.arrivals.append(entry)
+        heapq.heappush(bucket.deadlines, (item.deadline, next(self._order), entry))
+        bucket.count += 1
+        self._len += 1
+
+    def _bucket_due(self, bucket: _Bucket[T]) -> float:
+        policy = self.policy
+        oldest = bucket.oldest().received
+        if bucket.count >= policy.max_batch:
+            return oldest
+        n = bucket.count
+        by_deadline = bucket.earliest_deadline() - self.run_times.estimate(n) - policy.margin
+        return min(oldest + policy.max_delay, by_deadline)
+
+    def due(self) -> float:
+        """When the next batch should be cut (clock seconds; ``inf`` if nothing waits). A time in
+        the past means now."""
+        buckets = self._buckets.values()
+        return min((self._bucket_due(b) for b in buckets if b.count), default=math.inf)
+
+    def cut(self, now: float, busy: set[Stream]) -> Cut[T]:
+        """Take the next batch from the bucket most due, round-robin over its sessions, shedding
+        the items whose deadline has passed or whose stream is gone. ``busy`` holds the stateful
+        streams with an item in flight: their items wait."""
+        out: Cut[T] = Cut()
+        live = [b for b in self._buckets.values() if b.count]
+        if not live:
+            return out
+        bucket = min(live, key=self._bucket_due)
+        taken: set[Stream] = set()
+        blocked = busy if self.stateful else set()
+        ring, sessions, max_batch = bucket.ring, bucket.sessions, self.policy.max_batch
+        progress = True
+        while progress and ring and len(out.batch) < max_batch:
+            progress = False
+            for _ in range(len(ring)):
+                if len(out.batch) >= max_batch:
+                    break
+                sid = ring[0]
+                line = sessions[sid]
+                entry = self._take_one(line, now, blocked, taken, out)
+                if line:
+                    ring.rotate(-1)
+                else:
+                    ring.popleft()
+                    del sessions[sid]
+                if entry is not None:
+                    out.batch.append(entry)
+                    progress = True
+        removed = len(out.batch) + len(out.expired) + len(out.gone)
+        bucket.count -= removed
+        self._len -= removed
+        if not bucket.count:
+            bucket.arrivals.clear()
+            bucket.deadlines.clear()
+        return out
+
+    def _take_one(
+        self,
+        line: deque[Entry[T]],
+        now: float,
+        blocked: set[Stream],
+        taken: set[Stream],
+        out: Cut[T],
+    ) -> Entry[T] | None:
+        """The first runnable entry of a session's line, shedding dead and late ones on the way."""
+        i = 0
+        while i < len(line):
+            entry = line[i]
+            stream = entry.item.stream
+            if not stream.live:
+                out.gone.append(entry)
+            elif now > entry.item.deadline:
+                out.expired.append(entry)
+            elif stream in blocked or stream in taken:
+                i += 1
+                continue
+            else:
+                del line[i]
+                entry.taken = True
+                if self.stateful:
+                    taken.add(stream)
+                return entry
+            del line[i]
+            entry.taken = True
+        return None
+
+    def drop_oldest(self, stream: Stream) -> list[Entry[T]]:
+        """Remove the stream's oldest queued chunk (every window of it); empty if none waits."""
+        for bucket in self._buckets.values():
+            line = bucket.sessions.get(stream.session)
+            if not line:
+                continue
+            seq = next((e.item.seq for e in line if e.item.stream is stream), None)
+            if seq is None:
+                continue
+            dropped = [e for e in line if e.item.stream is stream and e.item.seq == seq]
+            for e in dropped:
+                line.remove(e)
+                e.taken = True
+            if not line:
+                bucket.ring.remove(stream.session)
+                del bucket.sessions[stream.session]
+            bucket.count -= len(dropped)
+            self._len -= len(dropped)
+            return dropped
+        return []
+
+    def clear(self) -> list[Entry[T]]:
+        """Take every queued entry out (shutdown)."""
+        entries = [e for b in self._buckets.values() for line in b.sessions.values() for e in line]
+        for entry in entries:
+            entry.taken = True
+        self._buckets, self._len = {}, 0
+        return entries

@@ -1,0 +1,94 @@
+"""The pure session: in-flight bounds and what each overflow policy does at them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from realtime import errors
+from realtime.models.repository import ModelRepository, scan
+from realtime.protocol import Chunk, Hello, Open, Overflow
+from realtime.session import Limits, Prediction, Session, Stream, WorkItem
+
+
+def session(tiny_models: Path, **limits: int) -> Session:
+    s = Session("s1", ModelRepository(scan(tiny_models)), Limits(**limits), "test")
+    s.hello(Hello(1))
+    return s
+
+
+def open_double(s: Session, sid: int = 1, overflow: Overflow | None = None) -> Stream:
+    s.open_stream(Open(sid, "double", "tensor", "float32", overflow=overflow))
+    return s.streams[sid]
+
+
+def chunk(sid: int, seq: int) -> Chunk:
+    return Chunk(sid, seq, float(seq), np.ones(4, np.float32))
+
+
+def test_overflow_defaults_by_kind(tiny_models: Path) -> None:
+    s = session(tiny_models)
+    assert open_double(s).overflow == "reject"  # tensors must not be lost
+    s.open_stream(Open(2, "window", "audio", "int16", sample_rate=8000))
+    assert s.streams[2].overflow == "drop_oldest"  # live media: newer is worth more
+    assert open_double(s, 3, "drop_oldest").overflow == "drop_oldest"
+
+
+def test_reject_refuses_at_the_stream_bound_and_never_asks_for_room(tiny_models: Path) -> None:
+    s = session(tiny_models, max_inflight_per_stream=2)
+    open_double(s)
+    asked: list[Stream] = []
+
+    def make_room(stream: Stream) -> bool:
+        asked.append(stream)
+        return True
+
+    s.accept(chunk(1, 0), 0.0, make_room)
+    s.accept(chunk(1, 1), 0.0, make_room)
+    with pytest.raises(errors.Overloaded, match="stream 1 has 2 chunks in flight"):
+        s.accept(chunk(1, 2), 0.0, make_room)
+    assert not asked and s.inflight == 2
+
+
+def test_drop_oldest_accepts_when_room_is_made_else_refuses(tiny_models: Path) -> None:
+    s = session(tiny_models, max_inflight_per_stream=2)
+    stream = open_double(s, overflow="drop_oldest")
+    items = [s.accept(chunk(1, seq), 0.0)[0] for seq in range(2)]
+
+    def drop(victim: Stream) -> bool:  # what the server does: the oldest queued gets `dropped`
+        assert victim is stream
+        s.complete(items[0], errors.Dropped("newer chunk", stream=1, seq=0))
+        return True
+
+    (third,) = s.accept(chunk(1, 2), 0.0, drop)
+    assert third.seq == 2 and list(stream.pending) == [1, 2]
+    with pytest.raises(errors.Overloaded):  # nothing queued to drop (all running): refuse
+        s.accept(chunk(1, 3), 0.0, lambda _: False)
+
+
+def test_the_session_bound_spans_its_streams(tiny_models: Path) -> None:
+    s = session(tiny_models, max_inflight_per_stream=8, max_inflight_per_session=3)
+    open_double(s, 1)
+    open_double(s, 2)
+    s.accept(chunk(1, 0), 0.0)
+    s.accept(chunk(1, 1), 0.0)
+    (item,) = s.accept(chunk(2, 0), 0.0)
+    with pytest.raises(errors.Overloaded, match="session has 3 chunks in flight"):
+        s.accept(chunk(2, 1), 0.0)
+    s.complete(item, Prediction([np.zeros(4, np.float32)], 0.0, 0.0, 1))
+    assert s.inflight == 2
+    s.accept(chunk(2, 1), 0.0)
+
+
+def test_outcomes_are_released_in_order_whatever_order_they_come_in(tiny_models: Path) -> None:
+    s = session(tiny_models)
+    open_double(s)
+    items: list[WorkItem] = [s.accept(chunk(1, seq), 0.0)[0] for seq in range(3)]
+    ok = Prediction([np.zeros(4, np.float32)], 0.0, 0.0, 1)
+    assert s.complete(items[2], ok) == []
+    assert s.complete(items[1], errors.Dropped("x", stream=1, seq=1)) == []
+    released = s.complete(items[0], ok)
+    assert [getattr(m, "seq", None) for m in released] == [0, 1, 2]
+    assert s.inflight == 0
