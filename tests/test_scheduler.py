@@ -1,0 +1,202 @@
+"""The scheduler with real models: batching many streams changes no stream's outputs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from realtime import errors
+from realtime.models.repository import BUILTIN_DIR, Model, ModelRepository, scan
+from realtime.protocol import Chunk, Event, Hello, Open, Result
+from realtime.scheduler import Scheduler
+from realtime.session import Limits, Outcome, Session
+from tests.conftest import REPO, SHARED, needs_shared, read_clip
+
+#: Room for every chunk of every stream to be queued at once: nothing is refused or late.
+ROOMY = Limits(max_streams=64, max_inflight_per_stream=100_000, max_inflight_per_session=100_000)
+
+Outputs = list[dict[str, np.ndarray[Any, Any]]]
+
+
+async def run_streams(
+    models: list[Model], name: str, chunks: list[list[np.ndarray[Any, Any]]], together: bool
+) -> tuple[list[Outputs], int]:
+    """Feed each stream its chunks through sessions and one scheduler; every result's outputs
+    per stream, and the largest batch seen. ``together``: all streams' chunks are queued before
+    any runs (the scheduler batches across streams); else each stream runs alone, one chunk at a
+    time, as if it were the only client."""
+    repo = ModelRepository(models)
+    scheduler = Scheduler(models, workers=2, max_queue=1_000_000)
+    model = repo.get(name)
+    assert model is not None
+    dtype = "float32" if model.kind == "audio" else model.input.dtype.name
+    sessions: list[Session] = []
+    results: list[Outputs] = [[] for _ in chunks]
+    biggest = 0
+
+    def collect(i: int, messages: list[Any]) -> None:
+        nonlocal biggest
+        for m in messages:
+            if isinstance(m, Event):
+                continue
+            assert isinstance(m, Result), m
+            biggest = max(biggest, m.timing.batch)
+            results[i].append(m.outputs)
+
+    async def submit(i: int, seq: int) -> None:
+        session = sessions[i // 8]  # 8 streams per session: round-robin across sessions too
+        data = chunks[i][seq]
+        chunk = Chunk(i, seq, float(seq), data, deadline_ms=60_000.0)
+        items = session.accept(chunk, time.monotonic())
+        if not items:
+            collect(i, session.release(i))
+        futures = [scheduler.submit(item) for item in items]
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        for item, outcome in zip(items, outcomes, strict=True):
+            assert not isinstance(outcome, BaseException) or isinstance(
+                outcome, errors.ServingError
+            ), outcome
+            collect(i, session.complete(item, outcome))
+
+    for i in range(len(chunks)):
+        if i % 8 == 0:
+            sessions.append(Session(f"s{i // 8}", repo, ROOMY, "test"))
+            sessions[-1].hello(Hello(1))
+        sessions[i // 8].open_stream(
+            Open(i, name, model.kind, dtype, sample_rate=model.sample_rate, deadline_ms=60_000)
+        )
+    try:
+        if together:
+            await asyncio.gather(
+                *(submit(i, seq) for seq in range(len(chunks[0])) for i in range(len(chunks)))
+            )
+        else:
+            for i in range(len(chunks)):
+                for seq in range(len(chunks[i])):
+                    await submit(i, seq)
+    finally:
+        await scheduler.close()
+    return results, biggest
+
+
+def assert_same(batched: list[Outputs], alone: list[Outputs]) -> None:
+    assert len(batched) == len(alone)
+    for b, a in zip(batched, alone, strict=True):
+        assert len(b) == len(a) > 0
+        for rb, ra in zip(b, a, strict=True):
+            assert rb.keys() == ra.keys()
+            for k in rb:
+                np.testing.assert_allclose(rb[k], ra[k], rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+def speech_streams(n: int, rate: int, seconds: float) -> list[np.ndarray[Any, Any]]:
+    """n different mono float32 signals: the speech clip from n offsets, with a little noise."""
+    pcm, clip_rate = read_clip("speech_16k.wav")
+    assert clip_rate == rate
+    audio = pcm.astype(np.float32) / 32768
+    rng = np.random.default_rng(7)
+    size = int(seconds * rate)
+    out = []
+    for i in range(n):
+        start = (i * 2099) % (len(audio) - size)
+        noise = rng.normal(0, 0.003, size).astype(np.float32)
+        out.append(audio[start : start + size] + noise)
+    return out
+
+
+@needs_shared
+async def test_silero_vad_32_streams_batched_match_each_stream_run_alone() -> None:
+    models = scan(REPO / "examples" / "models")
+    signals = speech_streams(32, 16000, 3.0)
+    chunk = 320  # 20 ms chunks: windows of 512 straddle them, so the re-chunker is in play
+    chunks = [[s[k : k + chunk] for k in range(0, len(s), chunk)] for s in signals]
+    batched, biggest = await run_streams(models, "silero_vad", chunks, together=True)
+    assert biggest > 8  # it really batched across streams
+
+    # Each stream alone, as ../shared/models/silero-vad/SOURCE.md calls the model.
+    session = ort.InferenceSession(
+        str(SHARED / "models" / "silero-vad" / "model.onnx"),
+        providers=["CPUExecutionProvider"],
+    )
+    sr = np.array(16000, np.int64)
+    for signal, got in zip(signals, batched, strict=True):
+        state, ctx = np.zeros((2, 1, 128), np.float32), np.zeros(64, np.float32)
+        expected = []
+        for k in range(0, len(signal) - 511, 512):
+            window = signal[k : k + 512]
+            prob, state = session.run(
+                None, {"input": np.concatenate([ctx, window])[None], "state": state, "sr": sr}
+            )
+            ctx = window[-64:]
+            expected.append(float(prob[0, 0]))
+        probs = np.concatenate([r["output"].reshape(-1) for r in got])
+        np.testing.assert_allclose(probs, expected, atol=1e-5)
+
+
+def builtin_chunks(model: Model, n: int, length: int) -> list[list[np.ndarray[Any, Any]]]:
+    """n streams of ``length`` chunks each, different per stream and moving over time."""
+    rng = np.random.default_rng(11)
+    if model.kind == "audio":
+        t = np.arange(length * 320) / 16000
+        return [
+            [
+                c.astype(np.float32)
+                for c in np.split(
+                    0.3 * np.sin(2 * np.pi * (110 + 37 * i) * t) + rng.normal(0, 0.01, t.size),
+                    length,
+                )
+            ]
+            for i in range(n)
+        ]
+    shape = model.item_shape
+    if model.input.dtype == np.uint8:
+        return [[rng.integers(0, 256, shape, np.uint8) for _ in range(length)] for _ in range(n)]
+    walk = rng.normal(0, 0.05, (n, length, *shape)).cumsum(axis=1).astype(model.input.dtype)
+    return [[walk[i, k] for k in range(length)] for i in range(n)]
+
+
+@pytest.mark.parametrize("name", ["speech_activity", "pitch", "pose", "motion"])
+async def test_builtin_models_batched_match_each_stream_run_alone(name: str) -> None:
+    models = scan(BUILTIN_DIR)
+    model = ModelRepository(models).get(name)
+    assert model is not None
+    chunks = builtin_chunks(model, 32, 12)
+    batched, biggest = await run_streams(models, name, chunks, together=True)
+    alone, one = await run_streams(models, name, chunks, together=False)
+    assert biggest > 4 and one == 1
+    assert_same(batched, alone)
+
+
+async def test_a_failing_batch_gives_each_of_its_chunks_a_typed_error() -> None:
+    models = scan(BUILTIN_DIR)
+    pose = ModelRepository(models).get("pose")
+    assert pose is not None
+
+    def explode(feeds: dict[str, np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
+        raise RuntimeError("ORT says no")
+
+    pose.runner.run = explode  # type: ignore[method-assign]
+    try:
+        results: list[Outcome] = []
+        scheduler = Scheduler(models)
+        session = Session("s", ModelRepository(models), ROOMY, "test")
+        session.hello(Hello(1))
+        session.open_stream(Open(1, "pose", "tensor", "float32"))
+        items = [
+            session.accept(Chunk(1, seq, 0.0, np.zeros((3, 7), np.float32)), time.monotonic())[0]
+            for seq in range(5)
+        ]
+        for f in await asyncio.gather(
+            *(scheduler.submit(it) for it in items), return_exceptions=True
+        ):
+            assert isinstance(f, errors.InferenceFailed) and "ORT says no" in str(f)
+            results.append(f)
+        await scheduler.close()
+        assert len(results) == 5
+    finally:
+        del pose.runner.run
