@@ -45,6 +45,7 @@ DTYPE_CODES: Final[dict[str, int]] = {
     "int64": 9,
     "bool": 10,
 }
+_DTYPE_NAMES: Final[dict[np.dtype[Any], str]] = {np.dtype(n): n for n in DTYPE_CODES}
 _DTYPES: Final[dict[int, np.dtype[Any]]] = {
     code: np.dtype(name).newbyteorder("<") for name, code in DTYPE_CODES.items()
 }
@@ -97,7 +98,7 @@ def _frame_key(f: Chunk | ResultFrame) -> tuple[Any, ...]:
 def encode_frame(frame: Chunk | ResultFrame) -> bytes:
     """Serialize a chunk or a result frame to the bytes of one binary WebSocket message."""
     data = frame.data
-    code = DTYPE_CODES.get(data.dtype.name)
+    code = DTYPE_CODES.get(_DTYPE_NAMES.get(data.dtype) or data.dtype.name)
     if code is None:
         raise BadFrame(f"dtype {data.dtype} has no wire code", stream=frame.stream, seq=frame.seq)
     if data.ndim > MAX_NDIM:
@@ -510,7 +511,8 @@ def decode_text(text: str | bytes) -> Message:
 
 
 def _wire_array(a: np.ndarray[Any, Any]) -> dict[str, Any]:
-    return {"dtype": a.dtype.name, "shape": a.shape, "data": np.ascontiguousarray(a).reshape(-1)}
+    name = _DTYPE_NAMES.get(a.dtype) or a.dtype.name  # ``dtype.name`` is slow: ~3 us a call
+    return {"dtype": name, "shape": a.shape, "data": np.ascontiguousarray(a).reshape(-1)}
 
 
 def _as_dict(msg: Message) -> dict[str, Any]:

@@ -42,6 +42,7 @@ from realtime.protocol import (
     encode_text,
     result_frames,
 )
+from realtime.ratelimit import TokenBucket
 from realtime.runtime import RuntimeOptions
 from realtime.scheduler import Scheduler
 from realtime.session import Prediction, Session, Stream, WorkItem
@@ -183,7 +184,13 @@ class Server:
         peer = ws.remote_address[0] if ws.remote_address else "?"
         log.info("event=connect session=%s peer=%s", session.id, peer)
         writer = asyncio.get_running_loop().create_task(conn.write_loop())
-        max_bytes = self.config.limits.max_message_bytes
+        limits = self.config.limits
+        max_bytes = limits.max_message_bytes
+        now = time.monotonic()
+        messages = TokenBucket(
+            limits.max_messages_per_second, limits.max_messages_per_second / 2, now
+        )
+        volume = TokenBucket(limits.max_bytes_per_second, limits.max_bytes_per_second / 2, now)
         try:
             async for message in ws:
                 if len(message) > max_bytes:
@@ -192,6 +199,10 @@ class Server:
                     self._on_text(conn, message)
                 else:
                     self._on_binary(conn, message)
+                now = time.monotonic()
+                pause = max(messages.take(1, now), volume.take(len(message), now))
+                if pause:  # over its rate: stop reading this client for a while
+                    await asyncio.sleep(pause)
         except ConnectionClosed:
             pass
         finally:

@@ -47,6 +47,10 @@ class Limits:
     max_streams: int = 64
     max_inflight_per_stream: int = 64
     max_inflight_per_session: int = 512
+    #: Inbound rate per session; above it the server stops reading from the client for a while
+    #: (TCP then slows the sender). Half a second of either is allowed in a burst.
+    max_messages_per_second: int = 1000
+    max_bytes_per_second: int = 32 * 1024 * 1024
 
     def as_wire(self) -> dict[str, Any]:
         """The limits as the welcome message lists them."""
@@ -55,6 +59,8 @@ class Limits:
             "max_streams": self.max_streams,
             "max_inflight_per_stream": self.max_inflight_per_stream,
             "max_inflight_per_session": self.max_inflight_per_session,
+            "max_messages_per_second": self.max_messages_per_second,
+            "max_bytes_per_second": self.max_bytes_per_second,
         }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,11 @@ class Model:
     postprocess: tuple[events.Factory, ...] = ()
     #: The event types those post-processors emit, in chain order.
     event_types: tuple[str, ...] = ()
+    #: ``name@version``: the id of this model version in logs, queues and metrics.
+    key: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", f"{self.name}@{self.version}")
 
     @property
     def timebase(self) -> events.Timebase:
@@ -83,11 +88,6 @@ class Model:
         if self.kind != "audio":
             return events.Timebase()
         return events.Timebase(self.sample_rate, self.chunk, self.context)
-
-    @property
-    def key(self) -> str:
-        """``name@version``: the id of this model version in logs, queues and metrics."""
-        return f"{self.name}@{self.version}"
 
     def catalog_entry(self, default: bool) -> dict[str, Any]:
         """This model version as the welcome message and ``GET /v1/models`` describe it."""
