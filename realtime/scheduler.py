@@ -143,14 +143,29 @@ class ModelQueue:
         )
 
     def submit(self, item: WorkItem) -> Future:
-        """Queue an item; its future resolves on the event loop."""
-        if len(self._queue) >= self._max_queue:
+        """Queue an item; its future resolves on the event loop. Refused (``overloaded``) when
+        the queue is full, or so long that the item would wait past its deadline: shedding at
+        the door is cheap, and keeps the queue to what can still be served in time."""
+        depth = len(self._queue)
+        if depth >= self._max_queue:
             self.stats.rejected += 1
             raise errors.Overloaded(
-                f"{self.model.key} has {len(self._queue)} chunks queued",
-                stream=item.stream.id,
-                seq=item.seq,
+                f"{self.model.key} has {depth} chunks queued", stream=item.stream.id, seq=item.seq
             )
+        full = self.model.max_batch
+        if depth >= full:
+            batch_time = self.run_times.estimate(full)
+            # Counted as if batches ran one at a time: the slots share the cores with the
+            # event loop, and a late answer is worth less than an early "no".
+            wait = (depth // full + 1) * batch_time
+            if self._clock() + wait > item.deadline:
+                self.stats.rejected += 1
+                raise errors.Overloaded(
+                    f"{self.model.key} has {depth} chunks queued, about {1000 * wait:.0f} ms of "
+                    "work: this one would miss its deadline",
+                    stream=item.stream.id,
+                    seq=item.seq,
+                )
         fut: Future = asyncio.get_running_loop().create_future()
         self._queue.push(Entry(item, fut))
         self.stats.submitted += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ from realtime import errors
 from realtime.models.repository import BUILTIN_DIR, Model, ModelRepository, scan
 from realtime.protocol import Chunk, Event, Hello, Open, Result
 from realtime.scheduler import Scheduler
-from realtime.session import Limits, Outcome, Session
+from realtime.session import Limits, Outcome, Prediction, Session, WorkItem
 from tests.conftest import REPO, SHARED, needs_shared, read_clip
 
 #: Room for every chunk of every stream to be queued at once: nothing is refused or late.
@@ -200,3 +201,32 @@ async def test_a_failing_batch_gives_each_of_its_chunks_a_typed_error() -> None:
         assert len(results) == 5
     finally:
         del pose.runner.run
+
+
+async def test_a_chunk_that_would_wait_past_its_deadline_is_refused_at_the_door(
+    tiny_models: Path,
+) -> None:
+    models = scan(tiny_models)
+    double = ModelRepository(models).get("double")
+    assert double is not None and double.max_batch == 32
+    scheduler = Scheduler(models, workers=1, clock=lambda: 0.0)  # time stands still
+    session = Session("s", ModelRepository(models), ROOMY, "test")
+    session.hello(Hello(1))
+    session.open_stream(Open(1, "double", "tensor", "float32"))
+    stream = session.streams[1]
+    # No batch has run yet, so a batch is taken to cost the prior 2 ms: a queue of 160 is
+    # (160 // 32 + 1) * 2 = 12 ms of work, more than a 10 ms deadline allows. (The first 32 make
+    # a full batch at once, which takes them out of the queue.)
+    accepted, refused = [], []
+    for seq in range(200):
+        item = WorkItem(stream, seq, 0.0, np.zeros(4, np.float32), 0.0, 0.010)
+        try:
+            accepted.append(scheduler.submit(item))
+        except errors.Overloaded as e:
+            refused.append((seq, str(e)))
+    assert len(accepted) == 192 and [s for s, _ in refused] == list(range(192, 200))
+    assert "would miss its deadline" in refused[0][1]
+    assert scheduler.snapshot()["double@1"].stats.rejected == 8
+    await scheduler.close()
+    outcomes = await asyncio.gather(*accepted, return_exceptions=True)
+    assert all(isinstance(o, (Prediction, errors.ShuttingDown)) for o in outcomes)
