@@ -40,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--no-builtin", action="store_true", help="do not load the built-in models")
     s.add_argument("--workers", type=int, default=None, help="batches run at once (default: cores)")
+    s.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=1,
+        help="ONNX Runtime threads inside one batch (default 1; see docs/scheduler.md)",
+    )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     st = sub.add_parser(
@@ -214,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                 builtin_models=not args.no_builtin,
                 log_level=args.log_level,
                 workers=args.workers or defaults.workers,
+                intra_op_threads=args.intra_op_threads,
             )
             _run(run(config))
             return 0
