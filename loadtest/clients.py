@@ -1,0 +1,186 @@
+"""Simulated clients, run in worker processes so that the load generator is not the bottleneck.
+
+Each client is one WebSocket connection with one stream of one kind:
+
+- ``audio``: 20 ms of 16 kHz int16 PCM every 20 ms (50 chunks/s) to the built-in speech model;
+- ``pose``: a VR rig's three poses ([3, 7] float32) at 80 Hz to the built-in pose filter;
+- ``video``: a 96x96 RGB frame at 20 fps to the built-in motion model.
+
+Pacing is open loop: chunk k of a client is due at ``start + phase + k * period`` and its latency
+is measured from that due time, whether or not the process managed to send it on time, so a
+slow server (or a slow generator) shows up as latency instead of as fewer requests (no
+coordinated omission). Times are ``time.monotonic()``, one clock for every process on the
+machine: the load test targets loopback only, so there is no offset between client and server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+from websockets.asyncio.client import connect
+
+from realtime.protocol import Chunk, encode_frame
+
+#: kind -> (model, stream kind, dtype, chunk shape, chunks per second)
+KINDS: dict[str, tuple[str, str, str, tuple[int, ...], float]] = {
+    "audio": ("speech_activity", "audio", "int16", (320,), 50.0),
+    "pose": ("pose", "tensor", "float32", (3, 7), 80.0),
+    "video": ("motion", "video", "uint8", (96, 96, 3), 20.0),
+}
+OK = 0  # outcome code of a result; errors are numbered in ``Records.codes`` (from 1)
+PENDING = -1  # no answer (yet)
+UNUSED = -2  # past the end of this client's run (slower kinds send fewer chunks)
+
+
+@dataclass
+class Plan:
+    """What one worker process does: its clients, the target and the shared start time."""
+
+    url: str
+    target: str  # "realtime", "naive" or "echo"
+    kinds: list[str]  # one per client
+    first_client: int
+    start: float  # monotonic time of the first due chunk
+    seconds: float
+
+
+@dataclass
+class Records:
+    """Per chunk (rows: this process's clients; columns: chunk index) what happened to it."""
+
+    due: np.ndarray[Any, Any]  # scheduled send time
+    sent: np.ndarray[Any, Any]  # actual send time (nan: never sent)
+    received: np.ndarray[Any, Any]  # answer time (nan: none)
+    queue_ms: np.ndarray[Any, Any]
+    infer_ms: np.ndarray[Any, Any]
+    outcome: np.ndarray[Any, Any]  # OK, PENDING or an index into codes (+1)
+    codes: list[str]
+    kinds: list[str]
+    cpu_seconds: float
+    connect_failures: int
+
+
+def _payload(kind: str, rng: np.random.Generator) -> np.ndarray[Any, Any]:
+    _, _, dtype, shape, _ = KINDS[kind]
+    if dtype == "int16":
+        return rng.integers(-3000, 3000, shape, np.int16)
+    if dtype == "uint8":
+        return rng.integers(0, 256, shape, np.uint8)
+    return rng.normal(0, 0.1, shape).astype(np.float32)
+
+
+async def _client(i: int, plan: Plan, rec: Records, codes: dict[str, int]) -> None:
+    kind = plan.kinds[i]
+    model, stream_kind, dtype, _, rate = KINDS[kind]
+    period = 1.0 / rate
+    rng = np.random.default_rng(plan.first_client + i)
+    frames = [encode_frame(Chunk(1, k, 0.0, _payload(kind, rng))) for k in range(8)]
+    phase = rng.uniform(0, period)
+    n = int(plan.seconds * rate)
+    rec.due[i, :n] = plan.start + phase + np.arange(n) * period
+    rec.outcome[i, n:] = UNUSED
+    try:
+        ws = await connect(plan.url, compression=None, max_size=None, open_timeout=30)
+    except (TimeoutError, OSError):
+        rec.connect_failures += 1
+        return
+    async with ws:
+        if plan.target == "realtime":
+            await ws.send(orjson.dumps({"type": "hello", "protocol": 1}).decode())
+            await ws.recv()
+            await ws.send(
+                orjson.dumps(
+                    {
+                        "type": "open",
+                        "stream": 1,
+                        "model": model,
+                        "kind": stream_kind,
+                        "dtype": dtype,
+                        **({"sample_rate": 16000} if stream_kind == "audio" else {}),
+                    }
+                ).decode()
+            )
+            opened = orjson.loads(await ws.recv())
+            if opened.get("type") != "opened":
+                raise RuntimeError(f"open failed: {opened}")
+
+        received, outcome = rec.received[i], rec.outcome[i]
+        queue_ms, infer_ms = rec.queue_ms[i], rec.infer_ms[i]
+
+        async def read() -> None:
+            async for message in ws:
+                now = time.monotonic()
+                if isinstance(message, bytes):  # the echo server
+                    seq = int.from_bytes(message[8:12], "little")
+                    received[seq], outcome[seq] = now, OK
+                    continue
+                msg = orjson.loads(message)
+                kind = msg.get("type")
+                if kind == "result":
+                    seq = msg["seq"]
+                    received[seq], outcome[seq] = now, OK
+                    timing = msg["timing"]
+                    queue_ms[seq], infer_ms[seq] = timing["queue_ms"], timing["infer_ms"]
+                elif kind == "error" and msg.get("seq") is not None:
+                    seq = msg["seq"]
+                    code = msg["code"]
+                    if code not in codes:
+                        codes[code] = len(codes) + 1
+                    received[seq], outcome[seq] = now, codes[code]
+
+        reader = asyncio.create_task(read())
+        due, sent = rec.due[i], rec.sent[i]
+        try:
+            for k in range(n):
+                delay = due[k] - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)  # pacing to the schedule
+                frame = bytearray(frames[k % len(frames)])
+                frame[8:12] = k.to_bytes(4, "little")  # seq, in place in the header
+                sent[k] = time.monotonic()
+                await ws.send(bytes(frame))
+            # Answers still on their way get up to a second after the last send.
+            settle = time.monotonic() + 1.0
+            while time.monotonic() < settle and (outcome == PENDING).any():
+                await asyncio.sleep(0.05)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+
+async def _run(plan: Plan) -> Records:
+    n_clients = len(plan.kinds)
+    n = max(int(plan.seconds * max(KINDS[k][4] for k in plan.kinds)), 1) if n_clients else 0
+    shape = (n_clients, n)
+    rec = Records(
+        due=np.full(shape, np.nan),
+        sent=np.full(shape, np.nan),
+        received=np.full(shape, np.nan),
+        queue_ms=np.full(shape, np.nan),
+        infer_ms=np.full(shape, np.nan),
+        outcome=np.full(shape, PENDING, np.int32),
+        codes=[],
+        kinds=plan.kinds,
+        cpu_seconds=0.0,
+        connect_failures=0,
+    )
+    codes: dict[str, int] = {}
+    cpu0 = time.process_time()
+    await asyncio.gather(*(_client(i, plan, rec, codes) for i in range(n_clients)))
+    rec.codes = [c for c, _ in sorted(codes.items(), key=lambda kv: kv[1])]
+    rec.cpu_seconds = time.process_time() - cpu0
+    return rec
+
+
+def run_process(plan: Plan) -> Records:
+    """Entry point of one client process."""
+    import uvloop
+
+    return uvloop.run(_run(plan))

@@ -1,0 +1,60 @@
+"""A short run of the load tester, so it cannot rot: a few clients for a few seconds, bounded."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+
+from tests.conftest import REPO
+
+
+def loadtest(out: Path, *args: str) -> dict[str, object]:
+    r = subprocess.run(
+        [sys.executable, "-m", "loadtest", "--out", str(out), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    report: dict[str, object] = orjson.loads((out / "report.json").read_bytes())
+    for name in ("summary.md", *report["plots"]):  # type: ignore[misc]
+        assert (out / name).stat().st_size > 0
+    return report
+
+
+def test_all_three_targets_and_the_capacity_search(tmp_path: Path) -> None:
+    report = loadtest(
+        tmp_path,
+        *("--clients", "4", "--seconds", "2", "--procs", "2"),
+        *("--capacity", "--capacity-steps", "2,3", "--capacity-seconds", "1.5"),
+    )
+    runs = report["runs"]
+    assert isinstance(runs, dict) and set(runs) == {"realtime", "naive", "echo"}
+    for name, run in runs.items():
+        # 4 clients x 50 chunks/s x 2 s, every one answered: nothing lost, no errors
+        assert run["offered"] == 400, name
+        assert run["lost"] == 0 and run["errors"] == {} and run["within_deadline"] > 0.9, run
+        assert run["server"]["cpu_cores_mean"] is not None
+    assert runs["realtime"]["split_ms"]["inference"]["p50"] is not None
+    assert set(report["ratios"]) == {  # type: ignore[arg-type]
+        "p99 naive / realtime",
+        "answered realtime / naive",
+        "p99 echo / realtime",
+        "answered realtime / echo",
+    }
+    capacity = report["capacity"]
+    assert isinstance(capacity, dict) and [s["clients"] for s in capacity["steps"]] == [2, 3]
+    assert capacity["clients"] == 3
+    assert "Capacity: **3 real-time audio clients**" in (tmp_path / "summary.md").read_text()
+
+
+def test_a_mix_of_kinds_against_realtime_alone(tmp_path: Path) -> None:
+    report = loadtest(tmp_path, "--mix", "audio=1,pose=2,video=1", "--seconds", "2", "--procs", "1")
+    (run,) = report["runs"].values()  # type: ignore[attr-defined]
+    assert run["offered"] == 2 * (50 + 2 * 80 + 20)
+    assert set(run["by_kind"]) == {"audio", "pose", "video"}
+    assert run["lost"] == 0 and run["errors"] == {}, run
