@@ -33,3 +33,5 @@ class Config:
     max_outbox: int = 4096
     #: Seconds in-flight batches get to finish on shutdown.
     drain_seconds: float = 5.0
+    #: Run every model at every batch size before serving (off only to start test servers fast).
+    warm_up: bool = True

@@ -142,6 +142,24 @@ class ModelQueue:
             len(self._queue), self._slots - len(self._free), copy, self.run_times.as_dict()
         )
 
+    def warm_up(self) -> None:
+        """Run the model once at each batch size the scheduler will use (powers of two up to
+        ``max_batch``, and ``max_batch``), so that no client pays for ONNX Runtime's first-run
+        allocations, and the deadline policy starts from measured run times. Blocking: call it
+        before serving, or in a thread."""
+        model = self.model
+        if any(d is None for d in model.item_shape):
+            return  # dynamic input shape: nothing to warm with
+        sizes = sorted({*(2**k for k in range(model.max_batch.bit_length())), model.max_batch})
+        for n in sizes:
+            feeds: dict[str, np.ndarray[Any, Any]] = dict(model.constants)
+            feeds[model.input.name] = np.zeros([n, *model.item_shape], model.input.dtype)
+            for spec in model.states:
+                feeds[spec.input] = np.concatenate([spec.initial] * n, axis=spec.batch_axis)
+            _, seconds = _timed_run(model, feeds)  # the first run of a size pays the set-up
+            _, seconds = _timed_run(model, feeds)
+            self.run_times.observe(n, seconds)
+
     def submit(self, item: WorkItem) -> Future:
         """Queue an item; its future resolves on the event loop. Refused (``overloaded``) when
         the queue is full, or so long that the item would wait past its deadline: shedding at
@@ -331,6 +349,11 @@ class Scheduler:
     def drop_oldest(self, stream: Stream) -> list[WorkItem]:
         """Make room on a live-media stream: take its oldest queued chunk's items out."""
         return self.queues[stream.model.key].drop_oldest(stream)
+
+    def warm_up(self) -> None:
+        """Warm every model at every batch size (blocking; see :meth:`ModelQueue.warm_up`)."""
+        for q in self.queues.values():
+            q.warm_up()
 
     def snapshot(self) -> dict[str, QueueSnapshot]:
         """Every model queue's gauges and counters, by model key (what metrics export)."""

@@ -17,6 +17,7 @@ from http import HTTPStatus
 from pathlib import Path
 
 import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from websockets.asyncio.server import Server as WsServer
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
@@ -25,6 +26,7 @@ from websockets.http11 import Request, Response
 
 from realtime import __version__, errors
 from realtime.config import Config
+from realtime.metrics import Metrics, Traffic
 from realtime.models.repository import BUILTIN_DIR, Model, ModelRepository, scan
 from realtime.protocol import (
     CLIENT_MESSAGES,
@@ -76,9 +78,12 @@ def load_models(config: Config) -> list[Model]:
 class _Connection:
     """One client's socket, session and outbox."""
 
-    def __init__(self, ws: ServerConnection, session: Session, max_outbox: int) -> None:
+    def __init__(
+        self, ws: ServerConnection, session: Session, max_outbox: int, traffic: Traffic
+    ) -> None:
         self.ws = ws
         self.session = session
+        self._traffic = traffic
         self._outbox: deque[tuple[bytes, bool]] = deque()  # (frame, is_text)
         self._wakeup = asyncio.Event()
         self._max_outbox = max_outbox
@@ -90,6 +95,9 @@ class _Connection:
             if binary_results and isinstance(msg, Result):
                 self._outbox.extend((frame, False) for frame in result_frames(msg))
             else:
+                if type(msg) is Error:
+                    errors_sent = self._traffic.errors
+                    errors_sent[msg.code] = errors_sent.get(msg.code, 0) + 1
                 self._outbox.append((encode_text(msg), True))
         if len(self._outbox) > self._max_outbox and not self.too_slow:
             self.too_slow = True
@@ -105,12 +113,14 @@ class _Connection:
 
     async def write_loop(self) -> None:
         """Write queued frames until the connection closes."""
-        outbox, ws = self._outbox, self.ws
+        outbox, ws, traffic = self._outbox, self.ws, self._traffic
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
             while outbox:
                 frame, text = outbox.popleft()
+                traffic.messages_out += 1
+                traffic.bytes_out += len(frame)
                 await ws.send(frame, text=text)
 
 
@@ -122,6 +132,10 @@ class Server:
         self.models = load_models(config) if models is None else models
         self.repository = ModelRepository(self.models)
         self.scheduler = Scheduler(self.models, workers=config.workers, max_queue=config.max_queue)
+        self.traffic = Traffic()
+        self._connections: set[_Connection] = set()
+        self._metrics = Metrics(self.traffic, self.scheduler.snapshot, self._open_counts).registry()
+        self.ready = False  # models warm and serving; false again once shutting down
         self._ws: WsServer | None = None
         self._catalog = orjson.dumps({"models": self.repository.catalog()})
 
@@ -137,8 +151,16 @@ class Server:
         """The WebSocket URL clients connect to."""
         return f"ws://{self.config.host}:{self.port}/"
 
+    def _open_counts(self) -> tuple[int, int]:
+        return len(self._connections), sum(len(c.session.streams) for c in self._connections)
+
     async def start(self) -> None:
-        """Bind and start accepting connections."""
+        """Warm every model at every batch size, then bind and start accepting connections."""
+        if self.config.warm_up:
+            started = time.monotonic()
+            await asyncio.get_running_loop().run_in_executor(None, self.scheduler.warm_up)
+            took = time.monotonic() - started
+            log.info("event=warm models=%d seconds=%.2f", len(self.models), took)
         limits = self.config.limits
         self._ws = await serve(
             self._handle,
@@ -150,10 +172,12 @@ class Server:
             max_queue=64,
             server_header=SERVER_NAME,
         )
+        self.ready = True
         log.info("event=listening url=%s models=%d", self.url, len(self.models))
 
     async def close(self) -> None:
         """Stop accepting, close every connection as going away, finish running batches."""
+        self.ready = False
         if self._ws is not None:
             self._ws.close(close_connections=True)
             await self._ws.wait_closed()
@@ -167,6 +191,13 @@ class Server:
         path = request.path.split("?", 1)[0]
         if path == "/healthz":
             return _response(HTTPStatus.OK, b'{"status":"ok"}', "application/json")
+        if path == "/readyz":
+            if self.ready:
+                return _response(HTTPStatus.OK, b'{"status":"ready"}', "application/json")
+            busy = b'{"status":"not ready"}'
+            return _response(HTTPStatus.SERVICE_UNAVAILABLE, busy, "application/json")
+        if path == "/metrics":
+            return _response(HTTPStatus.OK, generate_latest(self._metrics), CONTENT_TYPE_LATEST)
         if path == "/v1/models":
             return _response(HTTPStatus.OK, self._catalog, "application/json")
         if path == "/":
@@ -180,7 +211,10 @@ class Server:
         session = Session(
             secrets.token_urlsafe(9), self.repository, self.config.limits, SERVER_NAME
         )
-        conn = _Connection(ws, session, self.config.max_outbox)
+        conn = _Connection(ws, session, self.config.max_outbox, self.traffic)
+        traffic = self.traffic
+        traffic.sessions_total += 1
+        self._connections.add(conn)
         peer = ws.remote_address[0] if ws.remote_address else "?"
         log.info("event=connect session=%s peer=%s", session.id, peer)
         writer = asyncio.get_running_loop().create_task(conn.write_loop())
@@ -193,6 +227,8 @@ class Server:
         volume = TokenBucket(limits.max_bytes_per_second, limits.max_bytes_per_second / 2, now)
         try:
             async for message in ws:
+                traffic.messages_in += 1
+                traffic.bytes_in += len(message)
                 if len(message) > max_bytes:
                     conn.error(errors.MessageTooBig(f"{len(message)} bytes, at most {max_bytes}"))
                 elif isinstance(message, str):
@@ -206,6 +242,7 @@ class Server:
         except ConnectionClosed:
             pass
         finally:
+            self._connections.discard(conn)
             session.disconnect()
             writer.cancel()
             log.info(
@@ -286,10 +323,11 @@ class Server:
                 errors.InferenceFailed(repr(exc)[:300], stream=item.stream.id, seq=item.seq),
             )
 
-    @staticmethod
     def _deliver(
-        conn: _Connection, item: WorkItem, outcome: Prediction | errors.ServingError
+        self, conn: _Connection, item: WorkItem, outcome: Prediction | errors.ServingError
     ) -> None:
+        ms = (time.monotonic() - item.received) * 1000.0
+        self.traffic.outcome(item.stream.model.key, ms)
         messages = conn.session.complete(item, outcome)
         if messages:
             conn.send_messages(messages, item.stream.results == "binary")

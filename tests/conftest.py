@@ -114,13 +114,19 @@ async def start_server() -> AsyncIterator[ServerFactory]:
     servers: list[Server] = []
 
     async def start(
-        model_dirs: tuple[Path, ...] = (), builtin: bool = True, limits: Limits | None = None
+        model_dirs: tuple[Path, ...] = (),
+        builtin: bool = True,
+        limits: Limits | None = None,
+        warm_up: bool = False,
     ) -> Server:
+        # Warm-up (every model at every batch size, ~0.6 s for the built-ins) is left to the
+        # tests about it and to the real `realtime serve` processes of the CLI and flood tests.
         config = Config(
             port=0,
             model_dirs=model_dirs,
             builtin_models=builtin,
             limits=limits or Limits(),
+            warm_up=warm_up,
         )
         server = Server(config)
         await server.start()

@@ -1,0 +1,154 @@
+"""Prometheus metrics, read from the server's own counters when scraped (``GET /metrics``).
+
+Nothing here runs per chunk: the server and the scheduler keep plain integer counters and
+fixed-bucket histograms, and :class:`Metrics` turns them into Prometheus families at scrape time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from realtime.scheduler import LATENCY_BOUNDS_MS, QueueSnapshot
+
+
+def _histogram() -> list[int]:
+    return [0] * len(LATENCY_BOUNDS_MS)
+
+
+@dataclass(slots=True)
+class Traffic:
+    """What crossed the server's sockets; counters only grow (gauges are read live)."""
+
+    sessions_total: int = 0
+    messages_in: int = 0
+    bytes_in: int = 0
+    messages_out: int = 0
+    bytes_out: int = 0
+    errors: dict[str, int] = field(default_factory=dict)  # by wire code
+    #: Per model key: server-side latency (chunk received -> its outcome queued to send), ms.
+    latency_ms: dict[str, list[int]] = field(default_factory=dict)
+    latency_sum_ms: dict[str, float] = field(default_factory=dict)
+
+    def outcome(self, model: str, ms: float) -> None:
+        """Count one chunk's server-side latency."""
+        hist = self.latency_ms.get(model)
+        if hist is None:
+            hist = self.latency_ms[model] = _histogram()
+            self.latency_sum_ms[model] = 0.0
+        hist[bisect_left(LATENCY_BOUNDS_MS, ms)] += 1
+        self.latency_sum_ms[model] += ms
+
+
+def _buckets(counts: list[int], scale: float = 0.001) -> list[tuple[str, float]]:
+    """Cumulative Prometheus buckets (seconds) from per-bucket counts over LATENCY_BOUNDS_MS."""
+    return [
+        ("+Inf" if math.isinf(bound) else repr(bound * scale), float(total))
+        for bound, total in zip(LATENCY_BOUNDS_MS, itertools.accumulate(counts), strict=True)
+    ]
+
+
+class Metrics(Collector):
+    """The server's metrics as Prometheus families, computed at each scrape."""
+
+    def __init__(
+        self,
+        traffic: Traffic,
+        queues: Callable[[], dict[str, QueueSnapshot]],
+        gauges: Callable[[], tuple[int, int]],
+    ) -> None:
+        self._traffic = traffic
+        self._queues = queues
+        self._gauges = gauges  # (sessions open, streams open)
+
+    def registry(self) -> CollectorRegistry:
+        """A registry holding just this collector (no process-global state)."""
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(self)
+        return registry
+
+    def collect(self) -> Iterator[Metric]:
+        t = self._traffic
+        sessions, streams = self._gauges()
+        yield GaugeMetricFamily("realtime_sessions", "Sessions open now", sessions)
+        yield GaugeMetricFamily("realtime_streams", "Streams open now", streams)
+        yield CounterMetricFamily("realtime_sessions_opened", "Sessions opened", t.sessions_total)
+        yield CounterMetricFamily("realtime_messages_received", "Messages in", t.messages_in)
+        yield CounterMetricFamily("realtime_received_bytes", "Bytes in", t.bytes_in)
+        yield CounterMetricFamily("realtime_messages_sent", "Messages out", t.messages_out)
+        yield CounterMetricFamily("realtime_sent_bytes", "Bytes out", t.bytes_out)
+        errors = CounterMetricFamily("realtime_errors", "Errors sent, by code", labels=["code"])
+        for code, n in sorted(t.errors.items()):
+            errors.add_metric([code], n)
+        yield errors
+
+        latency = HistogramMetricFamily(
+            "realtime_latency_seconds",
+            "Server-side latency of a chunk: received to its result or error queued to send",
+            labels=["model"],
+        )
+        for model, counts in sorted(t.latency_ms.items()):
+            latency.add_metric([model], _buckets(counts), t.latency_sum_ms[model] / 1000.0)
+        yield latency
+
+        queues = sorted(self._queues().items())
+        depth = GaugeMetricFamily("realtime_queue_depth", "Items waiting", labels=["model"])
+        running = GaugeMetricFamily("realtime_batches_running", "Batches", labels=["model"])
+        counters = {
+            name: CounterMetricFamily(f"realtime_{name}", doc, labels=["model"])
+            for name, doc in [
+                ("items_submitted", "Items queued for a batch"),
+                ("items_run", "Items run in a batch"),
+                ("batches", "Batches run"),
+                ("deadline_misses", "Items not run: their deadline passed in the queue"),
+                ("items_refused", "Items refused at the queue (overloaded)"),
+                ("items_dropped", "Items dropped for newer ones (drop_oldest streams)"),
+                ("batch_failures", "Batches whose model run raised"),
+            ]
+        }
+        batch = HistogramMetricFamily("realtime_batch_size", "Items per batch", labels=["model"])
+        wait = HistogramMetricFamily(
+            "realtime_queue_wait_seconds", "Item arrival to its batch start", labels=["model"]
+        )
+        infer = HistogramMetricFamily(
+            "realtime_inference_seconds", "Model run time of one batch", labels=["model"]
+        )
+        for key, q in queues:
+            s = q.stats
+            depth.add_metric([key], q.depth)
+            running.add_metric([key], q.in_flight)
+            for name, value in [
+                ("items_submitted", s.submitted),
+                ("items_run", s.items),
+                ("batches", s.batches),
+                ("deadline_misses", s.deadline_misses),
+                ("items_refused", s.rejected),
+                ("items_dropped", s.dropped),
+                ("batch_failures", s.failures),
+            ]:
+                counters[name].add_metric([key], value)
+            sizes = sorted(s.batch_sizes.items())
+            bounds = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+            cumulative = [(str(b), float(sum(c for n, c in sizes if n <= b))) for b in bounds] + [
+                ("+Inf", float(sum(c for _, c in sizes)))
+            ]
+            batch.add_metric([key], cumulative, float(sum(n * c for n, c in sizes)))
+            wait.add_metric([key], _buckets(s.queue_ms), s.queue_seconds)
+            infer.add_metric([key], _buckets(s.infer_ms), s.infer_seconds)
+        yield depth
+        yield running
+        yield from counters.values()
+        yield batch
+        yield wait
+        yield infer

@@ -1,0 +1,84 @@
+"""GET /metrics through a real server, read with prometheus_client's own parser; /readyz."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import ServerFactory
+from tests.test_server import Raw, _server
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def get(url: str) -> tuple[int, str, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.headers["Content-Type"], r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers["Content-Type"], e.read().decode()
+
+
+async def scrape(base: str) -> Samples:
+    status, ctype, text = await asyncio.to_thread(get, base + "/metrics")
+    assert status == 200 and ctype.startswith("text/plain; version=")
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    key = (name, tuple(sorted(labels.items())))
+    return after[key] - before.get(key, 0.0)
+
+
+async def test_metrics_move_by_what_was_sent(
+    start_server: ServerFactory, tiny_models: Path
+) -> None:
+    server = await _server(start_server, tiny_models, warm_up=True)
+    base = f"http://127.0.0.1:{server.port}"
+    assert (await asyncio.to_thread(get, base + "/readyz"))[0] == 200
+    before = await scrape(base)
+
+    raw = await Raw.connect(server.url)  # hello
+    assert (await raw.open(1, "double"))["type"] == "opened"
+    for seq in range(10):
+        await raw.chunk(1, seq, np.ones(4, np.float32))
+    await raw.chunk(1, 10, np.ones(5, np.float32))  # wrong shape: a typed error
+    got = [await raw.recv() for _ in range(11)]
+    assert [m["type"] for m in got].count("result") == 10
+    after = await scrape(base)
+
+    model = {"model": "double@1"}
+    assert delta(before, after, "realtime_messages_received_total") == 13  # hello open 10+1
+    assert delta(before, after, "realtime_messages_sent_total") == 13  # welcome opened 10+1
+    assert delta(before, after, "realtime_sessions_opened_total") == 1
+    assert after[("realtime_sessions", ())] == 1 and after[("realtime_streams", ())] == 1
+    assert delta(before, after, "realtime_errors_total", code="shape_mismatch") == 1
+    assert delta(before, after, "realtime_items_run_total", **model) == 10
+    assert delta(before, after, "realtime_items_submitted_total", **model) == 10
+    assert delta(before, after, "realtime_batch_size_sum", **model) == 10
+    assert delta(before, after, "realtime_latency_seconds_count", **model) == 10
+    assert delta(before, after, "realtime_queue_wait_seconds_count", **model) == 10
+    batches = delta(before, after, "realtime_batches_total", **model)
+    assert 1 <= batches <= 10
+    assert delta(before, after, "realtime_inference_seconds_count", **model) == batches
+    assert after[("realtime_queue_depth", (("model", "double@1"),))] == 0
+    # Warm-up ran every batch size before the first client: its runs are not counted.
+    assert before.get(("realtime_batches_total", (("model", "double@1"),)), 0) == 0
+
+
+async def test_warm_up_measures_every_batch_size_before_serving(
+    start_server: ServerFactory, tiny_models: Path
+) -> None:
+    server = await _server(start_server, tiny_models, warm_up=True)
+    double = server.scheduler.snapshot()["double@1"]
+    assert sorted(double.run_times) == [1, 2, 4, 8, 16, 32]  # max_batch 32
+    assert double.stats.batches == 0  # warm-up runs are not traffic
