@@ -106,6 +106,8 @@ def plot(runs: dict[str, Records], out: Path, deadline_ms: float) -> list[str]:
     fig, ax = plt.subplots(figsize=(8, 4))
     for name, rec in runs.items():
         ok = rec.outcome == OK
+        if not ok.any():
+            continue
         t0 = np.nanmin(rec.due)
         t = rec.due[ok] - t0
         lat = (rec.received[ok] - rec.due[ok]) * 1000.0

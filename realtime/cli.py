@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 import time
@@ -67,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument(
         "--events-only", action="store_true", help="print events, not one line per result"
     )
+    m = sub.add_parser("models", help="manage model folders")
+    msub = m.add_subparsers(dest="models_command", required=True)
+    q = msub.add_parser(
+        "quantize", help="write an int8 version next to DIR/<name>/<version> and compare them"
+    )
+    q.add_argument("folder", type=Path, help="a model version folder, DIR/<name>/<version>")
     return p
 
 
@@ -209,6 +216,12 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        if args.command == "models":
+            from realtime.models.quantize import quantize
+
+            report = quantize(args.folder)
+            print(json.dumps(report, indent=2))
+            return 0
         if args.command == "serve":
             from realtime.server import run
 

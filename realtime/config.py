@@ -35,3 +35,5 @@ class Config:
     drain_seconds: float = 5.0
     #: Run every model at every batch size before serving (off only to start test servers fast).
     warm_up: bool = True
+    #: Seconds between looks at the model folders for new or removed versions (0: only SIGHUP).
+    reload_seconds: float = 2.0

@@ -37,6 +37,7 @@ class Traffic:
     messages_out: int = 0
     bytes_out: int = 0
     errors: dict[str, int] = field(default_factory=dict)  # by wire code
+    reloads: dict[str, int] = field(default_factory=dict)  # model versions added/removed/refused
     #: Per model key: server-side latency (chunk received -> its outcome queued to send), ms.
     latency_ms: dict[str, list[int]] = field(default_factory=dict)
     latency_sum_ms: dict[str, float] = field(default_factory=dict)
@@ -92,6 +93,12 @@ class Metrics(Collector):
         for code, n in sorted(t.errors.items()):
             errors.add_metric([code], n)
         yield errors
+        reloads = CounterMetricFamily(
+            "realtime_model_reloads", "Model versions added, removed or refused", labels=["result"]
+        )
+        for result, n in sorted(t.reloads.items()):
+            reloads.add_metric([result], n)
+        yield reloads
 
         latency = HistogramMetricFamily(
             "realtime_latency_seconds",

@@ -340,7 +340,15 @@ class Scheduler:
         clock: Clock = time.monotonic,
     ) -> None:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="realtime-infer")
+        self._workers, self._max_queue, self._clock = workers, max_queue, clock
         self.queues = {m.key: ModelQueue(m, self._pool, workers, max_queue, clock) for m in models}
+
+    def add_model(self, model: Model) -> ModelQueue:
+        """A queue for a model version loaded while serving (warm it before taking traffic).
+        A version taken out of the catalog keeps its queue: its open streams still use it."""
+        queue = ModelQueue(model, self._pool, self._workers, self._max_queue, self._clock)
+        self.queues[model.key] = queue
+        return queue
 
     def submit(self, item: WorkItem) -> Future:
         """Queue an accepted item for its model version."""

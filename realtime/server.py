@@ -28,7 +28,14 @@ from websockets.protocol import State
 from realtime import __version__, errors
 from realtime.config import Config
 from realtime.metrics import Metrics, Traffic
-from realtime.models.repository import BUILTIN_DIR, Model, ModelRepository, scan
+from realtime.models.repository import (
+    BUILTIN_DIR,
+    Model,
+    ModelRepository,
+    load_model,
+    scan,
+    versions,
+)
 from realtime.protocol import (
     CLIENT_MESSAGES,
     Chunk,
@@ -150,6 +157,14 @@ class Server:
         self._metrics = Metrics(self.traffic, self.scheduler.snapshot, self._open_counts).registry()
         self.ready = False  # models warm and serving; false again once shutting down
         self._ws: WsServer | None = None
+        #: Each model folder version's file signature, as last loaded or refused.
+        self._seen: dict[Path, tuple[tuple[int, int], ...]] = {
+            m.path.parent: _signature(m.path.parent) for m in self.models
+        }
+        self._reload_lock = asyncio.Lock()
+        self._poller: asyncio.Task[None] | None = None
+        #: Set after each reload pass (tests and admins await it).
+        self.reloaded = asyncio.Event()
         self._catalog = orjson.dumps({"models": self.repository.catalog()})
 
     @property
@@ -187,10 +202,82 @@ class Server:
         )
         self.ready = True
         log.info("event=listening url=%s models=%d", self.url, len(self.models))
+        if self.config.reload_seconds > 0 and self.config.model_dirs:
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.reload_seconds)  # a period, not a wait for an event
+            await self.reload()
+
+    async def reload(self) -> dict[str, list[str]]:
+        """Load model versions that appeared in the model folders (each checked with a warm-up
+        run before it takes traffic, then the default for new streams if it is the highest),
+        take out of the catalog the ones whose folder is gone (their open streams go on), and
+        refuse broken ones with a log line: the versions already loaded keep serving."""
+        async with self._reload_lock:
+            done: dict[str, list[str]] = {"added": [], "removed": [], "refused": []}
+            loop = asyncio.get_running_loop()
+            present: dict[Path, tuple[str, str]] = {}
+            for root in self.config.model_dirs:
+                try:
+                    found = await loop.run_in_executor(None, versions, root)
+                except errors.ModelLoadError as e:
+                    log.error("event=reload_refused error=%s", e)
+                    continue
+                present.update({folder: (name, version) for name, version, folder in found})
+            options = RuntimeOptions(intra_op_threads=self.config.intra_op_threads)
+            for folder, (name, version) in sorted(present.items()):
+                signature = await loop.run_in_executor(None, _signature, folder)
+                if self._seen.get(folder) == signature:
+                    continue
+                self._seen[folder] = signature
+                key = f"{name}@{version}"
+                loaded = self.repository.get(name, version)
+                if loaded is not None and loaded.path.parent == folder:
+                    continue  # versions are immutable: a changed file is a new version folder
+                try:
+                    model = await loop.run_in_executor(
+                        None, load_model, name, version, folder, options
+                    )
+                    queue = self.scheduler.add_model(model)
+                    await loop.run_in_executor(None, queue.warm_up)
+                except Exception as e:  # any failure refuses this version, nothing else
+                    self._count_reload("refused")
+                    done["refused"].append(key)
+                    log.error("event=reload_refused model=%s error=%s", key, str(e)[:300])
+                    continue
+                self.repository.add(model)
+                self.models.append(model)
+                self._count_reload("added")
+                done["added"].append(key)
+                log.info("event=model_added model=%s path=%s", key, folder)
+            for model in list(self.models):
+                folder = model.path.parent
+                if folder in present or not any(
+                    folder.is_relative_to(r) for r in self.config.model_dirs
+                ):
+                    continue
+                self.repository.remove(model.name, model.version)
+                self.models.remove(model)
+                self._seen.pop(folder, None)
+                self._count_reload("removed")
+                done["removed"].append(model.key)
+                log.info("event=model_removed model=%s", model.key)
+            if done["added"] or done["removed"]:
+                self._catalog = orjson.dumps({"models": self.repository.catalog()})
+            self.reloaded.set()
+            self.reloaded.clear()
+            return done
+
+    def _count_reload(self, result: str) -> None:
+        self.traffic.reloads[result] = self.traffic.reloads.get(result, 0) + 1
 
     async def close(self) -> None:
         """Stop accepting, close every connection as going away, finish running batches."""
         self.ready = False
+        if self._poller is not None:
+            self._poller.cancel()
         if self._ws is not None:
             self._ws.close(close_connections=True)
             await self._ws.wait_closed()
@@ -346,6 +433,19 @@ class Server:
             conn.send_messages(messages, item.stream.results == "binary")
 
 
+def _signature(folder: Path) -> tuple[tuple[int, int], ...]:
+    """Size and mtime of a version folder's files: a change means a copy is under way."""
+    out = []
+    for name in ("model.onnx", "model.toml"):
+        try:
+            st = (folder / name).stat()
+        except OSError:
+            out.append((-1, -1))
+        else:
+            out.append((st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
 def _response(status: HTTPStatus, body: bytes, content_type: str) -> Response:
     headers = Headers(
         [
@@ -367,6 +467,14 @@ async def run(config: Config) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):  # before the banner: a supervisor may act on it
         loop.add_signal_handler(sig, stop.set)
     server = Server(config)
+    reloads: set[asyncio.Task[dict[str, list[str]]]] = set()
+
+    def reload() -> None:
+        task = loop.create_task(server.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     await server.start()
     print(f"realtime {__version__} serving {len(server.models)} models on {server.url}", flush=True)
     for entry in server.repository.catalog():

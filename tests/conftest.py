@@ -118,6 +118,7 @@ async def start_server() -> AsyncIterator[ServerFactory]:
         builtin: bool = True,
         limits: Limits | None = None,
         warm_up: bool = False,
+        reload_seconds: float = 0.0,
     ) -> Server:
         # Warm-up (every model at every batch size, ~0.6 s for the built-ins) is left to the
         # tests about it and to the real `realtime serve` processes of the CLI and flood tests.
@@ -127,6 +128,7 @@ async def start_server() -> AsyncIterator[ServerFactory]:
             builtin_models=builtin,
             limits=limits or Limits(),
             warm_up=warm_up,
+            reload_seconds=reload_seconds,
         )
         server = Server(config)
         await server.start()

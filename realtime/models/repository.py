@@ -307,6 +307,18 @@ class ModelRepository:
             version = max(versions, key=_version_order)
         return versions.get(version)
 
+    def add(self, model: Model) -> None:
+        """Make a new version available; it is its name's default if its version is highest."""
+        self._by_name.setdefault(model.name, {})[model.version] = model
+
+    def remove(self, name: str, version: str) -> Model | None:
+        """Take a version out of the catalog: new streams can no longer open it."""
+        versions = self._by_name.get(name, {})
+        model = versions.pop(version, None)
+        if not versions:
+            self._by_name.pop(name, None)
+        return model
+
     def has_name(self, name: str) -> bool:
         """Whether any version of ``name`` is loaded."""
         return name in self._by_name
@@ -328,19 +340,24 @@ class ModelRepository:
 
 def scan(root: Path, options: RuntimeOptions | None = None) -> list[Model]:
     """Load every ``root/<name>/<version>/model.onnx``; a broken one raises naming its file."""
+    return [load_model(name, version, folder, options) for name, version, folder in versions(root)]
+
+
+def versions(root: Path) -> list[tuple[str, str, Path]]:
+    """Every ``(name, version, folder)`` under ``root``, checked for well-formed names."""
     if not root.is_dir():
         raise ModelLoadError(f"{root}: model folder does not exist")
-    models = []
+    found = []
     for name_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if not _NAME.match(name_dir.name):
             raise ModelLoadError(f"{name_dir}: model names are letters, digits, '_', '.', '-'")
-        versions = [p for p in name_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
-        if not versions:
+        dirs = [p for p in name_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        if not dirs:
             raise ModelLoadError(
                 f"{name_dir}: no version folders (expected {name_dir}/1/model.onnx)"
             )
-        for version_dir in sorted(versions):
+        for version_dir in sorted(dirs):
             if not _NAME.match(version_dir.name):
                 raise ModelLoadError(f"{version_dir}: versions are letters, digits, '_', '.', '-'")
-            models.append(load_model(name_dir.name, version_dir.name, version_dir, options))
-    return models
+            found.append((name_dir.name, version_dir.name, version_dir))
+    return found
