@@ -48,6 +48,18 @@ def _parser() -> argparse.ArgumentParser:
         help="ONNX Runtime threads inside one batch (default 1; see docs/scheduler.md)",
     )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="json: one JSON object per line, key=value pairs as fields (for log shippers)",
+    )
+    s.add_argument(
+        "--reload-seconds",
+        type=float,
+        default=2.0,
+        help="look for new or removed model versions this often (0: only on SIGHUP)",
+    )
 
     st = sub.add_parser(
         "stream", help="stream a WAV file to a server and print its results and events"
@@ -207,14 +219,42 @@ async def stream_file(
         return 0 if counts["errors"] == 0 else 1
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, and the message's ``key=value`` pairs
+    as fields (our log lines are written that way), the rest as ``message``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        fields: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        rest = []
+        for word in text.split(" "):
+            key, eq, value = word.partition("=")
+            if eq and key.isidentifier() and key not in fields:
+                fields[key] = value
+            else:
+                rest.append(word)
+        if rest:
+            fields["message"] = " ".join(rest)
+        if record.exc_info:
+            fields["exception"] = self.formatException(record.exc_info)
+        return json.dumps(fields)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``realtime`` console script."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(args, "log_level", "info").upper(),
-        format="%(asctime)s %(levelname)s %(message)s",
-        stream=sys.stderr,
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter()
+        if getattr(args, "log_format", "text") == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(message)s")
     )
+    logging.basicConfig(level=getattr(args, "log_level", "info").upper(), handlers=[handler])
+    logging.getLogger("websockets").setLevel(logging.WARNING)  # ours says connect/disconnect
     try:
         if args.command == "models":
             from realtime.models.quantize import quantize
@@ -234,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                 log_level=args.log_level,
                 workers=args.workers or defaults.workers,
                 intra_op_threads=args.intra_op_threads,
+                reload_seconds=args.reload_seconds,
             )
             _run(run(config))
             return 0

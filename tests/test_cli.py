@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -139,3 +140,14 @@ def test_stream_reports_an_unreadable_file(tmp_path: Path) -> None:
     assert (
         r.returncode == 2 and "cannot read as PCM WAV" in r.stderr and "Traceback" not in r.stderr
     )
+
+
+@pytest.mark.parametrize("served", [("--log-format", "json")], indirect=True)
+def test_json_logs_are_one_object_per_line_with_the_fields(served: Served) -> None:
+    code, err = served.stop()
+    assert code == 0, err
+    records = [json.loads(line) for line in err.splitlines()]
+    events = [r.get("event") for r in records]
+    assert events[:2] == ["warm", "listening"] and "shutdown" in events
+    assert all(r["level"] == "info" and r["logger"] == "realtime" for r in records)
+    assert records[1]["url"] == served.url

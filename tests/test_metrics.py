@@ -82,3 +82,28 @@ async def test_warm_up_measures_every_batch_size_before_serving(
     double = server.scheduler.snapshot()["double@1"]
     assert sorted(double.run_times) == [1, 2, 4, 8, 16, 32]  # max_batch 32
     assert double.stats.batches == 0  # warm-up runs are not traffic
+
+
+async def test_the_grafana_dashboard_asks_only_for_metrics_the_server_has(
+    start_server: ServerFactory, tiny_models: Path
+) -> None:
+    import re
+
+    import orjson
+
+    from tests.conftest import REPO
+
+    server = await _server(start_server, tiny_models)
+    raw = await Raw.connect(server.url)
+    assert (await raw.open(1, "double"))["type"] == "opened"
+    await raw.still_works(1, 0)
+    _, _, text = await asyncio.to_thread(get, f"http://127.0.0.1:{server.port}/metrics")
+    families = {f.name for f in text_string_to_metric_families(text)}  # with or without samples
+    dashboard = orjson.loads((REPO / "deploy" / "grafana-dashboard.json").read_bytes())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    wanted = {
+        re.sub(r"_(total|bucket|sum|count)$", "", m)
+        for e in exprs
+        for m in re.findall(r"realtime_\w+", e)
+    }
+    assert len(wanted) > 10 and wanted <= families, wanted - families
