@@ -9,6 +9,11 @@ from pathlib import Path
 from realtime.session import Limits
 
 
+def _default_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "realtime" / "graphs"
+
+
 def _default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
@@ -35,5 +40,7 @@ class Config:
     drain_seconds: float = 5.0
     #: Run every model at every batch size before serving (off only to start test servers fast).
     warm_up: bool = True
+    #: Optimized ONNX graphs kept between starts (see runtime.RuntimeOptions.cache_dir).
+    graph_cache: Path | None = field(default_factory=lambda: _default_cache())
     #: Seconds between looks at the model folders for new or removed versions (0: only SIGHUP).
     reload_seconds: float = 2.0

@@ -6,6 +6,10 @@ thread-safe, so one runner serves every concurrent batch of its model.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,17 @@ class RuntimeOptions:
 
     intra_op_threads: int = 1
     optimize: bool = True
+    #: Where optimized graphs are kept between starts (None: not kept). Keyed by the model's
+    #: bytes, the ONNX Runtime version and the machine, since ORT's fused kernels are specific.
+    cache_dir: Path | None = None
+
+
+def _cached_graph(path: Path, options: RuntimeOptions) -> Path | None:
+    if options.cache_dir is None:
+        return None
+    digest = hashlib.sha256(path.read_bytes())
+    digest.update(f"{ort.__version__}/{platform.machine()}/{options.intra_op_threads}".encode())
+    return options.cache_dir / f"{digest.hexdigest()[:32]}.onnx"
 
 
 def _info(arg: Any) -> TensorInfo:
@@ -67,9 +82,24 @@ class ModelRunner:
             else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         )
         so.log_severity_level = 3
+        source = path
+        cached = _cached_graph(path, options) if options.optimize else None
+        if cached is not None and cached.exists():
+            source = cached  # optimized already: skip the optimizer
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        elif cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            partial = cached.with_suffix(f".{os.getpid()}.tmp")
+            so.optimized_model_filepath = str(partial)
+        self.cached_graph = cached
+        #: The file ONNX Runtime loaded: the model, or its cached optimized graph.
+        self.loaded_from = source
         self._session = ort.InferenceSession(
-            str(path), sess_options=so, providers=["CPUExecutionProvider"]
+            str(source), sess_options=so, providers=["CPUExecutionProvider"]
         )
+        if cached is not None and source is path:
+            with contextlib.suppress(OSError):
+                os.replace(partial, cached)  # whole or not at all, whoever wins a race
         self.inputs = tuple(_info(a) for a in self._session.get_inputs())
         self.outputs = tuple(_info(a) for a in self._session.get_outputs())
         self._output_names = [o.name for o in self.outputs]

@@ -68,7 +68,7 @@ CLOSE_TOO_SLOW = 4008
 
 def load_models(config: Config) -> list[Model]:
     """Every model the config names: the built-ins, then each ``--models`` folder."""
-    options = RuntimeOptions(intra_op_threads=config.intra_op_threads)
+    options = RuntimeOptions(intra_op_threads=config.intra_op_threads, cache_dir=config.graph_cache)
     dirs = ([BUILTIN_DIR] if config.builtin_models else []) + list(config.model_dirs)
     models: list[Model] = []
     seen: dict[str, Path] = {}
@@ -226,7 +226,9 @@ class Server:
                     log.error("event=reload_refused error=%s", e)
                     continue
                 present.update({folder: (name, version) for name, version, folder in found})
-            options = RuntimeOptions(intra_op_threads=self.config.intra_op_threads)
+            options = RuntimeOptions(
+                intra_op_threads=self.config.intra_op_threads, cache_dir=self.config.graph_cache
+            )
             for folder, (name, version) in sorted(present.items()):
                 signature = await loop.run_in_executor(None, _signature, folder)
                 if self._seen.get(folder) == signature:
