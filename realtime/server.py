@@ -339,8 +339,9 @@ class Server:
                     self._on_binary(conn, message)
                 now = time.monotonic()
                 pause = max(messages.take(1, now), volume.take(len(message), now))
-                if pause:  # over its rate: stop reading this client for a while
-                    await asyncio.sleep(pause)
+                # Yield after each message even when more are buffered: a client with a backlog
+                # must not hold the loop while batches wait to be collected and sent.
+                await asyncio.sleep(pause)
         except ConnectionClosed:
             pass
         finally:
