@@ -117,8 +117,10 @@ async def test_a_flooder_gets_typed_drops_while_real_time_clients_keep_their_dea
         assert not problems, problems[:3]  # no deadline_exceeded, no drop, nothing refused
         assert [r.seq for r in results] == list(range(int(SECONDS * 50)))
     # The flooder was told, chunk by chunk, what happened to what it sent.
-    assert counts.get("dropped", 0) > 0, counts
-    assert counts.get("overloaded", 0) > 0, counts
+    # Which of drop (audio, drop_oldest) and refusal (pose, reject) it meets depends on timing;
+    # that it is told, and only with these codes, does not.
+    assert counts.get("dropped", 0) + counts.get("overloaded", 0) > 0, counts
+    assert set(counts) <= {"result", "dropped", "overloaded", "deadline_exceeded", "sent"}
     assert counts["sent"] > 10 * SECONDS * 50, counts  # ten times a steady client, at least
     assert peak - baseline < 200, (baseline, peak)  # bounded queues: memory does not run away
     print(f"flood: {counts}, server RSS {baseline:.0f} -> peak {peak:.0f} MB")
