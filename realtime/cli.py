@@ -54,6 +54,21 @@ def _parser() -> argparse.ArgumentParser:
         choices=["text", "json"],
         help="json: one JSON object per line, key=value pairs as fields (for log shippers)",
     )
+    s.add_argument("--keys", type=Path, help="API keys file (TOML; see docs/security.md)")
+    s.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a browser origin allowed to connect, e.g. https://app.example (repeatable)",
+    )
+    s.add_argument("--certfile", type=Path, help="TLS certificate chain (PEM): serve wss://")
+    s.add_argument("--keyfile", type=Path, help="TLS private key (PEM)")
+    s.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="serve a non-loopback address without keys (only behind a gateway that checks)",
+    )
     s.add_argument(
         "--reload-seconds",
         type=float,
@@ -80,6 +95,14 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument(
         "--events-only", action="store_true", help="print events, not one line per result"
     )
+    t = sub.add_parser("token", help="mint a short-lived session token for a browser page")
+    tsub = t.add_subparsers(dest="token_command", required=True)
+    tm = tsub.add_parser("mint", help="print a token signed with an API key")
+    tm.add_argument("--keys", type=Path, help="API keys file (or REALTIME_API_KEYS)")
+    tm.add_argument("--key", required=True, help="the id of the key to sign with")
+    tm.add_argument("--ttl", type=float, default=300.0, help="seconds it is valid (default 300)")
+    tm.add_argument("--models", help="comma-separated models it allows (default: the key's)")
+
     m = sub.add_parser("models", help="manage model folders")
     msub = m.add_subparsers(dest="models_command", required=True)
     q = msub.add_parser(
@@ -256,6 +279,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(args, "log_level", "info").upper(), handlers=[handler])
     logging.getLogger("websockets").setLevel(logging.WARNING)  # ours says connect/disconnect
     try:
+        if args.command == "token":
+            from realtime.auth import load_keys, mint
+
+            keys = load_keys(args.keys)
+            if args.key not in keys:
+                raise errors.ConfigError(f"no key {args.key!r} in {args.keys or 'the environment'}")
+            models = args.models.split(",") if args.models else None
+            print(mint(keys[args.key], args.ttl, time.time(), models))
+            return 0
         if args.command == "models":
             from realtime.models.quantize import quantize
 
@@ -263,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(report, indent=2))
             return 0
         if args.command == "serve":
+            from realtime.auth import load_keys
             from realtime.server import run
 
             defaults = Config()
@@ -275,6 +308,11 @@ def main(argv: list[str] | None = None) -> int:
                 workers=args.workers or defaults.workers,
                 intra_op_threads=args.intra_op_threads,
                 reload_seconds=args.reload_seconds,
+                keys=load_keys(args.keys),
+                allowed_origins=tuple(args.allow_origin),
+                certfile=args.certfile,
+                keyfile=args.keyfile,
+                insecure_no_auth=args.insecure_no_auth,
             )
             _run(run(config))
             return 0

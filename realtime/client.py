@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import AsyncIterator, Callable
+from ssl import SSLContext
 from typing import Any
 
 import numpy as np
@@ -162,10 +163,23 @@ class Client:
 
     @classmethod
     async def connect(
-        cls, url: str = "ws://127.0.0.1:8765/", name: str = "realtime.client"
+        cls,
+        url: str = "ws://127.0.0.1:8765/",
+        name: str = "realtime.client",
+        *,
+        token: str | None = None,
+        api_key: str | None = None,
+        ssl: SSLContext | None = None,
     ) -> Client:
-        """Connect, say hello and wait for the welcome."""
-        ws = await connect(url, compression=None, max_size=None)
+        """Connect, say hello and wait for the welcome. ``token`` (minted by a backend) or
+        ``api_key`` authenticate; ``ssl`` verifies a ``wss://`` server (default: system CAs)."""
+        headers = {}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        if api_key is not None:
+            headers["X-Api-Key"] = api_key
+        tls: dict[str, Any] = {} if ssl is None else {"ssl": ssl}
+        ws = await connect(url, compression=None, max_size=None, additional_headers=headers, **tls)
         await ws.send(encode_text(Hello(client=name)), text=True)
         msg = decode_text(await ws.recv())
         if isinstance(msg, Error):

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from realtime.auth import ApiKey
+from realtime.errors import ConfigError
 from realtime.session import Limits
 
 
@@ -44,3 +48,32 @@ class Config:
     graph_cache: Path | None = field(default_factory=lambda: _default_cache())
     #: Seconds between looks at the model folders for new or removed versions (0: only SIGHUP).
     reload_seconds: float = 2.0
+    #: API keys (realtime.auth). Empty: no authentication, allowed on loopback only.
+    keys: Mapping[str, ApiKey] = field(default_factory=dict)
+    #: Browser origins allowed to connect (the Origin header); empty: any.
+    allowed_origins: tuple[str, ...] = ()
+    #: TLS certificate chain and key (PEM): serve wss://.
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    #: Serve without authentication on a non-loopback address (behind a trusted gateway only).
+    insecure_no_auth: bool = False
+
+    def check(self) -> None:
+        """Refuse configurations that would expose the server by mistake."""
+        if not self.keys and not self.insecure_no_auth and not is_loopback(self.host):
+            raise ConfigError(
+                f"refusing to serve {self.host} without authentication: give --keys (or "
+                "REALTIME_API_KEYS), or --insecure-no-auth behind a gateway that checks clients"
+            )
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ConfigError("--certfile and --keyfile go together")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address or name."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -108,6 +108,12 @@ class UnknownVersion(ProtocolError):
     code = "unknown_version"
 
 
+class ModelForbidden(ProtocolError):
+    """The session's API key or token does not allow this model."""
+
+    code = "model_forbidden"
+
+
 class KindMismatch(ProtocolError):
     """The stream's kind (audio, video, tensor) is not the model's."""
 

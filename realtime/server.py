@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import ssl
 import time
 from collections import deque
 from functools import partial
 from http import HTTPStatus
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -26,7 +28,8 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from realtime import __version__, errors
-from realtime.config import Config
+from realtime.auth import AuthFailed, Grant, verify_key, verify_token
+from realtime.config import Config, is_loopback
 from realtime.metrics import Metrics, Traffic
 from realtime.models.repository import (
     BUILTIN_DIR,
@@ -64,6 +67,8 @@ SERVER_NAME = f"realtime/{__version__}"
 HARD_SIZE_FACTOR = 4
 #: Close code for a client that does not read its results fast enough.
 CLOSE_TOO_SLOW = 4008
+#: Close code for a session that sent nothing for ``Limits.idle_seconds``.
+CLOSE_IDLE = 4001
 
 
 def load_models(config: Config) -> list[Model]:
@@ -96,6 +101,7 @@ class _Connection:
         self._wakeup = asyncio.Event()
         self._max_outbox = max_outbox
         self.too_slow = False
+        self.last_seen = 0.0  # monotonic time of the last message received
 
     def send_messages(self, messages: list[Message], binary_results: bool) -> None:
         """Queue messages in order, results as binary frames where the stream asked for them."""
@@ -166,6 +172,10 @@ class Server:
         #: Set after each reload pass (tests and admins await it).
         self.reloaded = asyncio.Event()
         self._catalog = orjson.dumps({"models": self.repository.catalog()})
+        #: Checked at the handshake, taken by the connection's handler.
+        self._grants: dict[ServerConnection, Grant] = {}
+        self._sessions_by_key: dict[str, int] = {}
+        self._sessions_by_ip: dict[str, int] = {}
 
     @property
     def port(self) -> int:
@@ -177,7 +187,8 @@ class Server:
     @property
     def url(self) -> str:
         """The WebSocket URL clients connect to."""
-        return f"ws://{self.config.host}:{self.port}/"
+        scheme = "wss" if self.config.certfile else "ws"
+        return f"{scheme}://{self.config.host}:{self.port}/"
 
     def _open_counts(self) -> tuple[int, int]:
         return len(self._connections), sum(len(c.session.streams) for c in self._connections)
@@ -190,10 +201,15 @@ class Server:
             took = time.monotonic() - started
             log.info("event=warm models=%d seconds=%.2f", len(self.models), took)
         limits = self.config.limits
+        tls = None
+        if self.config.certfile is not None:
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.load_cert_chain(self.config.certfile, self.config.keyfile)
         self._ws = await serve(
             self._handle,
             self.config.host,
             self.config.port,
+            ssl=tls,
             process_request=self._http,
             compression=None,
             max_size=limits.max_message_bytes * HARD_SIZE_FACTOR,
@@ -289,6 +305,12 @@ class Server:
 
     def _http(self, ws: ServerConnection, request: Request) -> Response | None:
         if request.headers.get("Upgrade", "").lower() == "websocket":
+            try:
+                self._admit(ws, request)
+            except AuthFailed as e:
+                log.info("event=refused status=%d reason=%s", e.status, e.reason.replace(" ", "_"))
+                refusal = orjson.dumps({"error": e.reason})
+                return _response(HTTPStatus(e.status), refusal, "application/json")
             return None
         path = request.path.split("?", 1)[0]
         if path == "/healthz":
@@ -307,20 +329,76 @@ class Server:
             return _response(HTTPStatus.OK, body.encode(), "text/plain; charset=utf-8")
         return _response(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain; charset=utf-8")
 
+    async def _watch_idle(self, conn: _Connection) -> None:
+        """Close the connection once it has sent nothing for ``idle_seconds``."""
+        idle = self.config.limits.idle_seconds
+        while True:
+            quiet = time.monotonic() - conn.last_seen
+            if quiet >= idle:
+                log.info("event=idle session=%s seconds=%.0f", conn.session.id, quiet)
+                await conn.ws.close(CLOSE_IDLE, f"nothing received for {idle:g} s")
+                return
+            await asyncio.sleep(idle - quiet)  # until it could first be idle: a timer
+
+    def _admit(self, ws: ServerConnection, request: Request) -> None:
+        """Check a WebSocket handshake: origin, credential, sessions per key and per address."""
+        config = self.config
+        origin = request.headers.get("Origin")
+        if config.allowed_origins and origin is not None and origin not in config.allowed_origins:
+            raise AuthFailed(403, f"origin {origin} is not allowed")
+        ip = ws.remote_address[0] if ws.remote_address else "?"
+        if self._sessions_by_ip.get(ip, 0) >= config.limits.max_sessions_per_ip:
+            raise AuthFailed(
+                429, f"at most {config.limits.max_sessions_per_ip} sessions per address"
+            )
+        if not config.keys:
+            return
+        query = parse_qs(urlsplit(request.path).query)
+        bearer = request.headers.get("Authorization", "")
+        if "token" in query:
+            grant = verify_token(query["token"][0], config.keys, time.time())
+        elif bearer.startswith("Bearer "):
+            grant = verify_token(bearer[7:].strip(), config.keys, time.time())
+        elif "X-Api-Key" in request.headers:
+            grant = verify_key(request.headers["X-Api-Key"], config.keys)
+        else:
+            raise AuthFailed(401, "no credential: give ?token=, Authorization: Bearer or X-Api-Key")
+        if self._sessions_by_key.get(grant.key, 0) >= config.keys[grant.key].max_sessions:
+            raise AuthFailed(
+                429, f"key {grant.key} has its {config.keys[grant.key].max_sessions} sessions open"
+            )
+        self._grants[ws] = grant
+
     # --- WebSocket ---------------------------------------------------------------------------
 
     async def _handle(self, ws: ServerConnection) -> None:
+        grant = self._grants.pop(ws, None)
+        ip = ws.remote_address[0] if ws.remote_address else "?"
+        self._sessions_by_ip[ip] = self._sessions_by_ip.get(ip, 0) + 1
+        if grant is not None:
+            self._sessions_by_key[grant.key] = self._sessions_by_key.get(grant.key, 0) + 1
         session = Session(
-            secrets.token_urlsafe(9), self.repository, self.config.limits, SERVER_NAME
+            secrets.token_urlsafe(9),
+            self.repository,
+            self.config.limits,
+            SERVER_NAME,
+            None if grant is None or grant.models is None else grant.allows,
         )
         conn = _Connection(ws, session, self.config.max_outbox, self.traffic)
         traffic = self.traffic
         traffic.sessions_total += 1
         self._connections.add(conn)
         peer = ws.remote_address[0] if ws.remote_address else "?"
-        log.info("event=connect session=%s peer=%s", session.id, peer)
+        log.info(
+            "event=connect session=%s peer=%s key=%s",
+            session.id,
+            peer,
+            grant.key if grant else "-",
+        )
         writer = asyncio.get_running_loop().create_task(conn.write_loop())
         limits = self.config.limits
+        conn.last_seen = time.monotonic()
+        watchdog = asyncio.get_running_loop().create_task(self._watch_idle(conn))
         max_bytes = limits.max_message_bytes
         now = time.monotonic()
         messages = TokenBucket(
@@ -337,7 +415,7 @@ class Server:
                     self._on_text(conn, message)
                 else:
                     self._on_binary(conn, message)
-                now = time.monotonic()
+                now = conn.last_seen = time.monotonic()
                 pause = max(messages.take(1, now), volume.take(len(message), now))
                 # Yield after each message even when more are buffered: a client with a backlog
                 # must not hold the loop while batches wait to be collected and sent.
@@ -345,9 +423,15 @@ class Server:
         except ConnectionClosed:
             pass
         finally:
+            self._sessions_by_ip[ip] -= 1
+            if not self._sessions_by_ip[ip]:
+                del self._sessions_by_ip[ip]
+            if grant is not None:
+                self._sessions_by_key[grant.key] -= 1
             self._connections.discard(conn)
             session.disconnect()
             writer.cancel()
+            watchdog.cancel()
             log.info(
                 "event=disconnect session=%s code=%s too_slow=%s",
                 session.id,
@@ -469,6 +553,7 @@ async def run(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):  # before the banner: a supervisor may act on it
         loop.add_signal_handler(sig, stop.set)
+    config.check()
     server = Server(config)
     reloads: set[asyncio.Task[dict[str, list[str]]]] = set()
 
@@ -480,6 +565,11 @@ async def run(config: Config) -> None:
     loop.add_signal_handler(signal.SIGHUP, reload)
     await server.start()
     print(f"realtime {__version__} serving {len(server.models)} models on {server.url}", flush=True)
+    if config.keys:
+        print(f"  auth: {len(config.keys)} API keys; tokens or keys required", flush=True)
+    else:
+        where = "loopback only" if is_loopback(config.host) else "--insecure-no-auth"
+        print(f"  auth: off ({where}): anyone who can reach this port can use it", flush=True)
     for entry in server.repository.catalog():
         print(f"  {entry['name']}@{entry['version']}  {entry['kind']}", flush=True)
     await stop.wait()

@@ -47,6 +47,10 @@ class Limits:
     max_streams: int = 64
     max_inflight_per_stream: int = 64
     max_inflight_per_session: int = 512
+    #: Sessions open at once from one client address (HTTP 429 at the handshake above it).
+    max_sessions_per_ip: int = 256
+    #: A session that sends nothing for this long is closed (4001).
+    idle_seconds: float = 300.0
     #: Inbound rate per session; above it the server stops reading from the client for a while
     #: (TCP then slows the sender). Half a second of either is allowed in a burst.
     max_messages_per_second: int = 1000
@@ -159,9 +163,16 @@ class Session:
     """The pure state machine of one client connection."""
 
     def __init__(
-        self, session_id: str, repository: ModelRepository, limits: Limits, server: str
+        self,
+        session_id: str,
+        repository: ModelRepository,
+        limits: Limits,
+        server: str,
+        allows: Callable[[str], bool] | None = None,
     ) -> None:
         self.id = session_id
+        #: Which model names this session's credential may open (None: any).
+        self.allows = allows
         self.repository = repository
         self.limits = limits
         self.server = server
@@ -194,6 +205,10 @@ class Session:
         if len(self.streams) >= self.limits.max_streams:
             raise errors.TooManyStreams(
                 f"at most {self.limits.max_streams} streams per session", stream=sid
+            )
+        if self.allows is not None and not self.allows(msg.model):
+            raise errors.ModelForbidden(
+                f"this session's key may not use model {msg.model!r}", stream=sid
             )
         model = self.repository.get(msg.model, msg.version)
         if model is None:

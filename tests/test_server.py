@@ -491,3 +491,12 @@ async def test_builtin_models_serve_all_three_kinds(start_server: ServerFactory)
     assert motion[0] == 0 and min(motion[1:]) > 0.01  # the square moved in every later frame
     xs = [float(m.outputs["motion_xy"][0]) for m in video_got[1:]]
     assert xs == sorted(xs)  # ... to the right
+
+
+async def test_an_idle_session_is_closed_with_4001(
+    start_server: ServerFactory, tiny_models: Path
+) -> None:
+    server = await _server(start_server, tiny_models, limits=Limits(idle_seconds=0.2))
+    raw = await Raw.connect(server.url)  # says hello, then nothing
+    await raw.ws.wait_closed()
+    assert raw.ws.close_code == 4001 and "nothing received" in (raw.ws.close_reason or "")
