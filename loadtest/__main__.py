@@ -40,7 +40,11 @@ class ServerProcess:
     """One server under test, started on an ephemeral loopback port and sampled while it runs."""
 
     COMMANDS = {
-        "realtime": [sys.executable, "-m", "realtime", "serve", "--port", "0"],
+        # Every simulated client comes from 127.0.0.1.
+        "realtime": [
+            *(sys.executable, "-m", "realtime", "serve", "--port", "0"),
+            *("--max-sessions-per-ip", "100000"),
+        ],
         "naive": [sys.executable, "-m", "loadtest.baselines", "naive", "--port", "0"],
         "echo": [sys.executable, "-m", "loadtest.baselines", "echo", "--port", "0"],
     }

@@ -17,6 +17,7 @@ import numpy as np
 from realtime import __version__, errors
 from realtime.config import Config
 from realtime.protocol import Error, Event, Result
+from realtime.session import Limits
 
 DEFAULT_URL = "ws://127.0.0.1:8765/"
 
@@ -61,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="ORIGIN",
         help="a browser origin allowed to connect, e.g. https://app.example (repeatable)",
+    )
+    s.add_argument(
+        "--max-sessions-per-ip",
+        type=int,
+        default=Limits().max_sessions_per_ip,
+        help="sessions open at once from one address (default %(default)s; raise it behind a "
+        "proxy on the same host, where every client is 127.0.0.1)",
     )
     s.add_argument("--certfile", type=Path, help="TLS certificate chain (PEM): serve wss://")
     s.add_argument("--keyfile", type=Path, help="TLS private key (PEM)")
@@ -313,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                 certfile=args.certfile,
                 keyfile=args.keyfile,
                 insecure_no_auth=args.insecure_no_auth,
+                limits=Limits(max_sessions_per_ip=args.max_sessions_per_ip),
             )
             _run(run(config))
             return 0
