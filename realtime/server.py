@@ -8,6 +8,7 @@ what comes back through one bounded outbox per connection.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import secrets
 import ssl
@@ -172,6 +173,7 @@ class Server:
         #: Set after each reload pass (tests and admins await it).
         self.reloaded = asyncio.Event()
         self._catalog = orjson.dumps({"models": self.repository.catalog()})
+        self._static = load_static()
         #: Checked at the handshake, taken by the connection's handler.
         self._grants: dict[ServerConnection, Grant] = {}
         self._sessions_by_key: dict[str, int] = {}
@@ -324,9 +326,15 @@ class Server:
             return _response(HTTPStatus.OK, generate_latest(self._metrics), CONTENT_TYPE_LATEST)
         if path == "/v1/models":
             return _response(HTTPStatus.OK, self._catalog, "application/json")
+        static = self._static.get("/web/index.html" if path == "/" else path)
+        if static is not None:
+            body, content_type, etag = static
+            if request.headers.get("If-None-Match") == etag:
+                return _response(HTTPStatus.NOT_MODIFIED, b"", content_type, etag)
+            return _response(HTTPStatus.OK, body, content_type, etag)
         if path == "/":
-            body = f"{SERVER_NAME}: connect a WebSocket to this URL (see docs/protocol.md)\n"
-            return _response(HTTPStatus.OK, body.encode(), "text/plain; charset=utf-8")
+            text = f"{SERVER_NAME}: connect a WebSocket to this URL (see docs/protocol.md)\n"
+            return _response(HTTPStatus.OK, text.encode(), "text/plain; charset=utf-8")
         return _response(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain; charset=utf-8")
 
     async def _watch_idle(self, conn: _Connection) -> None:
@@ -533,15 +541,48 @@ def _signature(folder: Path) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
-def _response(status: HTTPStatus, body: bytes, content_type: str) -> Response:
+#: Static files served under /web/ (the browser client and the demo page), by suffix.
+CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".json": "application/json",
+    ".png": "image/png",
+    ".svg": "image/svg+xml",
+}
+WEB_DIR = Path(__file__).resolve().parents[1] / "web"
+
+
+def load_static(root: Path = WEB_DIR) -> dict[str, tuple[bytes, str, str]]:
+    """Every servable file of ``root`` read once at start, by URL path: only these names are
+    ever served, so no request can reach outside ``root``."""
+    files: dict[str, tuple[bytes, str, str]] = {}
+    if not root.is_dir():
+        return files
+    for path in sorted(root.rglob("*")):
+        content_type = CONTENT_TYPES.get(path.suffix)
+        if content_type is None or not path.is_file() or path.name.startswith("."):
+            continue
+        body = path.read_bytes()
+        etag = '"' + hashlib.sha256(body).hexdigest()[:20] + '"'
+        files["/web/" + path.relative_to(root).as_posix()] = (body, content_type, etag)
+    return files
+
+
+def _response(
+    status: HTTPStatus, body: bytes, content_type: str, etag: str | None = None
+) -> Response:
     headers = Headers(
         [
             ("Content-Type", content_type),
             ("Content-Length", str(len(body))),
-            ("Cache-Control", "no-store"),
+            # Static files: cached, revalidated by ETag (a new server version changes them).
+            ("Cache-Control", "no-cache" if etag else "no-store"),
             ("Server", SERVER_NAME),
         ]
     )
+    if etag:
+        headers["ETag"] = etag
     return Response(status.value, status.phrase, headers, body)
 
 

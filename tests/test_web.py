@@ -1,0 +1,141 @@
+"""web/: static files served by the server, and the JS codec checked byte for byte against ours."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import urllib.error
+import urllib.request
+from typing import Any
+
+import numpy as np
+import pytest
+
+from realtime.protocol import Chunk, ResultFrame, decode_frame, encode_frame
+from tests.conftest import REPO, ServerFactory
+
+NODE = shutil.which("node")
+needs_node = pytest.mark.skipif(
+    NODE is None, reason="Node.js is not installed (apt install nodejs)"
+)
+
+FIELDS = ("stream", "seq", "t", "dtype", "shape", "flags", "deadline")
+CASES: list[dict[str, Any]] = [
+    dict(zip(FIELDS, case, strict=True))
+    for case in [
+        (1, 0, 0.0, "float32", [320], 0, 0),
+        (7, 123456, 1234.5678, "int16", [5], 1, 150),
+        (2, 9, -1.0, "uint8", [4, 4, 3], 0, 0),
+        (3, 1, 1e12, "float64", [3, 7], 0, 2**32 - 1),
+        (4, 2, 5.0, "int32", [1, 1, 1, 1, 1, 1, 1, 2], 0, 1),
+    ]
+]
+
+
+def values(case: dict[str, Any]) -> np.ndarray[Any, Any]:
+    n = int(np.prod(case["shape"]))
+    rng = np.random.default_rng(case["seq"])
+    if case["dtype"].startswith("float"):
+        return rng.normal(0, 100, n).astype(case["dtype"]).reshape(case["shape"])
+    info = np.iinfo(case["dtype"])
+    return rng.integers(info.min, info.max, n, dtype=case["dtype"]).reshape(case["shape"])
+
+
+def node(script: str, stdin: str) -> str:
+    assert NODE is not None
+    r = subprocess.run(
+        [NODE, "--input-type=module", "-e", script],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+@needs_node
+def test_the_js_encoder_makes_the_bytes_the_python_decoder_reads() -> None:
+    inputs = [{**c, "data": values(c).reshape(-1).tolist()} for c in CASES]
+    script = """
+import { encodeChunk, DTYPES } from "./web/realtime.js";
+let input = ""; for await (const part of process.stdin) input += part;
+for (const c of JSON.parse(input)) {
+  const data = DTYPES[c.dtype].array.from(c.data);
+  const buf = encodeChunk({ stream: c.stream, seq: c.seq, t: c.t, data, shape: c.shape,
+                            deadlineMs: c.deadline, flags: c.flags });
+  console.log(Buffer.from(buf).toString("hex"));
+}
+"""
+    lines = node(script, json.dumps(inputs)).split()
+    assert len(lines) == len(CASES)
+    for case, line in zip(CASES, lines, strict=True):
+        data = values(case)
+        expected = Chunk(
+            case["stream"], case["seq"], case["t"], data, case["deadline"], case["flags"]
+        )
+        assert bytes.fromhex(line) == encode_frame(expected)  # same bytes as Python makes
+        assert decode_frame(bytes.fromhex(line)) == expected
+
+
+@needs_node
+def test_the_js_decoder_reads_python_result_frames() -> None:
+    frames = [
+        ResultFrame(5, 42, 99.5, values(c), index=1, count=3, queue_us=1500, infer_us=250)
+        for c in CASES
+    ]
+    script = """
+import { decodeFrame } from "./web/realtime.js";
+let input = ""; for await (const part of process.stdin) input += part;
+for (const hex of input.split("\\n").filter(Boolean)) {
+  const b = Buffer.from(hex, "hex");
+  const f = decodeFrame(b.buffer.slice(b.byteOffset, b.byteOffset + b.byteLength));
+  console.log(JSON.stringify({ ...f, data: Array.from(f.data, Number) }));
+}
+"""
+    out = node(script, "\n".join(encode_frame(f).hex() for f in frames))
+    for frame, line in zip(frames, out.splitlines(), strict=True):
+        got = json.loads(line)
+        assert (got["type"], got["stream"], got["seq"], got["t"]) == ("result", 5, 42, 99.5)
+        assert (got["index"], got["count"], got["extra0"], got["extra1"]) == (1, 3, 1500, 250)
+        assert got["dtype"] == frame.data.dtype.name and got["shape"] == list(frame.data.shape)
+        np.testing.assert_array_equal(np.array(got["data"]), frame.data.reshape(-1))
+
+
+def get(url: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+async def test_the_demo_page_and_the_client_are_served_with_types_and_etags(
+    start_server: ServerFactory,
+) -> None:
+    server = await start_server()
+    base = f"http://127.0.0.1:{server.port}"
+    status, headers, body = await asyncio.to_thread(get, base + "/")
+    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+    assert body == (REPO / "web" / "index.html").read_bytes()
+    status, headers, body = await asyncio.to_thread(get, base + "/web/realtime.js")
+    assert status == 200 and headers["Content-Type"] == "text/javascript; charset=utf-8"
+    assert headers["Cache-Control"] == "no-cache" and headers["ETag"].startswith('"')
+    status, _, body = await asyncio.to_thread(
+        get, base + "/web/realtime.js", **{"If-None-Match": headers["ETag"]}
+    )
+    assert status == 304 and body == b""
+    for path in [
+        "/web/../README.md",
+        "/web/%2e%2e/pyproject.toml",
+        "/web/",
+        "/web/nope.js",
+        "/web//etc/passwd",
+        "/../../etc/passwd",
+        "/web/realtime.js/..",
+    ]:
+        status, _, body = await asyncio.to_thread(get, base + path)
+        assert status == 404, path

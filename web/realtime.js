@@ -1,0 +1,392 @@
+// realtime.js: the browser (and Node) client of the `realtime` wire protocol, docs/protocol.md.
+// A dependency-free ES module: import it as is, no build step.
+//
+//   import { RealtimeClient } from "/web/realtime.js";
+//   const client = await RealtimeClient.connect("ws://127.0.0.1:8765/", { token });
+//   const stream = await client.open("speech_activity", { dtype: "float32", sampleRate: 48000 });
+//   stream.onResult = (r) => ...; stream.onEvent = (e) => ...;   // or: for await (const m of stream)
+//   stream.send(float32Array, { t: performance.now() });
+
+export const PROTOCOL_VERSION = 1;
+export const HEADER_SIZE = 32;
+export const FRAME_CHUNK = 1;
+export const FRAME_RESULT = 2;
+export const FLAG_END_OF_SEGMENT = 1;
+
+/** Wire dtype codes (docs/protocol.md#dtypes), by name, with their typed array. */
+export const DTYPES = {
+  float32: { code: 1, array: Float32Array },
+  float64: { code: 3, array: Float64Array },
+  int8: { code: 4, array: Int8Array },
+  uint8: { code: 5, array: Uint8Array },
+  int16: { code: 6, array: Int16Array },
+  uint16: { code: 7, array: Uint16Array },
+  int32: { code: 8, array: Int32Array },
+  int64: { code: 9, array: BigInt64Array },
+};
+const BY_CODE = Object.fromEntries(Object.entries(DTYPES).map(([name, d]) => [d.code, { name, ...d }]));
+
+/** The dtype name of a typed array. @param {ArrayBufferView} data @returns {string} */
+export function dtypeOf(data) {
+  for (const [name, d] of Object.entries(DTYPES)) if (data instanceof d.array) return name;
+  throw new TypeError(`no wire dtype for ${data?.constructor?.name}`);
+}
+
+/**
+ * Encode one chunk as the bytes of a binary WebSocket message.
+ * @param {{stream: number, seq: number, t: number, data: ArrayBufferView, shape?: number[],
+ *          deadlineMs?: number, flags?: number}} chunk
+ * @returns {ArrayBuffer}
+ */
+export function encodeChunk({ stream, seq, t, data, shape, deadlineMs = 0, flags = 0 }) {
+  const dtype = DTYPES[dtypeOf(data)];
+  const dims = shape ?? [data.length];
+  if (dims.length > 8) throw new RangeError(`${dims.length} dims, at most 8`);
+  const count = dims.reduce((a, b) => a * b, 1);
+  if (count !== data.length) throw new RangeError(`shape [${dims}] holds ${count} items, data has ${data.length}`);
+  const dimsBytes = (4 * dims.length + 7) & ~7;
+  const out = new ArrayBuffer(HEADER_SIZE + dimsBytes + data.byteLength);
+  const view = new DataView(out);
+  view.setUint8(0, PROTOCOL_VERSION);
+  view.setUint8(1, FRAME_CHUNK);
+  view.setUint8(2, dtype.code);
+  view.setUint8(3, dims.length);
+  view.setUint32(4, stream, true);
+  view.setUint32(8, seq, true);
+  view.setUint16(12, flags, true);
+  view.setFloat64(16, t, true);
+  view.setUint32(24, deadlineMs, true);
+  dims.forEach((d, i) => view.setUint32(HEADER_SIZE + 4 * i, d, true));
+  new Uint8Array(out, HEADER_SIZE + dimsBytes).set(new Uint8Array(data.buffer, data.byteOffset, data.byteLength));
+  return out;
+}
+
+/**
+ * Decode one binary message (a result frame from the server, or a chunk).
+ * @param {ArrayBuffer} buf
+ */
+export function decodeFrame(buf) {
+  const view = new DataView(buf);
+  if (buf.byteLength < HEADER_SIZE) throw new RangeError("frame shorter than its header");
+  const ndim = view.getUint8(3);
+  const dtype = BY_CODE[view.getUint8(2)];
+  if (!dtype) throw new RangeError(`unknown dtype code ${view.getUint8(2)}`);
+  const shape = Array.from({ length: ndim }, (_, i) => view.getUint32(HEADER_SIZE + 4 * i, true));
+  const offset = HEADER_SIZE + ((4 * ndim + 7) & ~7);
+  const n = shape.reduce((a, b) => a * b, 1);
+  return {
+    type: view.getUint8(1) === FRAME_RESULT ? "result" : "chunk",
+    stream: view.getUint32(4, true),
+    seq: view.getUint32(8, true),
+    flags: view.getUint16(12, true),
+    index: view.getUint8(14),
+    count: view.getUint8(15),
+    t: view.getFloat64(16, true),
+    extra0: view.getUint32(24, true),
+    extra1: view.getUint32(28, true),
+    dtype: dtype.name,
+    shape,
+    data: new dtype.array(buf.slice(offset, offset + n * dtype.array.BYTES_PER_ELEMENT)),
+  };
+}
+
+/** A typed error from the server (docs/protocol.md#error-codes). */
+export class RealtimeError extends Error {
+  constructor(msg) {
+    super(`${msg.code}: ${msg.message}`);
+    this.code = msg.code;
+    this.stream = msg.stream;
+    this.seq = msg.seq;
+    this.retryable = msg.retryable;
+  }
+}
+
+/** One open stream: send chunks, get results and events (callbacks or `for await`). */
+export class RealtimeStream {
+  constructor(client, opened, opts) {
+    this.client = client;
+    this.id = opened.stream;
+    this.opened = opened;
+    this.opts = opts;
+    this.seq = 0;
+    this.inFlight = 0;
+    /** @type {(result: object) => void} */ this.onResult = null;
+    /** @type {(event: object) => void} */ this.onEvent = null;
+    /** @type {(error: RealtimeError) => void} */ this.onError = null;
+    this._queue = [];
+    this._waiters = [];
+  }
+
+  /** Send one chunk; returns its seq. `t` is your clock in ms (default performance.now()). */
+  send(data, { t, shape, endOfSegment = false, deadlineMs = 0 } = {}) {
+    const seq = this.seq++;
+    const time = t ?? (globalThis.performance ? performance.now() : Date.now());
+    this.client._sendBinary(encodeChunk({ stream: this.id, seq, t: time, data, shape, deadlineMs, flags: endOfSegment ? FLAG_END_OF_SEGMENT : 0 }));
+    this.inFlight++;
+    this.client.sentAt.set(`${this.id}:${seq}`, globalThis.performance ? performance.now() : Date.now());
+    return seq;
+  }
+
+  close() {
+    return this.client._request({ type: "close", stream: this.id }, `closed:${this.id}`);
+  }
+
+  _deliver(msg) {
+    if (msg.type === "result" || (msg.type === "error" && msg.seq !== undefined)) this.inFlight = Math.max(0, this.inFlight - 1);
+    const handler = msg.type === "result" ? this.onResult : msg.type === "event" ? this.onEvent : this.onError;
+    if (handler) return handler(msg.type === "error" ? new RealtimeError(msg) : msg);
+    const waiter = this._waiters.shift();
+    if (waiter) waiter(msg);
+    else this._queue.push(msg);
+  }
+
+  /** Results, events and errors in order, for those who prefer `for await`. */
+  async *[Symbol.asyncIterator]() {
+    for (;;) {
+      const msg = this._queue.length ? this._queue.shift() : await new Promise((r) => this._waiters.push(r));
+      if (msg.type === "closed") return;
+      yield msg;
+    }
+  }
+}
+
+/** A connection to a `realtime` server, with reconnect and latency estimates. */
+export class RealtimeClient {
+  constructor(url, opts = {}) {
+    this.url = url;
+    this.opts = opts;
+    this.streams = new Map();
+    this.models = [];
+    this.sentAt = new Map();
+    /** Round trip (ms) and server-minus-client clock offset (ms), from the last ping. */
+    this.rttMs = null;
+    this.clockOffsetMs = null;
+    this._pending = new Map();
+    this._nextStream = 1;
+    this._nextPing = 1;
+    this._retries = 0;
+    this.onStatus = opts.onStatus ?? (() => {});
+    this.onClose = opts.onClose ?? (() => {});
+  }
+
+  /** Connect, say hello, and resolve with the client once the welcome arrived. */
+  static async connect(url, opts = {}) {
+    const client = new RealtimeClient(url, opts);
+    await client._open();
+    return client;
+  }
+
+  async _open() {
+    const WS = this.opts.WebSocket ?? globalThis.WebSocket;
+    const url = this.opts.token ? `${this.url}${this.url.includes("?") ? "&" : "?"}token=${encodeURIComponent(this.opts.token)}` : this.url;
+    const ws = new WS(url);
+    ws.binaryType = "arraybuffer";
+    this.ws = ws;
+    await new Promise((resolve, reject) => {
+      ws.onopen = resolve;
+      ws.onerror = () => reject(new Error(`cannot connect to ${this.url}`));
+    });
+    ws.onmessage = (ev) => this._onMessage(ev.data);
+    ws.onclose = (ev) => this._onClose(ev);
+    const welcome = await this._request({ type: "hello", protocol: PROTOCOL_VERSION, client: "realtime.js" }, "welcome");
+    this.welcome = welcome;
+    this.models = welcome.models;
+    this._retries = 0;
+    this.onStatus("connected");
+    return welcome;
+  }
+
+  /** The catalog entry of a model (its default version unless `version` is given). */
+  model(name, version) {
+    return this.models.find((m) => m.name === name && (version ? m.version === version : m.default));
+  }
+
+  /**
+   * Open a stream. Options: dtype, sampleRate (audio), shape, deadlineMs, overflow, options.
+   * @returns {Promise<RealtimeStream>}
+   */
+  async open(model, opts = {}) {
+    const entry = this.model(model, opts.version);
+    if (!entry) throw new RealtimeError({ code: "unknown_model", message: `no model ${model}` });
+    const id = opts.streamId ?? this._nextStream++;
+    const msg = {
+      type: "open",
+      stream: id,
+      model,
+      kind: entry.kind,
+      dtype: opts.dtype ?? entry.input.dtype,
+      ...(opts.version ? { version: opts.version } : {}),
+      ...(opts.sampleRate ? { sample_rate: Math.round(opts.sampleRate) } : {}),
+      ...(opts.shape ? { shape: opts.shape } : {}),
+      ...(opts.deadlineMs ? { deadline_ms: opts.deadlineMs } : {}),
+      ...(opts.overflow ? { overflow: opts.overflow } : {}),
+      options: opts.options ?? {},
+    };
+    const stream = new RealtimeStream(this, { stream: id }, opts);
+    this.streams.set(id, stream);
+    try {
+      stream.opened = await this._request(msg, `opened:${id}`);
+    } catch (e) {
+      this.streams.delete(id);
+      throw e;
+    }
+    return stream;
+  }
+
+  /** Measure round trip and clock offset (docs/protocol.md#ping). */
+  async ping() {
+    const id = this._nextPing++;
+    const t0 = globalThis.performance ? performance.timeOrigin + performance.now() : Date.now();
+    const pong = await this._request({ type: "ping", id, t: t0 }, `pong:${id}`);
+    const t1 = globalThis.performance ? performance.timeOrigin + performance.now() : Date.now();
+    this.rttMs = t1 - t0;
+    this.clockOffsetMs = pong.server_time - (t0 + t1) / 2;
+    return { rttMs: this.rttMs, clockOffsetMs: this.clockOffsetMs };
+  }
+
+  close() {
+    this._closing = true;
+    this.ws?.close(1000);
+  }
+
+  _sendBinary(buf) {
+    this.ws.send(buf);
+  }
+
+  _request(msg, key) {
+    return new Promise((resolve, reject) => {
+      this._pending.set(key, { resolve, reject });
+      this.ws.send(JSON.stringify(msg));
+    });
+  }
+
+  _onMessage(data) {
+    if (typeof data !== "string") {
+      const f = decodeFrame(data);
+      this.streams.get(f.stream)?._deliver({ type: "result_frame", ...f });
+      return;
+    }
+    const msg = JSON.parse(data);
+    const key = msg.type === "welcome" ? "welcome" : msg.type === "opened" || msg.type === "closed" ? `${msg.type}:${msg.stream}` : msg.type === "pong" ? `pong:${msg.id}` : null;
+    if (msg.type === "error" && msg.seq === undefined) {
+      // an error about a request (open, hello): fail the request that is waiting for it
+      const waitingKey = msg.stream !== undefined ? `opened:${msg.stream}` : "welcome";
+      const waiting = this._pending.get(waitingKey);
+      if (waiting) {
+        this._pending.delete(waitingKey);
+        waiting.reject(new RealtimeError(msg));
+        return;
+      }
+    }
+    if (key && this._pending.has(key)) {
+      const { resolve } = this._pending.get(key);
+      this._pending.delete(key);
+      resolve(msg);
+      if (msg.type !== "closed") return;
+    }
+    if (msg.stream !== undefined) {
+      if (msg.type === "result") {
+        const sent = this.sentAt.get(`${msg.stream}:${msg.seq}`);
+        if (sent !== undefined) {
+          msg.roundTripMs = (globalThis.performance ? performance.now() : Date.now()) - sent;
+          this.sentAt.delete(`${msg.stream}:${msg.seq}`);
+        }
+      }
+      this.streams.get(msg.stream)?._deliver(msg);
+    }
+  }
+
+  _onClose(ev) {
+    for (const { reject } of this._pending.values()) reject(new Error(`connection closed (${ev.code})`));
+    this._pending.clear();
+    this.onStatus("disconnected");
+    this.onClose(ev);
+    if (this._closing || this.opts.reconnect === false) return;
+    // Automatic reconnect with exponential back-off (0.5 s .. 15 s, jittered); streams are
+    // reopened with the same ids and options, their seq restarting at 0.
+    const delay = Math.min(15000, 500 * 2 ** this._retries++) * (0.5 + Math.random() / 2);
+    setTimeout(async () => {
+      try {
+        await this._open();
+        for (const stream of this.streams.values()) {
+          stream.seq = 0;
+          stream.inFlight = 0;
+          const again = await this.open(stream.opened.model, { ...stream.opts, streamId: stream.id });
+          again.onResult = stream.onResult;
+          again.onEvent = stream.onEvent;
+          again.onError = stream.onError;
+        }
+      } catch {
+        this._onClose({ code: 1006 });
+      }
+    }, delay);
+  }
+}
+
+/**
+ * Capture the microphone through an AudioWorklet and send `chunkMs` chunks of float32 samples at
+ * the context's own rate (the server resamples). Returns a function that stops it.
+ */
+export async function captureMicrophone(stream, { chunkMs = 20, audioContext, mediaStream, workletUrl } = {}) {
+  const ctx = audioContext ?? new AudioContext();
+  const media = mediaStream ?? (await navigator.mediaDevices.getUserMedia({ audio: { echoCancellation: false, noiseSuppression: false, autoGainControl: false } }));
+  await ctx.audioWorklet.addModule(workletUrl ?? new URL("./pcm-worklet.js", import.meta.url));
+  const source = ctx.createMediaStreamSource(media);
+  const node = new AudioWorkletNode(ctx, "pcm-chunker", { processorOptions: { chunk: Math.round((ctx.sampleRate * chunkMs) / 1000) } });
+  const started = performance.now();
+  let sent = 0;
+  node.port.onmessage = (ev) => {
+    // t: where this chunk starts in the stream's own timeline (ms from the first sample)
+    stream.send(ev.data, { t: (1000 * sent) / ctx.sampleRate });
+    sent += ev.data.length;
+  };
+  source.connect(node);
+  return {
+    sampleRate: ctx.sampleRate,
+    started,
+    stop() {
+      source.disconnect();
+      node.disconnect();
+      media.getTracks().forEach((tr) => tr.stop());
+    },
+  };
+}
+
+/**
+ * Send camera frames, downscaled to the model's [height, width, 3] uint8 input, at `fps`, skipping
+ * a frame whenever the previous one has no result yet (a live client must not build a queue).
+ */
+export async function captureCamera(stream, { width, height, fps = 15, mediaStream, video } = {}) {
+  const media = mediaStream ?? (await navigator.mediaDevices.getUserMedia({ video: { width: 320, height: 240 } }));
+  const el = video ?? document.createElement("video");
+  el.srcObject = media;
+  el.muted = true;
+  await el.play();
+  const canvas = typeof OffscreenCanvas !== "undefined" ? new OffscreenCanvas(width, height) : Object.assign(document.createElement("canvas"), { width, height });
+  const g = canvas.getContext("2d", { willReadFrequently: true });
+  const rgb = new Uint8Array(width * height * 3);
+  let skipped = 0;
+  const timer = setInterval(() => {
+    if (stream.inFlight > 0) {
+      skipped++;
+      return;
+    }
+    g.drawImage(el, 0, 0, width, height);
+    const rgba = g.getImageData(0, 0, width, height).data;
+    for (let i = 0, j = 0; i < rgba.length; i += 4, j += 3) {
+      rgb[j] = rgba[i];
+      rgb[j + 1] = rgba[i + 1];
+      rgb[j + 2] = rgba[i + 2];
+    }
+    stream.send(rgb, { shape: [height, width, 3] });
+  }, 1000 / fps);
+  return {
+    get skipped() {
+      return skipped;
+    },
+    stop() {
+      clearInterval(timer);
+      media.getTracks().forEach((tr) => tr.stop());
+    },
+  };
+}
