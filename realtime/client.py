@@ -25,6 +25,7 @@ from realtime.protocol import (
     Closed,
     Error,
     Event,
+    GoingAway,
     Hello,
     Message,
     Open,
@@ -159,6 +160,8 @@ class Client:
         self._stream_ids = itertools.count(1)
         self._ping_ids = itertools.count(1)
         self._unrouted: asyncio.Queue[Error] = asyncio.Queue()
+        #: Set when the server announced its shutdown (send nothing more; reconnect later).
+        self.going_away: GoingAway | None = None
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
     @classmethod
@@ -308,6 +311,9 @@ class Client:
 
     def _route(self, msg: Message) -> None:
         key: tuple[str, int] | None = None
+        if isinstance(msg, GoingAway):
+            self.going_away = msg  # results of what was sent still come; then the close
+            return
         if isinstance(msg, Opened):
             key = ("opened", msg.stream)
         elif isinstance(msg, Pong):

@@ -262,6 +262,14 @@ class Pong:
 
 
 @dataclass(frozen=True, slots=True)
+class GoingAway:
+    """Server is shutting down: it answers what it accepted, refuses new chunks, then closes."""
+
+    reason: str
+    drain_ms: float
+
+
+@dataclass(frozen=True, slots=True)
 class Timing:
     """Where a result's time went on the server, in milliseconds."""
 
@@ -329,7 +337,18 @@ class Error:
 
 
 Message: TypeAlias = (
-    Hello | Welcome | Open | Opened | Close | Closed | Ping | Pong | Result | Event | Error
+    Hello
+    | Welcome
+    | Open
+    | Opened
+    | Close
+    | Closed
+    | Ping
+    | Pong
+    | Result
+    | Event
+    | Error
+    | GoingAway
 )
 CLIENT_MESSAGES: Final = (Hello, Open, Close, Ping)
 
@@ -464,6 +483,8 @@ def _parse(d: dict[str, Any]) -> Message:
         return Closed(_int(d, "stream"), _int(d, "results"), _int(d, "errors"))
     if kind == "pong":
         return Pong(_int(d, "id"), _num(d, "t"), _num(d, "server_time"))
+    if kind == "going_away":
+        return GoingAway(_str(d, "reason", ""), _num(d, "drain_ms"))
     if kind == "result":
         outputs = _dict(d, "outputs")
         timing = _dict(d, "timing")
@@ -565,6 +586,8 @@ def _as_dict(msg: Message) -> dict[str, Any]:
         return {"type": "ping", "id": msg.id, "t": msg.t}
     if isinstance(msg, Pong):
         return {"type": "pong", "id": msg.id, "t": msg.t, "server_time": msg.server_time}
+    if isinstance(msg, GoingAway):
+        return {"type": "going_away", "reason": msg.reason, "drain_ms": msg.drain_ms}
     if isinstance(msg, Result):
         d = {
             "type": "result",

@@ -8,6 +8,7 @@ what comes back through one bounded outbox per connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import secrets
@@ -45,6 +46,7 @@ from realtime.protocol import (
     Chunk,
     Close,
     Error,
+    GoingAway,
     Hello,
     Message,
     Open,
@@ -100,6 +102,7 @@ class _Connection:
         self._traffic = traffic
         self._outbox: deque[tuple[bytes, bool]] = deque()  # (frame, is_text)
         self._wakeup = asyncio.Event()
+        self._flushed = asyncio.Event()  # set each time the writer has sent everything queued
         self._max_outbox = max_outbox
         self.too_slow = False
         self.last_seen = 0.0  # monotonic time of the last message received
@@ -121,6 +124,15 @@ class _Connection:
                 self.ws.close(CLOSE_TOO_SLOW, "results are not read fast enough")
             )
         self._wakeup.set()
+
+    async def flush_and_close(self) -> None:
+        """Send what is queued, then close as going away (1001)."""
+        if self._outbox and self.ws.protocol.state is State.OPEN:
+            self._flushed.clear()
+            self._wakeup.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flushed.wait(), 5.0)
+        await self.ws.close(1001, "server shutting down")
 
     def error(self, exc: errors.RealtimeError) -> None:
         """Queue a typed error."""
@@ -149,6 +161,7 @@ class _Connection:
                     protocol.send_binary(frame)
             ws.send_data()
             await ws.drain()
+            self._flushed.set()
 
 
 class Server:
@@ -172,6 +185,8 @@ class Server:
         self._poller: asyncio.Task[None] | None = None
         #: Set after each reload pass (tests and admins await it).
         self.reloaded = asyncio.Event()
+        self.draining = False  # shutting down: new chunks are refused, the rest answered
+        self._drained = asyncio.Event()
         self._catalog = orjson.dumps({"models": self.repository.catalog()})
         self._static = load_static()
         #: Checked at the handshake, taken by the connection's handler.
@@ -294,14 +309,34 @@ class Server:
         self.traffic.reloads[result] = self.traffic.reloads.get(result, 0) + 1
 
     async def close(self) -> None:
-        """Stop accepting, close every connection as going away, finish running batches."""
+        """Shut down without losing what was accepted: stop listening, tell every client
+        ``going_away``, refuse new chunks (typed ``going_away`` errors) while every chunk in
+        flight is run and answered (up to ``drain_seconds``; past that, what is still queued gets
+        ``going_away`` errors), then close each connection with 1001."""
         self.ready = False
+        self.draining = True
         if self._poller is not None:
             self._poller.cancel()
-        if self._ws is not None:
-            self._ws.close(close_connections=True)
-            await self._ws.wait_closed()
-        await self.scheduler.close()
+        if self._ws is None:
+            await self.scheduler.close()
+            return
+        self._ws.close(close_connections=False)  # no new connections; the open ones stay
+        drain = self.config.drain_seconds
+        notice: list[Message] = [GoingAway("the server is shutting down", drain * 1000.0)]
+        for conn in list(self._connections):
+            conn.send_messages(notice, False)
+        self._check_drained()
+        try:
+            await asyncio.wait_for(self._drained.wait(), drain)
+        except TimeoutError:
+            log.warning("event=drain_timeout seconds=%g", drain)
+        await self.scheduler.close()  # fails what is still queued: those errors go out too
+        await asyncio.gather(*(c.flush_and_close() for c in list(self._connections)))
+        await self._ws.wait_closed()
+
+    def _check_drained(self) -> None:
+        if self.draining and all(c.session.inflight == 0 for c in self._connections):
+            self._drained.set()
 
     # --- HTTP --------------------------------------------------------------------------------
 
@@ -477,6 +512,10 @@ class Server:
             frame = decode_frame(data)
             if not isinstance(frame, Chunk):
                 raise errors.BadFrame("result frames go from server to client only")
+            if self.draining:
+                raise errors.ShuttingDown(
+                    "the server is shutting down", stream=frame.stream, seq=frame.seq
+                )
             items = session.accept(frame, time.monotonic(), partial(self._make_room, conn))
         except errors.RealtimeError as e:
             conn.error(e)
@@ -526,6 +565,8 @@ class Server:
         messages = conn.session.complete(item, outcome)
         if messages:
             conn.send_messages(messages, item.stream.results == "binary")
+        if self.draining:
+            self._check_drained()
 
 
 def _signature(folder: Path) -> tuple[tuple[int, int], ...]:

@@ -23,6 +23,7 @@ from realtime.protocol import (
     Closed,
     Error,
     Event,
+    GoingAway,
     Hello,
     Open,
     Opened,
@@ -100,6 +101,7 @@ messages = st.one_of(
     st.builds(Closed, ids, ids, ids),
     st.builds(Ping, ids, finite),
     st.builds(Pong, ids, finite, finite),
+    st.builds(GoingAway, names, finite),
     st.builds(
         Result,
         ids,
