@@ -1,0 +1,82 @@
+"""Faults through a real server: a model that raises inside ONNX Runtime, a client that vanishes
+with chunks queued. Invariant: every accepted chunk gets one result or one typed error, and the
+other sessions notice nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from realtime.client import Client
+from realtime.protocol import Error, Result
+from realtime.server import Server
+from tests.conftest import ServerFactory, double_graph, write_model
+from tests.test_server import Raw
+
+
+def lookup_graph() -> onnx.GraphProto:
+    """y = table[int(x)] for x [batch, 1]: an index past the table makes ORT raise at run time."""
+    table = helper.make_tensor("table", TensorProto.FLOAT, [4], [10.0, 11.0, 12.0, 13.0])
+    return helper.make_graph(
+        [
+            helper.make_node("Cast", ["x"], ["i"], to=TensorProto.INT64),
+            helper.make_node("Gather", ["table", "i"], ["y"], axis=0),
+        ],
+        "lookup",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])],
+        [table],
+    )
+
+
+async def test_a_model_that_raises_fails_only_its_batch(
+    start_server: ServerFactory, tmp_path: Path
+) -> None:
+    root = tmp_path / "models"
+    write_model(root, "lookup", lookup_graph(), "max_delay_ms = 0\n")
+    write_model(root, "double", double_graph())
+    server: Server = await start_server((root,), builtin=False)
+    bystander = await Client.connect(server.url)
+    other = await bystander.open("double")
+    raw = await Raw.connect(server.url)
+    assert (await raw.open(1, "lookup", shape=[1]))["type"] == "opened"
+    await raw.chunk(1, 0, np.array([2.0], np.float32))
+    await other.send(np.ones(4, np.float32))
+    await raw.chunk(1, 1, np.array([99.0], np.float32))  # out of the table: ORT raises
+    await raw.chunk(1, 2, np.array([3.0], np.float32))
+    got = [await raw.recv() for _ in range(3)]
+    assert [m["seq"] for m in got] == [0, 1, 2]
+    assert got[0]["outputs"]["y"]["data"] == [12.0] and got[2]["outputs"]["y"]["data"] == [13.0]
+    assert got[1]["type"] == "error" and got[1]["code"] == "inference_failed"
+    assert "lookup@1 failed" in got[1]["message"] and got[1]["retryable"]
+    answer = await other.next()
+    assert isinstance(answer, Result) and answer.outputs["y"].tolist() == [2.0] * 4
+    assert server.scheduler.snapshot()["lookup@1"].stats.failures >= 1
+    await bystander.close()
+
+
+async def test_a_client_that_vanishes_mid_stream_leaves_the_others_whole(
+    start_server: ServerFactory, tiny_models: Path
+) -> None:
+    server: Server = await start_server((tiny_models,), builtin=False)
+    clients = [await Client.connect(server.url) for _ in range(4)]
+    streams = [await c.open("accumulate") for c in clients]  # stateful: per-stream order
+    vanisher = await Raw.connect(server.url)
+    assert (await vanisher.open(1, "double", shape=[4]))["type"] == "opened"
+    for seq in range(60):
+        await vanisher.chunk(1, seq, np.ones(4, np.float32))
+    vanisher.ws.transport.abort()  # gone, with chunks queued and results unsent
+    n = 50
+    for _ in range(n):
+        for s in streams:
+            await s.send(np.full(3, 1.0, np.float32))
+    for s in streams:
+        got = [await s.next() for _ in range(n)]
+        assert not [m for m in got if isinstance(m, Error)]
+        totals = [m.outputs["total"][0] for m in got if isinstance(m, Result)]
+        assert totals == [float(k + 1) for k in range(n)]  # each state intact, in order
+    for c in clients:
+        await c.close()
