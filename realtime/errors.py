@@ -166,6 +166,13 @@ class Overloaded(ServingError):
     code = "overloaded"
 
 
+class ResultsDropped(ServingError):
+    """The client reads too slowly: its oldest unsent results were dropped (the count is in the
+    message); it is disconnected (4008) if it stays behind."""
+
+    code = "results_dropped"
+
+
 class Dropped(ServingError):
     """The chunk was dropped to make room for a newer one (live-media policy)."""
 

@@ -70,6 +70,8 @@ SERVER_NAME = f"realtime/{__version__}"
 HARD_SIZE_FACTOR = 4
 #: Close code for a client that does not read its results fast enough.
 CLOSE_TOO_SLOW = 4008
+#: Kinds of outbox entries (see _Connection).
+OTHER, RESULT, NOTICE = 0, 1, 2
 #: Close code for a session that sent nothing for ``Limits.idle_seconds``.
 CLOSE_IDLE = 4001
 
@@ -100,7 +102,10 @@ class _Connection:
         self.ws = ws
         self.session = session
         self._traffic = traffic
-        self._outbox: deque[tuple[bytes, bool]] = deque()  # (frame, is_text)
+        #: (frame, is_text, kind): kind RESULT may be shed for a slow reader, NOTICE is the one
+        #: unsent results_dropped error (it is replaced, not repeated), OTHER is never dropped.
+        self._outbox: deque[tuple[bytes, bool, int]] = deque()
+        self._unsent_dropped = 0  # results counted by the NOTICE now in the outbox
         self._wakeup = asyncio.Event()
         self._flushed = asyncio.Event()  # set each time the writer has sent everything queued
         self._max_outbox = max_outbox
@@ -109,14 +114,17 @@ class _Connection:
 
     def send_messages(self, messages: list[Message], binary_results: bool) -> None:
         """Queue messages in order, results as binary frames where the stream asked for them."""
+        outbox = self._outbox
         for msg in messages:
             if binary_results and isinstance(msg, Result):
-                self._outbox.extend((frame, False) for frame in result_frames(msg))
+                outbox.extend((frame, False, OTHER) for frame in result_frames(msg))
             else:
                 if type(msg) is Error:
                     errors_sent = self._traffic.errors
                     errors_sent[msg.code] = errors_sent.get(msg.code, 0) + 1
-                self._outbox.append((encode_text(msg), True))
+                outbox.append((encode_text(msg), True, RESULT if type(msg) is Result else OTHER))
+        if len(outbox) > self._max_outbox // 2:
+            self._shed_results()
         if len(self._outbox) > self._max_outbox and not self.too_slow:
             self.too_slow = True
             self._outbox.clear()
@@ -124,6 +132,35 @@ class _Connection:
                 self.ws.close(CLOSE_TOO_SLOW, "results are not read fast enough")
             )
         self._wakeup.set()
+
+    def _shed_results(self) -> None:
+        """A slow reader: drop its oldest unsent JSON results (a live client wants the newest)
+        down to a quarter of the bound, and tell it how many with one typed error."""
+        keep = self._max_outbox // 4
+        excess = len(self._outbox) - keep
+        kept: list[tuple[bytes, bool, int]] = []
+        dropped = 0
+        at = -1  # where the notice goes: in place of the first result dropped, in order
+        for entry in self._outbox:
+            if entry[2] == NOTICE:
+                at = len(kept) if at < 0 else at
+                continue  # replaced below, with the new count added
+            if dropped < excess and entry[2] == RESULT:
+                at = len(kept) if at < 0 else at
+                dropped += 1
+            else:
+                kept.append(entry)
+        if dropped:
+            if not self._unsent_dropped:
+                self._traffic.errors["results_dropped"] = (
+                    self._traffic.errors.get("results_dropped", 0) + 1
+                )
+            self._unsent_dropped += dropped
+            notice = errors.ResultsDropped(
+                f"{self._unsent_dropped} results were dropped unsent: the client reads too slowly"
+            )
+            kept.insert(at, (encode_text(Error.of(notice)), True, NOTICE))
+            self._outbox = deque(kept)
 
     async def flush_and_close(self) -> None:
         """Send what is queued, then close as going away (1001)."""
@@ -142,18 +179,21 @@ class _Connection:
         """Write queued frames until the connection closes."""
         # Everything queued goes out in one write and one drain: ``ws.send`` per message costs an
         # async context manager and a drain each, the largest part of a small result's cost.
-        outbox, ws, traffic = self._outbox, self.ws, self._traffic
+        ws, traffic = self.ws, self._traffic
         protocol = ws.protocol
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
+            outbox = self._outbox  # _shed_results may have replaced it
             if not outbox:
                 continue
             if protocol.state is not State.OPEN:
                 return
             traffic.messages_out += len(outbox)
             while outbox:
-                frame, text = outbox.popleft()
+                frame, text, kind = outbox.popleft()
+                if kind == NOTICE:
+                    self._unsent_dropped = 0
                 traffic.bytes_out += len(frame)
                 if text:
                     protocol.send_text(frame)

@@ -63,7 +63,8 @@ async def test_a_client_that_vanishes_mid_stream_leaves_the_others_whole(
 ) -> None:
     server: Server = await start_server((tiny_models,), builtin=False)
     clients = [await Client.connect(server.url) for _ in range(4)]
-    streams = [await c.open("accumulate") for c in clients]  # stateful: per-stream order
+    # stateful: per-stream order; a long deadline, so a busy CI machine cannot shed anything
+    streams = [await c.open("accumulate", deadline_ms=10_000) for c in clients]
     vanisher = await Raw.connect(server.url)
     assert (await vanisher.open(1, "double", shape=[4]))["type"] == "opened"
     for seq in range(60):

@@ -500,3 +500,57 @@ async def test_an_idle_session_is_closed_with_4001(
     raw = await Raw.connect(server.url)  # says hello, then nothing
     await raw.ws.wait_closed()
     assert raw.ws.close_code == 4001 and "nothing received" in (raw.ws.close_reason or "")
+
+
+async def test_a_slow_reader_loses_its_oldest_results_with_a_typed_error(
+    start_server: ServerFactory, tiny_models: Path
+) -> None:
+    import socket
+
+    from realtime.config import Config
+
+    # Nothing refused (in-flight bounds out of the way): only results pile up unread.
+    roomy = Limits(max_inflight_per_stream=10_000, max_inflight_per_session=10_000)
+    server = Server(
+        Config(
+            port=0,
+            model_dirs=(tiny_models,),
+            builtin_models=False,
+            warm_up=False,
+            reload_seconds=0,
+            max_outbox=64,
+            limits=roomy,
+        )
+    )
+    await server.start()
+    try:
+        listener = server._ws.sockets[0]  # type: ignore[union-attr]
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # accepted ones inherit
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+        raw = Raw(await connect(server.url, sock=sock, compression=None, max_size=None))
+        await raw.text({"type": "hello", "protocol": 1})
+        assert (await raw.recv())["type"] == "welcome"
+        assert (await raw.open(1, "double", shape=[4]))["type"] == "opened"
+        n = 3000
+        for seq in range(n):  # and read nothing meanwhile
+            await raw.chunk(1, seq, np.ones(4, np.float32))
+        got = []
+        while True:
+            msg = await raw.recv()
+            got.append(msg)
+            if msg["type"] == "result" and msg["seq"] == n - 1:
+                break
+        notices = [m for m in got if m.get("code") == "results_dropped"]
+        results = [m["seq"] for m in got if m["type"] == "result"]
+        assert notices and all(
+            m["retryable"] and "reads too slowly" in m["message"] for m in notices
+        )
+        dropped = sum(int(m["message"].split()[0]) for m in notices)
+        refused = [m["seq"] for m in got if m["type"] == "error" and "seq" in m]
+        # every chunk answered (a result or its own typed error) or counted in a notice
+        assert len(results) + len(refused) + dropped == n
+        assert results == sorted(results)  # what is left is in order, the newest kept
+    finally:
+        await server.close()
