@@ -58,3 +58,18 @@ def test_a_mix_of_kinds_against_realtime_alone(tmp_path: Path) -> None:
     assert run["offered"] == 2 * (50 + 2 * 80 + 20)
     assert set(run["by_kind"]) == {"audio", "pose", "video"}
     assert run["lost"] == 0 and run["errors"] == {}, run
+
+
+def test_readme_figures_lists_every_performance_command() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "loadtest.readme_figures", "--list"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    listed = r.stdout.splitlines()
+    assert len(listed) == 4
+    assert sum(c.startswith("python -m loadtest.scheduler_bench") for c in listed) == 1
+    assert all("--out docs/perf/" in c for c in listed)
