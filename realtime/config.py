@@ -42,6 +42,8 @@ class Config:
     max_outbox: int = 4096
     #: Seconds in-flight batches get to finish on shutdown.
     drain_seconds: float = 5.0
+    #: Seconds, after draining, that clients get to read their answers and close first.
+    close_grace_seconds: float = 1.0
     #: Run every model at every batch size before serving (off only to start test servers fast).
     warm_up: bool = True
     #: Optimized ONNX graphs kept between starts (see runtime.RuntimeOptions.cache_dir).

@@ -371,6 +371,13 @@ class Server:
         except TimeoutError:
             log.warning("event=drain_timeout seconds=%g", drain)
         await self.scheduler.close()  # fails what is still queued: those errors go out too
+        # Chunks a client sent before the notice reached it are still on the wire: keep reading
+        # (and refusing them, typed) until the client closes, for close_grace_seconds.
+        open_ones = [asyncio.ensure_future(c.ws.wait_closed()) for c in self._connections]
+        if open_ones and self.config.close_grace_seconds > 0:
+            await asyncio.wait(open_ones, timeout=self.config.close_grace_seconds)
+        for waiter in open_ones:
+            waiter.cancel()
         await asyncio.gather(*(c.flush_and_close() for c in list(self._connections)))
         await self._ws.wait_closed()
 

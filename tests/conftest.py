@@ -129,6 +129,7 @@ async def start_server() -> AsyncIterator[ServerFactory]:
             limits=limits or Limits(),
             warm_up=warm_up,
             reload_seconds=reload_seconds,
+            close_grace_seconds=0.0,  # tests/test_shutdown.py checks the grace on a real process
         )
         server = Server(config)
         await server.start()
