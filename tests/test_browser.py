@@ -34,26 +34,29 @@ def find_chromium() -> str:
     for name in ("chromium", "chromium-browser", "google-chrome"):
         if path := shutil.which(name):
             return path
-    if os.geteuid() == 0 and shutil.which("apt-get"):
+    root = os.geteuid() == 0
+    sudo = not root and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode == 0
+    if (root or sudo) and shutil.which("apt-get"):
+        apt = ["apt-get"] if root else ["sudo", "-n", "apt-get"]
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         r = subprocess.run(
-            ["apt-get", "install", "-y", "-q", "chromium"],
+            [*apt, "install", "-y", "-q", "chromium"],
             capture_output=True,
             text=True,
             timeout=900,
             env=env,
         )
         if r.returncode != 0:  # the package lists may be stale
-            subprocess.run(["apt-get", "update", "-q"], capture_output=True, timeout=600, env=env)
+            subprocess.run([*apt, "update", "-q"], capture_output=True, timeout=600, env=env)
             subprocess.run(
-                ["apt-get", "install", "-y", "-q", "chromium"],
+                [*apt, "install", "-y", "-q", "chromium"],
                 capture_output=True,
                 timeout=900,
                 env=env,
             )
         if path := shutil.which("chromium"):
             return path
-    pytest.skip("Chromium is not installed and cannot be installed here (needs root and apt)")
+    pytest.skip("Chromium is missing and cannot be installed here (needs apt as root or sudo -n)")
 
 
 @pytest.fixture(scope="module")
