@@ -20,11 +20,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from realtime.scheduler import LATENCY_BOUNDS_MS, QueueSnapshot
-
-
-def _histogram() -> list[int]:
-    return [0] * len(LATENCY_BOUNDS_MS)
+from realtime.scheduler import LATENCY_BOUNDS_MS, QueueSnapshot, new_histogram
 
 
 @dataclass(slots=True)
@@ -46,7 +42,7 @@ class Traffic:
         """Count one chunk's server-side latency."""
         hist = self.latency_ms.get(model)
         if hist is None:
-            hist = self.latency_ms[model] = _histogram()
+            hist = self.latency_ms[model] = new_histogram()
             self.latency_sum_ms[model] = 0.0
         hist[bisect_left(LATENCY_BOUNDS_MS, ms)] += 1
         self.latency_sum_ms[model] += ms

@@ -37,7 +37,8 @@ LATENCY_BOUNDS_MS: tuple[float, ...] = (
 )
 
 
-def _histogram() -> list[int]:
+def new_histogram() -> list[int]:
+    """Zero counts, one per :data:`LATENCY_BOUNDS_MS` bucket."""
     return [0] * len(LATENCY_BOUNDS_MS)
 
 
@@ -57,8 +58,8 @@ class QueueStats:
     queue_seconds: float = 0.0
     infer_seconds: float = 0.0
     batch_sizes: dict[int, int] = field(default_factory=dict)
-    queue_ms: list[int] = field(default_factory=_histogram)
-    infer_ms: list[int] = field(default_factory=_histogram)
+    queue_ms: list[int] = field(default_factory=new_histogram)
+    infer_ms: list[int] = field(default_factory=new_histogram)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ import logging
 import secrets
 import ssl
 import time
+import weakref
 from collections import deque
 from functools import partial
 from http import HTTPStatus
@@ -230,7 +231,10 @@ class Server:
         self._catalog = orjson.dumps({"models": self.repository.catalog()})
         self._static = load_static()
         #: Checked at the handshake, taken by the connection's handler.
-        self._grants: dict[ServerConnection, Grant] = {}
+        #: Weak: a handshake that fails after it was admitted leaves nothing behind.
+        self._grants: weakref.WeakKeyDictionary[ServerConnection, Grant] = (
+            weakref.WeakKeyDictionary()
+        )
         self._sessions_by_key: dict[str, int] = {}
         self._sessions_by_ip: dict[str, int] = {}
 

@@ -26,15 +26,19 @@ def dense_graph() -> object:
     )
 
 
-def test_quantize_writes_an_int8_version_next_to_the_float_one(tmp_path: Path) -> None:
-    folder = write_model(tmp_path, "dense", dense_graph(), "max_batch = 8\n")  # type: ignore[arg-type]
-    r = subprocess.run(
+def quantize(folder: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [sys.executable, "-m", "realtime", "models", "quantize", str(folder)],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def test_quantize_writes_an_int8_version_next_to_the_float_one(tmp_path: Path) -> None:
+    folder = write_model(tmp_path, "dense", dense_graph(), "max_batch = 8\n")  # type: ignore[arg-type]
+    r = quantize(folder)
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["model"] == "dense@1" and report["int8"] == "dense@1-int8"
@@ -45,11 +49,5 @@ def test_quantize_writes_an_int8_version_next_to_the_float_one(tmp_path: Path) -
     repo = ModelRepository(scan(tmp_path))
     assert repo.get("dense", "1-int8") is not None
     assert repo.get("dense").version == "1"  # type: ignore[union-attr]  # not the default
-    again = subprocess.run(
-        [sys.executable, "-m", "realtime", "models", "quantize", str(folder)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    again = quantize(folder)
     assert again.returncode == 2 and "already exists" in again.stderr
