@@ -70,6 +70,13 @@ def _parser() -> argparse.ArgumentParser:
         help="sessions open at once from one address (default %(default)s; raise it behind a "
         "proxy on the same host, where every client is 127.0.0.1)",
     )
+    s.add_argument(
+        "--resume-seconds",
+        type=float,
+        default=Limits().resume_seconds,
+        help="how long a session whose connection was lost is kept for its client to resume "
+        "(default %(default)s; 0: no resuming)",
+    )
     s.add_argument("--certfile", type=Path, help="TLS certificate chain (PEM): serve wss://")
     s.add_argument("--keyfile", type=Path, help="TLS private key (PEM)")
     s.add_argument(
@@ -321,7 +328,10 @@ def main(argv: list[str] | None = None) -> int:
                 certfile=args.certfile,
                 keyfile=args.keyfile,
                 insecure_no_auth=args.insecure_no_auth,
-                limits=Limits(max_sessions_per_ip=args.max_sessions_per_ip),
+                limits=Limits(
+                    max_sessions_per_ip=args.max_sessions_per_ip,
+                    resume_seconds=args.resume_seconds,
+                ),
             )
             _run(run(config))
             return 0

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from ssl import SSLContext
 from typing import Any
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from realtime import errors
 from realtime.protocol import (
@@ -74,6 +76,9 @@ class Stream:
         self._seq = itertools.count()
         self._queue: asyncio.Queue[StreamMessage | Closed | ConnectionError] = asyncio.Queue()
         self._partial: dict[int, list[ResultFrame]] = {}
+        #: Chunks sent and not answered yet, by seq: sent again after a resume if the server
+        #: did not get them.
+        self._unanswered: dict[int, bytes] = {}
         self.closed: Closed | None = None
 
     async def send(
@@ -85,7 +90,11 @@ class Stream:
         deadline_ms: int = 0,
         end_of_segment: bool = False,
     ) -> int:
-        """Send one chunk; returns its sequence number. ``t`` is your clock, in ms."""
+        """Send one chunk; returns its sequence number. ``t`` is your clock, in ms.
+
+        While the client resumes a lost connection this waits for it; the chunk is kept until
+        its answer comes, and sent again after a resume if the server did not get it.
+        """
         n = next(self._seq) if seq is None else seq
         chunk = Chunk(
             self.id,
@@ -95,7 +104,9 @@ class Stream:
             deadline_ms=deadline_ms,
             flags=FLAG_END_OF_SEGMENT if end_of_segment else 0,
         )
-        await self.client.ws.send(encode_frame(chunk))
+        frame = encode_frame(chunk)
+        self._unanswered[n] = frame
+        await self.client._send(frame)
         return n
 
     async def next(self) -> StreamMessage:
@@ -141,6 +152,7 @@ class Stream:
         parts.append(frame)
         if len(parts) == frame.count:
             del self._partial[frame.seq]
+            self._unanswered.pop(frame.seq, None)
             parts.sort(key=lambda f: f.index)
             timing = Timing(frame.queue_us / 1000.0, frame.infer_us / 1000.0, 0)
             names = self.output_names
@@ -150,11 +162,36 @@ class Stream:
 
 
 class Client:
-    """A connection to a `realtime` server."""
+    """A connection to a `realtime` server.
 
-    def __init__(self, ws: ClientConnection, welcome: Welcome) -> None:
+    When the connection is lost (not closed by either side), the client dials again with
+    jittered back-off and resumes its session (``hello.resume``) for as long as the server keeps
+    it (``resume_seconds``): streams, their models' state and every answer come back, in order,
+    none twice; chunks the server did not get are sent again. Meanwhile :meth:`Stream.send` waits.
+    If the session cannot be resumed, every stream gets a ``ConnectionError``.
+    """
+
+    def __init__(
+        self,
+        ws: ClientConnection,
+        welcome: Welcome,
+        dial: Callable[[], Awaitable[ClientConnection]] | None = None,
+        name: str = "realtime.client",
+    ) -> None:
         self.ws = ws
         self.welcome = welcome
+        self._dial = dial
+        self._name = name
+        #: The token that resumes this session (from the welcome, or a later going_away).
+        self.resume_token = welcome.resume_token
+        #: Times this client resumed its session after a lost connection.
+        self.resumes = 0
+        self._received = 0  # messages read since the first welcome (a resume says how many)
+        self._online = asyncio.Event()  # set while connected (cleared while resuming)
+        self._online.set()
+        self._closing = False
+        #: Requests sent and not answered, by the key of their answer (sent again on a resume).
+        self._requests: dict[tuple[str, int], Message] = {}
         self.streams: dict[int, Stream] = {}
         self._waiting: dict[tuple[str, int], asyncio.Future[Message]] = {}
         self._stream_ids = itertools.count(1)
@@ -182,16 +219,13 @@ class Client:
         if api_key is not None:
             headers["X-Api-Key"] = api_key
         tls: dict[str, Any] = {} if ssl is None else {"ssl": ssl}
-        ws = await connect(url, compression=None, max_size=None, additional_headers=headers, **tls)
-        await ws.send(encode_text(Hello(client=name)), text=True)
-        msg = decode_text(await ws.recv())
-        if isinstance(msg, Error):
-            await ws.close()
-            raise raise_error(msg)
-        if not isinstance(msg, Welcome):
-            await ws.close()
-            raise errors.BadMessage(f"expected welcome, got {msg!r}")
-        return cls(ws, msg)
+
+        def dial() -> Awaitable[ClientConnection]:
+            return connect(url, compression=None, max_size=None, additional_headers=headers, **tls)
+
+        ws = await dial()
+        msg = await _greet(ws, Hello(client=name))
+        return cls(ws, msg, dial, name)
 
     @property
     def models(self) -> list[dict[str, Any]]:
@@ -271,7 +305,8 @@ class Client:
         return await self._unrouted.get()
 
     async def close(self) -> None:
-        """Close the connection."""
+        """Close the connection (the session ends: it is not kept to resume)."""
+        self._closing = True
         await self.ws.close()
         self._reader.cancel()
 
@@ -281,38 +316,125 @@ class Client:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    async def _send(self, data: bytes | str) -> None:
+        """Send a frame already kept for a resume (in ``_unanswered`` or ``_requests``); while
+        resuming, wait until the session is back: the resume sent it if the server lacked it."""
+        if not self._online.is_set():
+            await self._online.wait()
+            if self._reader.done():
+                raise ConnectionError("the connection was lost and the session not resumed")
+            return
+        try:
+            await self.ws.send(data)
+        except ConnectionClosed:
+            if self._reader.done() or not self._may_resume():
+                raise ConnectionError(
+                    f"connection closed ({self.ws.close_code} {self.ws.close_reason})"
+                ) from None
+
     async def _request(self, msg: Message, key: tuple[str, int]) -> Message:
         fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._waiting[key] = fut
+        self._requests[key] = msg
         try:
-            await self.ws.send(encode_text(msg), text=True)
+            await self._send(encode_text(msg).decode())
             return await fut
         finally:
             self._waiting.pop(key, None)
+            self._requests.pop(key, None)
+
+    def _may_resume(self) -> bool:
+        """Whether the connection was lost (not closed by us or the server) and can resume."""
+        return (
+            not self._closing
+            and self._dial is not None
+            and self.resume_token is not None
+            and self.ws.protocol.close_rcvd is None
+        )
 
     async def _read(self) -> None:
+        exc: BaseException | None = None
         try:
-            async for raw in self.ws:
-                if isinstance(raw, bytes):
-                    frame = decode_frame(raw)
-                    if isinstance(frame, ResultFrame) and frame.stream in self.streams:
-                        self.streams[frame.stream]._on_frame(frame)
-                    continue
-                self._route(decode_text(raw))
+            while True:
+                try:
+                    async for raw in self.ws:
+                        self._received += 1
+                        if isinstance(raw, bytes):
+                            frame = decode_frame(raw)
+                            if isinstance(frame, ResultFrame) and frame.stream in self.streams:
+                                self.streams[frame.stream]._on_frame(frame)
+                            continue
+                        self._route(decode_text(raw))
+                except ConnectionClosed:
+                    pass
+                if not self._may_resume():
+                    return
+                try:
+                    await self._resume()
+                except (OSError, errors.RealtimeError, InvalidHandshake, ConnectionClosed) as e:
+                    exc = e
+                    return
         finally:
-            exc = ConnectionError(
+            self._online.set()  # senders waiting for a resume wake up and see it failed
+            lost = ConnectionError(
                 f"connection closed ({self.ws.close_code} {self.ws.close_reason})"
+                + ("" if exc is None else f"; not resumed: {exc}")
             )
             for fut in self._waiting.values():
                 if not fut.done():
-                    fut.set_exception(exc)
+                    fut.set_exception(lost)
             for stream in self.streams.values():
-                stream._queue.put_nowait(exc)
+                stream._queue.put_nowait(lost)
+
+    async def _resume(self) -> None:
+        """Dial again (jittered back-off, for as long as the server keeps the session), take
+        the session back, and send again what the server did not get."""
+        assert self._dial is not None and self.resume_token is not None
+        self._online.clear()
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + float(self.welcome.limits.get("resume_seconds", 30.0))
+        delay = 0.05
+        while True:
+            try:
+                ws = await self._dial()
+                break
+            except (OSError, InvalidHandshake):
+                if loop.time() + delay > give_up:
+                    raise
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))  # back-off, not a wait
+                delay = min(2 * delay, 2.0)
+        hello = Hello(client=self._name, resume=self.resume_token, received=self._received)
+        welcome = await _greet(ws, hello)
+        assert welcome.resumed is not None
+        self.ws = ws
+        self._received = int(welcome.resumed["from"])
+        held = {int(s["stream"]): s for s in welcome.resumed["streams"]}
+        # No await from here to _online.set(): every frame kept so far is sent again if the
+        # server lacks it, and senders that waited for the resume must not send it twice.
+        protocol = ws.protocol
+        for (kind, sid), msg in self._requests.items():
+            # Answers the server produced are in the replay; requests it never got go again.
+            if (
+                kind == "pong"
+                or (kind == "opened" and sid not in held)
+                or (kind == "closed" and sid in held and not held[sid]["closing"])
+            ):
+                protocol.send_text(encode_text(msg))
+        for sid, stream in self.streams.items():
+            if sid in held:
+                received = int(held[sid]["received"])
+                for seq, frame in sorted(stream._unanswered.items()):
+                    if seq > received:
+                        protocol.send_binary(frame)
+        ws.send_data()
+        self.resumes += 1
+        self._online.set()
 
     def _route(self, msg: Message) -> None:
         key: tuple[str, int] | None = None
         if isinstance(msg, GoingAway):
             self.going_away = msg  # results of what was sent still come; then the close
+            self.resume_token = msg.resume_token or self.resume_token
             return
         if isinstance(msg, Opened):
             key = ("opened", msg.stream)
@@ -336,6 +458,7 @@ class Client:
                         return
             stream = self.streams.get(msg.stream) if msg.stream is not None else None
             if stream is not None and msg.seq is not None:
+                stream._unanswered.pop(msg.seq, None)
                 stream._queue.put_nowait(msg)
             else:
                 self._unrouted.put_nowait(msg)
@@ -344,7 +467,22 @@ class Client:
             stream = self.streams.get(msg.stream)
             if stream is None:
                 return
+            if isinstance(msg, Result):
+                stream._unanswered.pop(msg.seq, None)
             if isinstance(msg, Event) and stream.on_event is not None:
                 stream.on_event(msg)
             else:
                 stream._queue.put_nowait(msg)
+
+
+async def _greet(ws: ClientConnection, hello: Hello) -> Welcome:
+    """Say hello on a new connection and return the welcome (raise the error instead)."""
+    await ws.send(encode_text(hello).decode())
+    msg = decode_text(await ws.recv())
+    if isinstance(msg, Error):
+        await ws.close()
+        raise raise_error(msg)
+    if not isinstance(msg, Welcome):
+        await ws.close()
+        raise errors.BadMessage(f"expected welcome, got {msg!r}")
+    return msg

@@ -144,6 +144,19 @@ class NonFiniteInput(ProtocolError):
     code = "non_finite_input"
 
 
+class ResumeUnknown(ProtocolError):
+    """A ``hello`` resuming a session this server does not hold (never issued here, already
+    resumed, or issued to another credential): start a new session."""
+
+    code = "resume_unknown"
+
+
+class ResumeExpired(ProtocolError):
+    """A ``hello`` resuming a session whose ``resume_seconds`` ran out: its streams are gone."""
+
+    code = "resume_expired"
+
+
 # --- The server could not serve an accepted chunk --------------------------------------------
 
 

@@ -34,6 +34,7 @@ class Traffic:
     bytes_out: int = 0
     errors: dict[str, int] = field(default_factory=dict)  # by wire code
     reloads: dict[str, int] = field(default_factory=dict)  # model versions added/removed/refused
+    resumes: dict[str, int] = field(default_factory=dict)  # sessions parked/resumed/expired/refused
     #: Per model key: server-side latency (chunk received -> its outcome queued to send), ms.
     latency_ms: dict[str, list[int]] = field(default_factory=dict)
     latency_sum_ms: dict[str, float] = field(default_factory=dict)
@@ -63,11 +64,11 @@ class Metrics(Collector):
         self,
         traffic: Traffic,
         queues: Callable[[], dict[str, QueueSnapshot]],
-        gauges: Callable[[], tuple[int, int]],
+        gauges: Callable[[], tuple[int, int, int]],
     ) -> None:
         self._traffic = traffic
         self._queues = queues
-        self._gauges = gauges  # (sessions open, streams open)
+        self._gauges = gauges  # (sessions open, streams open, sessions parked)
 
     def registry(self) -> CollectorRegistry:
         """A registry holding just this collector (no process-global state)."""
@@ -77,8 +78,11 @@ class Metrics(Collector):
 
     def collect(self) -> Iterator[Metric]:
         t = self._traffic
-        sessions, streams = self._gauges()
+        sessions, streams, parked = self._gauges()
         yield GaugeMetricFamily("realtime_sessions", "Sessions open now", sessions)
+        yield GaugeMetricFamily(
+            "realtime_sessions_parked", "Sessions whose connection was lost, kept to resume", parked
+        )
         yield GaugeMetricFamily("realtime_streams", "Streams open now", streams)
         yield CounterMetricFamily("realtime_sessions_opened", "Sessions opened", t.sessions_total)
         yield CounterMetricFamily("realtime_messages_received", "Messages in", t.messages_in)
@@ -95,6 +99,14 @@ class Metrics(Collector):
         for result, n in sorted(t.reloads.items()):
             reloads.add_metric([result], n)
         yield reloads
+        resumes = CounterMetricFamily(
+            "realtime_session_resumes",
+            "Lost sessions parked, resumed, expired, and resumes refused",
+            labels=["result"],
+        )
+        for result, n in sorted(t.resumes.items()):
+            resumes.add_metric([result], n)
+        yield resumes
 
         latency = HistogramMetricFamily(
             "realtime_latency_seconds",

@@ -181,10 +181,14 @@ _MAX_ID: Final = _U32_MAX
 
 @dataclass(frozen=True, slots=True)
 class Hello:
-    """Client opens its session: the protocol version it speaks and who it is."""
+    """Client opens its session: the protocol version it speaks and who it is; or takes back a
+    session it lost (``resume``: the session's resume token, ``received``: how many messages of
+    it the client got after its first welcome)."""
 
     protocol: int = PROTOCOL_VERSION
     client: str = ""
+    resume: str | None = None
+    received: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +200,12 @@ class Welcome:
     limits: dict[str, Any]
     models: list[dict[str, Any]]
     protocol: int = PROTOCOL_VERSION
+    #: Give it back in ``hello.resume`` to take this session back after a lost connection.
+    resume_token: str | None = None
+    #: On a resume: ``streams``, the session's open streams (``{"stream", "received",
+    #: "closing"}`` each, ``received`` the last seq the server got: send later chunks again), and
+    #: ``from``, the count of messages since the first welcome that the replay follows.
+    resumed: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +277,7 @@ class GoingAway:
 
     reason: str
     drain_ms: float
+    resume_token: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,7 +449,13 @@ def _parse(d: dict[str, Any]) -> Message:
             raise UnsupportedVersion(
                 f"client speaks protocol {version}, this server speaks {PROTOCOL_VERSION}"
             )
-        return Hello(version, _str(d, "client", ""))
+        token = _opt_str(d, "resume")
+        return Hello(
+            version,
+            _str(d, "client", ""),
+            token,
+            0 if token is None else _int(d, "received", 0, 2**53),
+        )
     if kind == "open":
         sample_rate = d.get("sample_rate")
         deadline = d.get("deadline_ms")
@@ -463,8 +480,17 @@ def _parse(d: dict[str, Any]) -> Message:
         models = _obj(d, "models")
         if not isinstance(models, list):
             raise BadMessage("welcome.models must be a list")
+        resumed = d.get("resumed")
+        if resumed is not None and not isinstance(resumed, dict):
+            raise BadMessage("welcome.resumed must be an object")
         return Welcome(
-            _str(d, "session"), _str(d, "server"), _dict(d, "limits"), models, _int(d, "protocol")
+            _str(d, "session"),
+            _str(d, "server"),
+            _dict(d, "limits"),
+            models,
+            _int(d, "protocol"),
+            _opt_str(d, "resume_token"),
+            resumed,
         )
     if kind == "opened":
         outputs = _obj(d, "outputs")
@@ -484,7 +510,7 @@ def _parse(d: dict[str, Any]) -> Message:
     if kind == "pong":
         return Pong(_int(d, "id"), _num(d, "t"), _num(d, "server_time"))
     if kind == "going_away":
-        return GoingAway(_str(d, "reason", ""), _num(d, "drain_ms"))
+        return GoingAway(_str(d, "reason", ""), _num(d, "drain_ms"), _opt_str(d, "resume_token"))
     if kind == "result":
         outputs = _dict(d, "outputs")
         timing = _dict(d, "timing")
@@ -538,9 +564,13 @@ def _wire_array(a: np.ndarray[Any, Any]) -> dict[str, Any]:
 
 def _as_dict(msg: Message) -> dict[str, Any]:
     if isinstance(msg, Hello):
-        return {"type": "hello", "protocol": msg.protocol, "client": msg.client}
+        d: dict[str, Any] = {"type": "hello", "protocol": msg.protocol, "client": msg.client}
+        if msg.resume is not None:
+            d["resume"] = msg.resume
+            d["received"] = msg.received
+        return d
     if isinstance(msg, Welcome):
-        return {
+        d = {
             "type": "welcome",
             "protocol": msg.protocol,
             "session": msg.session,
@@ -548,8 +578,13 @@ def _as_dict(msg: Message) -> dict[str, Any]:
             "limits": msg.limits,
             "models": msg.models,
         }
+        if msg.resume_token is not None:
+            d["resume_token"] = msg.resume_token
+        if msg.resumed is not None:
+            d["resumed"] = msg.resumed
+        return d
     if isinstance(msg, Open):
-        d: dict[str, Any] = {
+        d = {
             "type": "open",
             "stream": msg.stream,
             "model": msg.model,
@@ -587,7 +622,10 @@ def _as_dict(msg: Message) -> dict[str, Any]:
     if isinstance(msg, Pong):
         return {"type": "pong", "id": msg.id, "t": msg.t, "server_time": msg.server_time}
     if isinstance(msg, GoingAway):
-        return {"type": "going_away", "reason": msg.reason, "drain_ms": msg.drain_ms}
+        d = {"type": "going_away", "reason": msg.reason, "drain_ms": msg.drain_ms}
+        if msg.resume_token is not None:
+            d["resume_token"] = msg.resume_token
+        return d
     if isinstance(msg, Result):
         d = {
             "type": "result",

@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
 import secrets
 import ssl
 import time
 import weakref
 from collections import deque
+from dataclasses import dataclass
 from functools import partial
 from http import HTTPStatus
 from pathlib import Path
@@ -62,7 +64,7 @@ from realtime.protocol import (
 from realtime.ratelimit import TokenBucket
 from realtime.runtime import RuntimeOptions
 from realtime.scheduler import Scheduler
-from realtime.session import Prediction, Session, Stream, WorkItem
+from realtime.session import Phase, Prediction, Session, Stream, WorkItem
 
 log = logging.getLogger("realtime")
 SERVER_NAME = f"realtime/{__version__}"
@@ -95,13 +97,23 @@ def load_models(config: Config) -> list[Model]:
 
 
 class _Connection:
-    """One client's socket, session and outbox."""
+    """One client's session, outbox and what it keeps to resume; and its socket while it has one.
+
+    Every frame written is counted; the last ``resume_buffer_bytes`` of them are kept, so a
+    client that lost its connection and says how many it got can be sent the rest again.
+    """
 
     def __init__(
-        self, ws: ServerConnection, session: Session, max_outbox: int, traffic: Traffic
+        self,
+        ws: ServerConnection,
+        session: Session,
+        max_outbox: int,
+        traffic: Traffic,
+        key: str | None = None,
     ) -> None:
         self.ws = ws
         self.session = session
+        self.key = key  # the API key the session was admitted with (a resume must match it)
         self._traffic = traffic
         #: (frame, is_text, kind): kind RESULT may be shed for a slow reader, NOTICE is the one
         #: unsent results_dropped error (it is replaced, not repeated), OTHER is never dropped.
@@ -112,6 +124,49 @@ class _Connection:
         self._max_outbox = max_outbox
         self.too_slow = False
         self.last_seen = 0.0  # monotonic time of the last message received
+        #: Lost its connection; kept for the client to resume (results go on being queued).
+        self.parked = False
+        self.ended = asyncio.Event()  # set when its connection's handler has finished
+        self._kept: deque[tuple[bytes, bool, int]] = deque()  # written frames, oldest first
+        self._kept_bytes = 0
+        self._keep_bytes = session.limits.resume_buffer_bytes
+        self.written = 0  # frames written on this session since it began
+        self.first = 0  # index of the first frame after the welcome
+
+    def welcomed(self) -> None:
+        """The welcome was just queued: the frames after it are the ones a client counts."""
+        self.first = self.written + len(self._outbox)
+
+    def resume(self, ws: ServerConnection, received: int) -> None:
+        """Take a new socket: write the resumed welcome, then every kept frame after the
+        ``received`` first ones (a typed ``results_dropped`` first if some were no longer kept);
+        the write loop then goes on with the outbox."""
+        start = self.first + received
+        if start > self.written:
+            raise errors.BadMessage(
+                f"hello.received is {received}, this session sent {self.written - self.first}"
+            )
+        oldest = self.written - len(self._kept)
+        lost = max(0, oldest - start)
+        start += lost
+        self.ws = ws
+        self.parked = False
+        protocol = ws.protocol
+        protocol.send_text(encode_text(self.session.resumed(start - self.first)))
+        kept = self._kept
+        for i in range(start - oldest, len(kept)):
+            frame, text, _ = kept[i]
+            if text:
+                protocol.send_text(frame)
+            else:
+                protocol.send_binary(frame)
+        ws.send_data()
+        if lost:
+            notice = errors.ResultsDropped(
+                f"{lost} messages sent before the connection was lost are no longer kept"
+            )
+            self._outbox.appendleft((encode_text(Error.of(notice)), True, OTHER))
+        self._wakeup.set()
 
     def send_messages(self, messages: list[Message], binary_results: bool) -> None:
         """Queue messages in order, results as binary frames where the stream asked for them."""
@@ -126,7 +181,7 @@ class _Connection:
                 outbox.append((encode_text(msg), True, RESULT if type(msg) is Result else OTHER))
         if len(outbox) > self._max_outbox // 2:
             self._shed_results()
-        if len(self._outbox) > self._max_outbox and not self.too_slow:
+        if len(self._outbox) > self._max_outbox and not self.too_slow and not self.parked:
             self.too_slow = True
             self._outbox.clear()
             asyncio.get_running_loop().create_task(
@@ -191,15 +246,23 @@ class _Connection:
             if protocol.state is not State.OPEN:
                 return
             traffic.messages_out += len(outbox)
+            self.written += len(outbox)
+            kept, size = self._kept, 0
             while outbox:
-                frame, text, kind = outbox.popleft()
+                entry = outbox.popleft()
+                frame, text, kind = entry
                 if kind == NOTICE:
                     self._unsent_dropped = 0
-                traffic.bytes_out += len(frame)
+                size += len(frame)
+                kept.append(entry)
                 if text:
                     protocol.send_text(frame)
                 else:
                     protocol.send_binary(frame)
+            traffic.bytes_out += size
+            self._kept_bytes += size
+            while self._kept_bytes > self._keep_bytes:
+                self._kept_bytes -= len(kept.popleft()[0])
             ws.send_data()
             await ws.drain()
             self._flushed.set()
@@ -237,6 +300,12 @@ class Server:
         )
         self._sessions_by_key: dict[str, int] = {}
         self._sessions_by_ip: dict[str, int] = {}
+        #: Sessions whose connection was lost, by resume token, until they resume or expire.
+        self._parked: dict[str, _Parked] = {}
+        #: Sessions with a connection, by resume token.
+        self._live: dict[str, _Connection] = {}
+        #: Tokens of sessions that expired unresumed (the latest ones), to say so on a resume.
+        self._expired: dict[str, None] = {}
 
     @property
     def port(self) -> int:
@@ -251,8 +320,12 @@ class Server:
         scheme = "wss" if self.config.certfile else "ws"
         return f"{scheme}://{self.config.host}:{self.port}/"
 
-    def _open_counts(self) -> tuple[int, int]:
-        return len(self._connections), sum(len(c.session.streams) for c in self._connections)
+    def _open_counts(self) -> tuple[int, int, int]:
+        return (
+            len(self._connections),
+            sum(len(c.session.streams) for c in self._connections),
+            len(self._parked),
+        )
 
     async def start(self) -> None:
         """Warm every model at every batch size, then bind and start accepting connections."""
@@ -383,10 +456,15 @@ class Server:
         for waiter in open_ones:
             waiter.cancel()
         await asyncio.gather(*(c.flush_and_close() for c in list(self._connections)))
+        for token in list(self._parked):  # answered, but their clients did not come back in time
+            self._expire(token)
         await self._ws.wait_closed()
 
     def _check_drained(self) -> None:
-        if self.draining and all(c.session.inflight == 0 for c in self._connections):
+        if self.draining and all(
+            c.session.inflight == 0
+            for c in itertools.chain(self._connections, (p.conn for p in self._parked.values()))
+        ):
             self._drained.set()
 
     # --- HTTP --------------------------------------------------------------------------------
@@ -468,17 +546,19 @@ class Server:
     async def _handle(self, ws: ServerConnection) -> None:
         grant = self._grants.pop(ws, None)
         ip = ws.remote_address[0] if ws.remote_address else "?"
+        key = None if grant is None else grant.key
         self._sessions_by_ip[ip] = self._sessions_by_ip.get(ip, 0) + 1
-        if grant is not None:
-            self._sessions_by_key[grant.key] = self._sessions_by_key.get(grant.key, 0) + 1
+        if key is not None:
+            self._sessions_by_key[key] = self._sessions_by_key.get(key, 0) + 1
         session = Session(
             secrets.token_urlsafe(9),
             self.repository,
             self.config.limits,
             SERVER_NAME,
             None if grant is None or grant.models is None else grant.allows,
+            secrets.token_urlsafe(24) if self.config.limits.resume_seconds > 0 else None,
         )
-        conn = _Connection(ws, session, self.config.max_outbox, self.traffic)
+        conn = _Connection(ws, session, self.config.max_outbox, self.traffic, key)
         traffic = self.traffic
         traffic.sessions_total += 1
         self._connections.add(conn)
@@ -506,7 +586,18 @@ class Server:
                 if len(message) > max_bytes:
                     conn.error(errors.MessageTooBig(f"{len(message)} bytes, at most {max_bytes}"))
                 elif isinstance(message, str):
-                    self._on_text(conn, message)
+                    resume = self._on_text(conn, message)
+                    resumed = None if resume is None else await self._resume(conn, resume)
+                    if resumed is not None:  # this connection took back its lost session
+                        self._connections.discard(conn)
+                        writer.cancel()
+                        watchdog.cancel()
+                        conn = resumed
+                        self._connections.add(conn)
+                        assert conn.session.resume_token is not None
+                        self._live[conn.session.resume_token] = conn
+                        writer = asyncio.get_running_loop().create_task(conn.write_loop())
+                        watchdog = asyncio.get_running_loop().create_task(self._watch_idle(conn))
                 else:
                     self._on_binary(conn, message)
                 now = conn.last_seen = time.monotonic()
@@ -517,30 +608,119 @@ class Server:
         except ConnectionClosed:
             pass
         finally:
-            self._sessions_by_ip[ip] -= 1
-            if not self._sessions_by_ip[ip]:
-                del self._sessions_by_ip[ip]
-            if grant is not None:
-                self._sessions_by_key[grant.key] -= 1
             self._connections.discard(conn)
-            session.disconnect()
             writer.cancel()
             watchdog.cancel()
+            session = conn.session
+            parked = (
+                ws.protocol.close_rcvd is None  # lost, not closed by the client
+                and session.resume_token is not None
+                and session.phase is Phase.OPEN
+                and not conn.too_slow
+                and not self.draining
+            )
+            token = session.resume_token
+            if token is not None and self._live.get(token) is conn:
+                del self._live[token]
+            if parked:
+                self._park(conn, ip)
+            else:
+                self._release(ip, key)
+                session.disconnect()
+            conn.ended.set()
             log.info(
-                "event=disconnect session=%s code=%s too_slow=%s",
+                "event=disconnect session=%s code=%s too_slow=%s parked=%s",
                 session.id,
                 ws.close_code,
                 conn.too_slow,
+                parked,
             )
 
-    def _on_text(self, conn: _Connection, text: str) -> None:
+    def _release(self, ip: str, key: str | None) -> None:
+        """A session ended: its place in the per-address and per-key counts is free."""
+        self._sessions_by_ip[ip] -= 1
+        if not self._sessions_by_ip[ip]:
+            del self._sessions_by_ip[ip]
+        if key is not None:
+            self._sessions_by_key[key] -= 1
+
+    def _park(self, conn: _Connection, ip: str) -> None:
+        """Keep a session whose connection was lost for ``resume_seconds``: its chunks in
+        flight are still run and their results queued for when the client resumes."""
+        token = conn.session.resume_token
+        assert token is not None
+        conn.parked = True
+        ttl = self.config.limits.resume_seconds
+        expiry = asyncio.get_running_loop().call_later(ttl, self._expire, token)
+        self._parked[token] = _Parked(conn, ip, expiry)
+        self._count_resume("parked")
+
+    def _expire(self, token: str) -> None:
+        parked = self._parked.pop(token, None)
+        if parked is None:
+            return
+        parked.expiry.cancel()
+        self._release(parked.ip, parked.conn.key)
+        parked.conn.session.disconnect()
+        self._expired[token] = None
+        if len(self._expired) > 10_000:
+            del self._expired[next(iter(self._expired))]
+        self._count_resume("expired")
+        log.info("event=resume_expired session=%s", parked.conn.session.id)
+
+    async def _resume(self, conn: _Connection, msg: Hello) -> _Connection | None:
+        """Give the session ``msg.resume`` names the connection ``conn`` came in on, and send it
+        what it missed; None (and a typed error to ``conn``) if it cannot be resumed."""
+        token = msg.resume
+        assert token is not None
+        try:
+            if conn.session.phase is not Phase.AWAITING_HELLO:
+                raise errors.BadMessage("hello was already received on this session")
+            live = self._live.get(token)
+            if live is not None and live.key == conn.key:
+                # The client saw its connection die before this server did (a half-open TCP
+                # connection on a mobile network): end that one, the session is parked.
+                live.ws.transport.abort()
+                await live.ended.wait()
+            parked = self._parked.get(token)
+            if parked is None or parked.conn.key != conn.key:  # another credential's: unknown
+                if token in self._expired:
+                    raise errors.ResumeExpired("the session expired before it was resumed")
+                raise errors.ResumeUnknown("no session to resume with this token")
+            resumed = parked.conn
+            resumed.resume(conn.ws, msg.received)  # may refuse: the session stays parked
+        except errors.RealtimeError as e:
+            self._count_resume("refused")
+            conn.error(e)
+            return None
+        del self._parked[token]
+        parked.expiry.cancel()
+        self._release(parked.ip, resumed.key)  # counted again as this connection's
+        resumed.last_seen = time.monotonic()
+        resumed.ended.clear()
+        self._count_resume("resumed")
+        log.info("event=resumed session=%s received=%d", resumed.session.id, msg.received)
+        return resumed
+
+    def _count_resume(self, result: str) -> None:
+        self.traffic.resumes[result] = self.traffic.resumes.get(result, 0) + 1
+
+    def _on_text(self, conn: _Connection, text: str) -> Hello | None:
+        """Handle a control message; a ``hello`` that asks to resume is returned to act on."""
         session = conn.session
         try:
             msg = decode_text(text)
             if not isinstance(msg, CLIENT_MESSAGES):
                 raise errors.BadMessage(f"{type(msg).__name__.lower()} is a server message")
             if isinstance(msg, Hello):
+                if msg.resume is not None:
+                    return msg
                 reply: list[Message] = [session.hello(msg)]
+                conn.send_messages(reply, False)
+                conn.welcomed()
+                if session.resume_token is not None:
+                    self._live[session.resume_token] = conn
+                return None
             elif isinstance(msg, Open):
                 reply = [session.open_stream(msg)]
                 log.info(
@@ -556,6 +736,7 @@ class Server:
             conn.send_messages(reply, False)
         except errors.RealtimeError as e:
             conn.error(e)
+        return None
 
     def _on_binary(self, conn: _Connection, data: bytes) -> None:
         session = conn.session
@@ -618,6 +799,15 @@ class Server:
             conn.send_messages(messages, item.stream.results == "binary")
         if self.draining:
             self._check_drained()
+
+
+@dataclass(slots=True)
+class _Parked:
+    """A session kept for its client to resume: where it came from, and when it expires."""
+
+    conn: _Connection
+    ip: str
+    expiry: asyncio.TimerHandle
 
 
 def _signature(folder: Path) -> tuple[tuple[int, int], ...]:

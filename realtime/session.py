@@ -55,6 +55,12 @@ class Limits:
     #: (TCP then slows the sender). Half a second of either is allowed in a burst.
     max_messages_per_second: int = 1000
     max_bytes_per_second: int = 32 * 1024 * 1024
+    #: A session whose connection is lost (not closed by the client) is kept this long for the
+    #: client to resume it; 0 turns resuming off.
+    resume_seconds: float = 30.0
+    #: Frames already written that a session keeps to send again after a resume (the ones the
+    #: lost connection may not have delivered), in bytes.
+    resume_buffer_bytes: int = 256 * 1024
 
     def as_wire(self) -> dict[str, Any]:
         """The limits as the welcome message lists them."""
@@ -65,6 +71,7 @@ class Limits:
             "max_inflight_per_session": self.max_inflight_per_session,
             "max_messages_per_second": self.max_messages_per_second,
             "max_bytes_per_second": self.max_bytes_per_second,
+            "resume_seconds": self.resume_seconds,
         }
 
 
@@ -120,6 +127,9 @@ class Stream:
     #: Audio: converts, resamples and cuts the client's chunks into model windows.
     rechunker: Rechunker | None
     last_seq: int = -1
+    #: The highest seq received on the stream, accepted or refused (a resuming client sends the
+    #: chunks after it again).
+    received: int = -1
     #: Accepted sequence numbers without a sent outcome, in order.
     pending: deque[int] = field(default_factory=deque)
     #: Outcomes that arrived before an earlier seq's; released in order.
@@ -169,8 +179,11 @@ class Session:
         limits: Limits,
         server: str,
         allows: Callable[[str], bool] | None = None,
+        resume_token: str | None = None,
     ) -> None:
         self.id = session_id
+        #: The secret a client gives back in ``hello.resume`` to take this session back.
+        self.resume_token = resume_token
         #: Which model names this session's credential may open (None: any).
         self.allows = allows
         self.repository = repository
@@ -190,7 +203,29 @@ class Session:
             raise errors.BadMessage("hello was already received on this session")
         self.phase = Phase.OPEN
         self.client = msg.client
-        return Welcome(self.id, self.server, self.limits.as_wire(), self.repository.catalog())
+        return Welcome(
+            self.id,
+            self.server,
+            self.limits.as_wire(),
+            self.repository.catalog(),
+            resume_token=self.resume_token,
+        )
+
+    def resumed(self, replay_from: int) -> Welcome:
+        """The welcome of a resumed session: its open streams, where each one's chunks got to,
+        and the count of messages the replay that follows starts after."""
+        streams = [
+            {"stream": s.id, "received": s.received, "closing": s.closing}
+            for s in self.streams.values()
+        ]
+        return Welcome(
+            self.id,
+            self.server,
+            self.limits.as_wire(),
+            self.repository.catalog(),
+            resume_token=self.resume_token,
+            resumed={"streams": streams, "from": replay_from},
+        )
 
     def _require_open(self) -> None:
         if self.phase is not Phase.OPEN:
@@ -341,6 +376,8 @@ class Session:
         stream = self.streams.get(sid)
         if stream is None or stream.closing:
             raise errors.StreamNotOpen(f"stream {sid} is not open", stream=sid, seq=seq)
+        if seq > stream.received:
+            stream.received = seq
         if seq <= stream.last_seq:
             raise errors.BadSequence(
                 f"seq {seq} after {stream.last_seq}: sequence numbers must increase",

@@ -87,7 +87,8 @@ async def flood(url: str, started: asyncio.Event, stop: asyncio.Event) -> dict[s
         with contextlib.suppress(asyncio.CancelledError):
             await reader
         # Vanish rather than close politely: the server is still reading the backlog at this
-        # client's allowed rate, and must let go of it at once when the connection is lost.
+        # client's allowed rate, and must stop at once when the connection is lost (the session
+        # is then kept to resume: what it accepted still runs, within its in-flight bounds).
         ws.transport.abort()
     return counts
 

@@ -51,7 +51,9 @@ async def test_stateful_streams_keep_their_own_state(
 ) -> None:
     server = await _server(start_server, tiny_models)
     async with await Client.connect(server.url) as client:
-        streams = [await client.open("accumulate") for _ in range(5)]
+        # A long deadline: an unwarmed server's first batches are slow, and admission control
+        # would refuse chunks against that estimate; this test is about state, not deadlines.
+        streams = [await client.open("accumulate", deadline_ms=10_000) for _ in range(5)]
         for _step in range(20):
             for k, stream in enumerate(streams):
                 await stream.send(np.full(3, k + 1, np.float32))

@@ -1,9 +1,11 @@
-"""SIGTERM mid-stream: every chunk the server accepted is answered, exactly once, then it exits.
+"""Faults mid-stream: a cut connection resumes, then SIGTERM drains; nothing accepted is lost.
 
-20 clients stream poses at 80 Hz to a real server process; the server gets SIGTERM while they
-stream. Each client stops sending when it is told ``going_away`` and reads until the server
-closes. From the clients' own records: every chunk sent got exactly one answer, a result or a
-typed ``going_away`` error, none twice, and the server exits 0 within its drain time.
+20 clients (the Python client) stream poses at 80 Hz to a real server process. One client's TCP
+connection is cut mid-stream: it dials again and resumes its session. Then the server gets
+SIGTERM while they all stream. Each client stops sending when told ``going_away`` and reads
+until it has an answer to every chunk it sent. From the clients' own records: every chunk sent
+got exactly one answer, a result or a typed ``going_away`` error, none twice; the cut client's
+pose filter state went on as if nothing happened; and the server exits 0 within its drain time.
 """
 
 from __future__ import annotations
@@ -14,72 +16,95 @@ import signal
 from typing import Any
 
 import numpy as np
-import orjson
-from websockets.asyncio.client import connect
 
-from realtime.protocol import Chunk, encode_frame
+from realtime.client import Client
+from realtime.protocol import Error, Result
 from tests.test_cli import Served
 
 CLIENTS = 20
 
 
-async def client(url: str, started: asyncio.Event) -> tuple[int, list[Any], int | None]:
-    """Stream until told going_away; every answer, in arrival order, and the close code."""
-    answers: list[Any] = []
-    async with connect(url, compression=None, max_size=None) as ws:
-        await ws.send(orjson.dumps({"type": "hello", "protocol": 1}).decode())
-        await ws.recv()
-        await ws.send(
-            orjson.dumps(
-                {"type": "open", "stream": 1, "model": "pose", "kind": "tensor", "dtype": "float32"}
-            ).decode()
-        )
-        assert orjson.loads(await ws.recv())["type"] == "opened"
-        told = asyncio.Event()
+def pose(seq: int) -> np.ndarray[Any, Any]:
+    """The same pose track for every client: a head moving along x, unit quaternions."""
+    p = np.zeros((3, 7), np.float32)
+    p[:, 0] = 0.01 * seq
+    p[:, 6] = 1.0
+    return p
+
+
+class Streamer:
+    """One client: streams until told ``going_away``, keeps every answer it gets."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.started = asyncio.Event()
+        self.sent = 0
+        self.answers: dict[int, list[Any]] = {}  # seq -> every answer that came for it
+        self.client: Client | None = None
+
+    async def run(self) -> None:
+        client = self.client = await Client.connect(self.url)
+        stream = await client.open("pose", deadline_ms=10_000)  # no shedding: compare states
+        read_all = asyncio.Event()
 
         async def read() -> None:
-            async for message in ws:
-                msg = orjson.loads(message)
-                if msg["type"] == "going_away":
-                    told.set()
-                elif msg["type"] in ("result", "error"):
-                    answers.append((msg["seq"], msg.get("code", "result")))
-                    answered.set()
+            with contextlib.suppress(ConnectionError):
+                async for msg in stream:
+                    if isinstance(msg, Result | Error):
+                        self.answers.setdefault(msg.seq, []).append(msg)
+                        if client.going_away is not None and len(self.answers) >= self.sent:
+                            read_all.set()
 
         reader = asyncio.create_task(read())
-        answered = asyncio.Event()  # every chunk sent so far has its answer
-        started.set()
-        sent = 0
-        pose = np.zeros((3, 7), np.float32)
-        while not told.is_set() and sent < 2000:
-            await ws.send(encode_frame(Chunk(1, sent, sent * 12.5, pose)))
-            sent += 1
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(told.wait(), 1 / 80)  # 80 Hz pacing, or the notice
-        while len(answers) < sent and not reader.done():  # as the protocol asks: read the
-            answered.clear()  # answers to what was sent, then close
-            await asyncio.wait([reader, asyncio.ensure_future(answered.wait())], timeout=5)
-        await ws.close()
-        await reader
-        return sent, answers, ws.close_code
+        self.started.set()
+        while client.going_away is None and self.sent < 4000:
+            await stream.send(pose(self.sent))
+            self.sent += 1
+            await asyncio.sleep(1 / 80)  # 80 Hz pacing (a live tracker), not a wait for a state
+        if len(self.answers) < self.sent:
+            await asyncio.wait([reader, asyncio.ensure_future(read_all.wait())], timeout=10)
+        await client.close()
+        reader.cancel()
 
 
-async def test_sigterm_mid_stream_answers_everything_accepted_then_exits() -> None:
+async def test_a_cut_client_resumes_then_sigterm_drains_and_nothing_is_lost() -> None:
     served = Served()
-    started = [asyncio.Event() for _ in range(CLIENTS)]
-    tasks = [asyncio.create_task(client(served.url, s)) for s in started]
-    for s in started:
-        await s.wait()
-    await asyncio.sleep(0.5)  # let them stream for a while: this is the "mid-stream"
+    streamers = [Streamer(served.url) for _ in range(CLIENTS)]
+    tasks = [asyncio.create_task(s.run()) for s in streamers]
+    for s in streamers:
+        await s.started.wait()
+    cut, reference = streamers[0], streamers[1]
+    await asyncio.sleep(0.3)  # let them stream: this is "mid-stream"
+    assert cut.client is not None
+    sent_before_cut = cut.sent
+    cut.client.ws.transport.abort()
+    for _ in range(1000):  # until it has resumed (bounded poll of the client's own count)
+        if cut.client.resumes:
+            break
+        await asyncio.sleep(0.01)
+    assert cut.client.resumes == 1
+    await asyncio.sleep(0.3)  # stream on after the resume
     served.proc.send_signal(signal.SIGTERM)
-    outcomes = await asyncio.gather(*tasks)
+    await asyncio.gather(*tasks)
     _, err = await asyncio.to_thread(served.proc.communicate, timeout=30)
     assert served.proc.returncode == 0, err
-    total = 0
-    for sent, answers, close_code in outcomes:
-        seqs = [seq for seq, _ in answers]
-        assert sorted(seqs) == list(range(sent)), (sent, seqs[-5:])  # each exactly once
-        assert {code for _, code in answers} <= {"result", "going_away"}
-        assert close_code in (1000, 1001)
-        total += sent
-    assert total > CLIENTS * 30  # they really were streaming when the signal came
+    assert "event=resumed" in err
+    for s in streamers:
+        assert sorted(s.answers) == list(range(s.sent)), (s.sent, sorted(s.answers)[-5:])
+        twice = {seq: a for seq, a in s.answers.items() if len(a) > 1}
+        assert not twice  # nothing answered twice
+        codes = {a[0].code if isinstance(a[0], Error) else "result" for a in s.answers.values()}
+        assert codes <= {"result", "going_away"}, codes
+    assert cut.sent > sent_before_cut + 10  # it streamed on after the cut
+    assert sum(s.sent for s in streamers) > CLIENTS * 40
+    # The cut client's filter state went on unbroken: its outputs equal the uncut client's.
+    common = [
+        seq
+        for seq in range(min(cut.sent, reference.sent))
+        if isinstance(cut.answers[seq][0], Result) and isinstance(reference.answers[seq][0], Result)
+    ]
+    assert len(common) > sent_before_cut + 10
+    for seq in common:
+        mine, theirs = cut.answers[seq][0].outputs, reference.answers[seq][0].outputs
+        for name in mine:
+            np.testing.assert_allclose(mine[name], theirs[name], rtol=1e-6, atol=1e-6)
