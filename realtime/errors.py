@@ -204,6 +204,15 @@ class ShuttingDown(ServingError):
     code = "going_away"
 
 
+class RateLimited(RealtimeError):
+    """The session sends more messages or bytes a second than its limit: the server stops
+    reading from it until it is back under (nothing it sent is lost; TCP slows it down). Sent
+    at most once a second while it lasts."""
+
+    code = "rate_limited"
+    retryable = True
+
+
 # --- Start-up (never on the wire) ---------------------------------------------------------
 
 

@@ -579,6 +579,7 @@ class Server:
             limits.max_messages_per_second, limits.max_messages_per_second / 2, now
         )
         volume = TokenBucket(limits.max_bytes_per_second, limits.max_bytes_per_second / 2, now)
+        told = 0.0  # when the client was last told it is rate limited
         try:
             async for message in ws:
                 traffic.messages_in += 1
@@ -602,6 +603,15 @@ class Server:
                     self._on_binary(conn, message)
                 now = conn.last_seen = time.monotonic()
                 pause = max(messages.take(1, now), volume.take(len(message), now))
+                if pause and now - told >= 1.0:
+                    told = now
+                    conn.error(
+                        errors.RateLimited(
+                            f"over {limits.max_messages_per_second} messages or "
+                            f"{limits.max_bytes_per_second} bytes a second: reading paused "
+                            f"{1000 * pause:.0f} ms"
+                        )
+                    )
                 # Yield after each message even when more are buffered: a client with a backlog
                 # must not hold the loop while batches wait to be collected and sent.
                 await asyncio.sleep(pause)

@@ -556,3 +556,19 @@ async def test_a_slow_reader_loses_its_oldest_results_with_a_typed_error(
         assert results == sorted(results)  # what is left is in order, the newest kept
     finally:
         await server.close()
+
+
+async def test_a_session_over_its_rate_is_told_and_slowed_not_cut(
+    start_server: ServerFactory, tiny_models: Path
+) -> None:
+    limits = Limits(max_messages_per_second=200)
+    server = await start_server((tiny_models,), builtin=False, limits=limits)
+    raw = await Raw.connect(server.url)
+    assert (await raw.open(1))["type"] == "opened"
+    for seq in range(250):  # a burst of 100 is free, then 200 a second: 0.75 s over the rate
+        await raw.chunk(1, seq, GOOD)
+    got = [await raw.recv() for _ in range(251)]
+    notices = [m for m in got if m["type"] == "error"]
+    assert [(m["code"], m["retryable"]) for m in notices] == [("rate_limited", True)]
+    assert "reading paused" in notices[0]["message"] and "stream" not in notices[0]
+    assert [m["seq"] for m in got if m["type"] == "result"] == list(range(250))  # none lost
