@@ -43,6 +43,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-builtin", action="store_true", help="do not load the built-in models")
     s.add_argument("--workers", type=int, default=None, help="batches run at once (default: cores)")
     s.add_argument(
+        "--batch-timeout-seconds",
+        type=float,
+        default=Config().batch_timeout_seconds,
+        help="a batch running longer fails its chunks and its worker is replaced; /healthz "
+        "reports the stuck worker (default %(default)s)",
+    )
+    s.add_argument(
         "--intra-op-threads",
         type=int,
         default=1,
@@ -321,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                 builtin_models=not args.no_builtin,
                 log_level=args.log_level,
                 workers=args.workers or defaults.workers,
+                batch_timeout_seconds=args.batch_timeout_seconds,
                 intra_op_threads=args.intra_op_threads,
                 reload_seconds=args.reload_seconds,
                 keys=load_keys(args.keys),

@@ -40,6 +40,9 @@ class Config:
     max_queue: int = 4096
     #: Results waiting to be written to one client before it is disconnected as too slow.
     max_outbox: int = 4096
+    #: Seconds one batch may run; past it its items fail (inference_failed) and its worker is
+    #: given up on (replaced; /healthz reports it until it comes back).
+    batch_timeout_seconds: float = 10.0
     #: Seconds in-flight batches get to finish on shutdown.
     drain_seconds: float = 5.0
     #: Seconds, after draining, that clients get to read their answers and close first.

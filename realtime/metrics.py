@@ -120,6 +120,11 @@ class Metrics(Collector):
         queues = sorted(self._queues().items())
         depth = GaugeMetricFamily("realtime_queue_depth", "Items waiting", labels=["model"])
         running = GaugeMetricFamily("realtime_batches_running", "Batches", labels=["model"])
+        stuck = GaugeMetricFamily(
+            "realtime_batches_stuck",
+            "Batches past the time limit still holding a worker thread",
+            labels=["model"],
+        )
         counters = {
             name: CounterMetricFamily(f"realtime_{name}", doc, labels=["model"])
             for name, doc in [
@@ -143,6 +148,7 @@ class Metrics(Collector):
             s = q.stats
             depth.add_metric([key], q.depth)
             running.add_metric([key], q.in_flight)
+            stuck.add_metric([key], q.stuck)
             for name, value in [
                 ("items_submitted", s.submitted),
                 ("items_run", s.items),
@@ -163,6 +169,7 @@ class Metrics(Collector):
             infer.add_metric([key], _buckets(s.infer_ms), s.infer_seconds)
         yield depth
         yield running
+        yield stuck
         yield from counters.values()
         yield batch
         yield wait

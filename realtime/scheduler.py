@@ -69,6 +69,8 @@ class QueueSnapshot:
     depth: int
     in_flight: int
     stats: QueueStats
+    #: Batches that ran past the time limit and still hold a worker thread.
+    stuck: int
     #: Measured run time (seconds) per batch size, as the deadline policy uses it.
     run_times: dict[int, float]
 
@@ -106,6 +108,8 @@ class ModelQueue:
         slots: int,
         max_queue: int,
         clock: Clock,
+        run_timeout: float = 10.0,
+        on_stuck: Callable[[], None] | None = None,
     ) -> None:
         self.model = model
         self.stats = QueueStats()
@@ -117,6 +121,10 @@ class ModelQueue:
         )
         self._pool = pool
         self._clock = clock
+        self._run_timeout = run_timeout
+        self._on_stuck = on_stuck
+        #: Batches past ``run_timeout`` whose worker thread has not come back yet.
+        self.stuck = 0
         self._max_queue = max_queue
         self._slots = slots
         self._free = [_Slot(model) for _ in range(slots)]
@@ -140,7 +148,11 @@ class ModelQueue:
             infer_ms=list(s.infer_ms),
         )
         return QueueSnapshot(
-            len(self._queue), self._slots - len(self._free), copy, self.run_times.as_dict()
+            len(self._queue),
+            self._slots - len(self._free),
+            copy,
+            self.stuck,
+            self.run_times.as_dict(),
         )
 
     def warm_up(self) -> None:
@@ -263,18 +275,24 @@ class ModelQueue:
                     [e.item.stream.state[k] for e in batch], axis=spec.batch_axis, out=view
                 )
                 feeds[spec.input] = view
-            loop = asyncio.get_running_loop()
-            outputs, infer_seconds = await loop.run_in_executor(
+            running = asyncio.get_running_loop().run_in_executor(
                 self._pool, _timed_run, model, feeds
             )
-        except Exception as e:  # the model raised: every item of the batch gets the error
+            done, _ = await asyncio.wait((running,), timeout=self._run_timeout)
+            if not done:  # a worker that hangs: give up on it, and on the buffers it reads
+                self._stuck(running)
+                slot = _Slot(model)
+                raise TimeoutError(f"no answer in {self._run_timeout:g} s; its worker is stuck")
+            outputs, infer_seconds = running.result()
+            by_name = dict(zip((o.name for o in model.runner.outputs), outputs, strict=True))
+            results = [by_name[o.name] for o in model.outputs]
+            new_states = [by_name[s.output] for s in model.states]
+            _check_batch(model, n, results, new_states, feeds)
+        except Exception as e:  # the model raised, hung or misbehaved: the whole batch fails
             self.stats.failures += 1
             for entry in batch:
                 _fail(entry, errors.InferenceFailed, f"{model.key} failed: {str(e)[:300]}")
         else:
-            by_name = dict(zip((o.name for o in model.runner.outputs), outputs, strict=True))
-            results = [by_name[o.name] for o in model.outputs]
-            new_states = [by_name[s.output] for s in model.states]
             self.run_times.observe(n, infer_seconds)
             stats = self.stats
             stats.batches += 1
@@ -301,6 +319,16 @@ class ModelQueue:
             self._free.append(slot)
             self._dispatch()
 
+    def _stuck(self, running: asyncio.Future[Any]) -> None:
+        self.stuck += 1
+
+        def back(_: asyncio.Future[Any]) -> None:
+            self.stuck -= 1
+
+        running.add_done_callback(back)
+        if self._on_stuck is not None:
+            self._on_stuck()
+
     def fail_all(self, exc_type: type[errors.ServingError], why: str) -> None:
         """Resolve every queued item with an error (shutdown)."""
         if self._timer is not None:
@@ -321,6 +349,26 @@ def _fail(entry: Entry[Future], exc_type: type[errors.ServingError], why: str) -
         entry.token.set_exception(exc_type(why, stream=item.stream.id, seq=item.seq))
 
 
+def _check_batch(
+    model: Model,
+    n: int,
+    results: list[np.ndarray[Any, Any]],
+    new_states: list[np.ndarray[Any, Any]],
+    feeds: dict[str, np.ndarray[Any, Any]],
+) -> None:
+    """Refuse a batch's outputs before any is used if one has the wrong batch size, or a new
+    state a shape other than the state that went in (no stream's state is then touched)."""
+    for output, result in zip(model.outputs, results, strict=True):
+        if result.ndim == 0 or result.shape[0] != n:
+            raise ValueError(f"output {output.name} is shaped {list(result.shape)} for {n} inputs")
+    for spec, state in zip(model.states, new_states, strict=True):
+        if state.shape != feeds[spec.input].shape:
+            raise ValueError(
+                f"state {spec.output} came back shaped {list(state.shape)}, "
+                f"went in shaped {list(feeds[spec.input].shape)}"
+            )
+
+
 def _timed_run(
     model: Model, feeds: dict[str, np.ndarray[Any, Any]]
 ) -> tuple[list[np.ndarray[Any, Any]], float]:
@@ -339,17 +387,46 @@ class Scheduler:
         workers: int = 2,
         max_queue: int = 4096,
         clock: Clock = time.monotonic,
+        run_timeout: float = 10.0,
     ) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="realtime-infer")
         self._workers, self._max_queue, self._clock = workers, max_queue, clock
-        self.queues = {m.key: ModelQueue(m, self._pool, workers, max_queue, clock) for m in models}
+        self._run_timeout = run_timeout
+        self._pool = self._new_pool()
+        self.queues: dict[str, ModelQueue] = {}
+        for m in models:
+            self.add_model(m)
+
+    def _new_pool(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="realtime-infer")
 
     def add_model(self, model: Model) -> ModelQueue:
         """A queue for a model version loaded while serving (warm it before taking traffic).
         A version taken out of the catalog keeps its queue: its open streams still use it."""
-        queue = ModelQueue(model, self._pool, self._workers, self._max_queue, self._clock)
+        queue = ModelQueue(
+            model,
+            self._pool,
+            self._workers,
+            self._max_queue,
+            self._clock,
+            self._run_timeout,
+            self._replace_pool,
+        )
         self.queues[model.key] = queue
         return queue
+
+    def _replace_pool(self) -> None:
+        """A worker is stuck in a model run: new batches go to a new pool of full size; the old
+        pool ends once its threads come back (a thread cannot be killed)."""
+        self._pool.shutdown(wait=False)
+        self._pool = self._new_pool()
+        for q in self.queues.values():
+            q._pool = self._pool
+
+    @property
+    def stuck(self) -> int:
+        """Model runs past the time limit still holding a worker thread (the server is not
+        healthy while there are any: /healthz says so)."""
+        return sum(q.stuck for q in self.queues.values())
 
     def submit(self, item: WorkItem) -> Future:
         """Queue an accepted item for its model version."""
@@ -374,4 +451,4 @@ class Scheduler:
             q.fail_all(errors.ShuttingDown, "the server is shutting down")
         for q in self.queues.values():
             await q.drain()
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=not self.stuck)

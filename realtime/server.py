@@ -12,8 +12,10 @@ import contextlib
 import hashlib
 import itertools
 import logging
+import os
 import secrets
 import ssl
+import sys
 import time
 import weakref
 from collections import deque
@@ -275,7 +277,12 @@ class Server:
         self.config = config
         self.models = load_models(config) if models is None else models
         self.repository = ModelRepository(self.models)
-        self.scheduler = Scheduler(self.models, workers=config.workers, max_queue=config.max_queue)
+        self.scheduler = Scheduler(
+            self.models,
+            workers=config.workers,
+            max_queue=config.max_queue,
+            run_timeout=config.batch_timeout_seconds,
+        )
         self.traffic = Traffic()
         self._connections: set[_Connection] = set()
         self._metrics = Metrics(self.traffic, self.scheduler.snapshot, self._open_counts).registry()
@@ -480,6 +487,9 @@ class Server:
             return None
         path = request.path.split("?", 1)[0]
         if path == "/healthz":
+            if self.scheduler.stuck:  # a model run that never came back: restart this process
+                stuck = orjson.dumps({"status": "stuck", "stuck_batches": self.scheduler.stuck})
+                return _response(HTTPStatus.SERVICE_UNAVAILABLE, stuck, "application/json")
             return _response(HTTPStatus.OK, b'{"status":"ok"}', "application/json")
         if path == "/readyz":
             if self.ready:
@@ -908,3 +918,9 @@ async def run(config: Config) -> None:
     await stop.wait()
     log.info("event=shutdown")
     await server.close()
+    if server.scheduler.stuck:  # a thread cannot be killed, and exit would wait for it forever
+        log.warning("event=exit stuck_batches=%d", server.scheduler.stuck)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

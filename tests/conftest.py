@@ -119,6 +119,7 @@ async def start_server() -> AsyncIterator[ServerFactory]:
         limits: Limits | None = None,
         warm_up: bool = False,
         reload_seconds: float = 0.0,
+        **config: Any,
     ) -> Server:
         # Warm-up (every model at every batch size, ~0.6 s for the built-ins) is left to the
         # tests about it and to the real `realtime serve` processes of the CLI and flood tests.
@@ -130,6 +131,7 @@ async def start_server() -> AsyncIterator[ServerFactory]:
             warm_up=warm_up,
             reload_seconds=reload_seconds,
             close_grace_seconds=0.0,  # tests/test_shutdown.py checks the grace on a real process
+            **config,
         )
         server = Server(config)
         await server.start()

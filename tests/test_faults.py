@@ -1,13 +1,19 @@
-"""Faults through a real server: a model that raises inside ONNX Runtime, a client that vanishes
-with chunks queued. Invariant: every accepted chunk gets one result or one typed error, and the
-other sessions notice nothing."""
+"""Faults through a real server: a model that raises inside ONNX Runtime, a worker that hangs, a
+model that returns a broken state, a client that vanishes with chunks queued. Invariant: every
+accepted chunk gets one result or one typed error, and the other sessions notice nothing."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
+import orjson
 from onnx import TensorProto, helper
 
 from realtime.client import Client
@@ -15,6 +21,15 @@ from realtime.protocol import Error, Result
 from realtime.server import Server
 from tests.conftest import ServerFactory, double_graph, write_model
 from tests.test_server import Raw
+
+
+def get(url: str) -> tuple[int, bytes]:
+    """An HTTP GET's status and body."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
 
 
 def lookup_graph() -> onnx.GraphProto:
@@ -81,3 +96,91 @@ async def test_a_client_that_vanishes_mid_stream_leaves_the_others_whole(
         assert totals == [float(k + 1) for k in range(n)]  # each state intact, in order
     for c in clients:
         await c.close()
+
+
+async def test_a_worker_that_hangs_fails_its_batch_and_the_others_are_served(
+    start_server: ServerFactory, tmp_path: Path
+) -> None:
+    root = tmp_path / "models"
+    write_model(root, "double", double_graph(), "max_delay_ms = 0\n")
+    server: Server = await start_server((root,), builtin=False, batch_timeout_seconds=0.5)
+    model = server.repository.get("double", None)
+    assert model is not None
+    release = threading.Event()
+    run = model.runner.run
+
+    def hang_on_99(feeds: dict[str, Any]) -> Any:  # a model run that never comes back
+        if (feeds["x"] == 99.0).any():
+            release.wait(60)
+        return run(feeds)
+
+    model.runner.run = hang_on_99  # type: ignore[method-assign]
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        hung = await Raw.connect(server.url)
+        assert (await hung.open(1, shape=[4]))["type"] == "opened"
+        await hung.chunk(1, 0, np.full(4, 99.0, np.float32))
+        bystander = await Client.connect(server.url)
+        other = await bystander.open("double")
+        for _ in range(20):  # served by the other workers while one hangs
+            await other.send(np.ones(4, np.float32))
+            answer = await other.next()
+            assert isinstance(answer, Result) and answer.outputs["y"].tolist() == [2.0] * 4
+        failed = await hung.recv()  # after the 0.5 s limit
+        assert (failed["type"], failed["seq"], failed["code"]) == ("error", 0, "inference_failed")
+        assert "its worker is stuck" in failed["message"]
+        status, body = await asyncio.to_thread(get, base + "/healthz")
+        assert (status, orjson.loads(body)) == (503, {"status": "stuck", "stuck_batches": 1})
+        # Workers are replaced: two more hangs at once, and the bystander is still served.
+        await hung.chunk(1, 1, np.full(4, 99.0, np.float32))
+        await hung.chunk(1, 2, np.full(4, 99.0, np.float32))
+        await other.send(np.ones(4, np.float32))
+        assert isinstance(await other.next(), Result)
+        assert [(await hung.recv())["code"] for _ in range(2)] == ["inference_failed"] * 2
+        assert server.scheduler.stuck == 3
+        release.set()  # the threads come back: their late outputs are thrown away
+        for _ in range(500):  # bounded poll of the server's own gauge
+            if not server.scheduler.stuck:
+                break
+            await asyncio.sleep(0.01)
+        assert (await asyncio.to_thread(get, base + "/healthz"))[0] == 200
+        await hung.still_works(1, 3)
+        await bystander.close()
+    finally:
+        release.set()
+
+
+def grow_graph() -> onnx.GraphProto:
+    """A broken stateful model: its new state is the old one with x appended (it grows)."""
+    return helper.make_graph(
+        [
+            helper.make_node("Concat", ["state", "x"], ["state_out"], axis=1),
+            helper.make_node("Identity", ["x"], ["y"]),
+        ],
+        "grow",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3]),
+            helper.make_tensor_value_info("state", TensorProto.FLOAT, ["batch", 3]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3]),
+            helper.make_tensor_value_info("state_out", TensorProto.FLOAT, ["batch", "n"]),
+        ],
+    )
+
+
+async def test_a_model_returning_a_wrong_state_fails_its_chunks_typed(
+    start_server: ServerFactory, tmp_path: Path
+) -> None:
+    root = tmp_path / "models"
+    toml = 'kind = "tensor"\n[[state]]\ninput = "state"\noutput = "state_out"\nbatch_axis = 0\n'
+    write_model(root, "grow", grow_graph(), toml)
+    server: Server = await start_server((root,), builtin=False)
+    client = await Client.connect(server.url)
+    stream = await client.open("grow")
+    for _ in range(3):
+        await stream.send(np.ones(3, np.float32))
+    got = [await stream.next() for _ in range(3)]
+    assert all(isinstance(m, Error) and m.code == "inference_failed" for m in got), got
+    assert "state state_out came back shaped [1, 6], went in shaped [1, 3]" in got[0].message  # type: ignore[union-attr]
+    await client.close()

@@ -406,7 +406,11 @@ async def test_silero_vad_through_the_server(start_server: ServerFactory) -> Non
     pcm, rate = read_clip("speech_16k.wav")
     n = len(pcm) // 512
     async with await Client.connect(server.url) as client:
-        stream = await client.open("silero_vad", dtype="int16", sample_rate=rate)
+        # A long deadline: 32 chunks of one stateful stream run one batch each, in turn, and a
+        # busy CI machine must not shed them; this test is about the model's answers.
+        stream = await client.open(
+            "silero_vad", dtype="int16", sample_rate=rate, deadline_ms=10_000
+        )
         got = []
         for i in range(n):  # at most 32 in flight, well under the stream's limit
             await stream.send(pcm[i * 512 : (i + 1) * 512], t=1000.0 * i * 512 / rate)
@@ -561,7 +565,8 @@ async def test_a_slow_reader_loses_its_oldest_results_with_a_typed_error(
 async def test_a_session_over_its_rate_is_told_and_slowed_not_cut(
     start_server: ServerFactory, tiny_models: Path
 ) -> None:
-    limits = Limits(max_messages_per_second=200)
+    # In-flight bounds above the 250 sent: the burst of 100 arrives at once.
+    limits = Limits(max_messages_per_second=200, max_inflight_per_stream=512)
     server = await start_server((tiny_models,), builtin=False, limits=limits)
     raw = await Raw.connect(server.url)
     assert (await raw.open(1))["type"] == "opened"
