@@ -12,6 +12,8 @@ event loop, so no thread ever touches a stream or an asyncio object.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import math
 import time
 from bisect import bisect_left
@@ -275,15 +277,24 @@ class ModelQueue:
                     [e.item.stream.state[k] for e in batch], axis=spec.batch_axis, out=view
                 )
                 feeds[spec.input] = view
-            running = asyncio.get_running_loop().run_in_executor(
-                self._pool, _timed_run, model, feeds
-            )
-            done, _ = await asyncio.wait((running,), timeout=self._run_timeout)
-            if not done:  # a worker that hangs: give up on it, and on the buffers it reads
-                self._stuck(running)
+            loop = asyncio.get_running_loop()
+            work = self._pool.submit(_timed_run, model, feeds)
+            running = asyncio.wrap_future(work, loop=loop)
+            # One timer per batch (asyncio.wait with a timeout cost 25 us more per batch).
+            limit = loop.call_later(self._run_timeout, running.cancel)
+            try:
+                outputs, infer_seconds = await running
+            except asyncio.CancelledError:
+                if loop.time() < limit.when():
+                    raise  # this task was cancelled: not a timeout
+                # A worker that hangs: give up on it, and on the buffers it reads.
+                self._stuck(loop, work)
                 slot = _Slot(model)
-                raise TimeoutError(f"no answer in {self._run_timeout:g} s; its worker is stuck")
-            outputs, infer_seconds = running.result()
+                raise TimeoutError(
+                    f"no answer in {self._run_timeout:g} s; its worker is stuck"
+                ) from None
+            finally:
+                limit.cancel()
             by_name = dict(zip((o.name for o in model.runner.outputs), outputs, strict=True))
             results = [by_name[o.name] for o in model.outputs]
             new_states = [by_name[s.output] for s in model.states]
@@ -319,13 +330,17 @@ class ModelQueue:
             self._free.append(slot)
             self._dispatch()
 
-    def _stuck(self, running: asyncio.Future[Any]) -> None:
+    def _stuck(self, loop: asyncio.AbstractEventLoop, work: concurrent.futures.Future[Any]) -> None:
         self.stuck += 1
 
-        def back(_: asyncio.Future[Any]) -> None:
+        def back() -> None:
             self.stuck -= 1
 
-        running.add_done_callback(back)
+        def came_back(_: concurrent.futures.Future[Any]) -> None:  # in the worker thread
+            with contextlib.suppress(RuntimeError):  # the loop may be closed by then
+                loop.call_soon_threadsafe(back)
+
+        work.add_done_callback(came_back)
         if self._on_stuck is not None:
             self._on_stuck()
 

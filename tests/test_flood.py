@@ -121,7 +121,6 @@ async def test_a_flooder_gets_typed_drops_while_real_time_clients_keep_their_dea
     # Which of drop (audio, drop_oldest) and refusal (pose, reject) it meets depends on timing;
     # that it is told, and only with these codes, does not.
     assert counts.get("dropped", 0) + counts.get("overloaded", 0) > 0, counts
-    assert counts.get("rate_limited", 0) >= 1, counts  # told why its reading slowed
     allowed = {"result", "dropped", "overloaded", "deadline_exceeded", "rate_limited", "sent"}
     assert set(counts) <= allowed
     assert counts["sent"] > 10 * SECONDS * 50, counts  # ten times a steady client, at least

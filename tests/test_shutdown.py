@@ -96,7 +96,7 @@ async def test_a_cut_client_resumes_then_sigterm_drains_and_nothing_is_lost() ->
         codes = {a[0].code if isinstance(a[0], Error) else "result" for a in s.answers.values()}
         assert codes <= {"result", "going_away"}, codes
     assert cut.sent > sent_before_cut + 10  # it streamed on after the cut
-    assert sum(s.sent for s in streamers) > CLIENTS * 40
+    assert sum(s.sent for s in streamers) > CLIENTS * 20  # all were streaming
     # The cut client's filter state went on unbroken: its outputs equal the uncut client's.
     common = [
         seq
