@@ -38,6 +38,13 @@ class Windows:
     segment_end: float | None = None  # client ms where the segment ended, if this chunk ended it
 
 
+def _resampler(in_rate: int, out_rate: int) -> soxr.ResampleStream | None:
+    """A streaming resampler (its filter state spans chunks), or None when the rates match."""
+    if in_rate == out_rate:
+        return None
+    return soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32", quality="HQ")
+
+
 class Rechunker:
     """One audio stream's converter, resampler and window cutter."""
 
@@ -58,11 +65,7 @@ class Rechunker:
         self._scale = AUDIO_DTYPES[in_dtype]
         self._unsigned = in_dtype == "uint8"
         self._dtype = np.dtype(np.float32) if out_dtype is None else out_dtype
-        self._resampler = (
-            soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32", quality="HQ")
-            if in_rate != out_rate
-            else None
-        )
+        self._resampler = _resampler(in_rate, out_rate)
         # [0, fill) holds the context of the next window, then samples not yet in a window.
         self._buf = np.zeros(2 * self.window + 4096, self._dtype)
         self._fill = context
@@ -70,6 +73,15 @@ class Rechunker:
         self._next = 0  # model samples of the segment that already opened a window
         self._segment_t: float | None = None  # client ms of the segment's first sample
         self._client_samples = 0  # client samples of this segment so far
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but the resampler, which cannot be pickled: a session handed to another
+        server restarts its filter (a few ms of filter history are lost at the hand-off)."""
+        return {k: v for k, v in self.__dict__.items() if k != "_resampler"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._resampler = _resampler(self.in_rate, self.out_rate)
 
     @property
     def pending(self) -> int:

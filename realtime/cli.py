@@ -84,6 +84,12 @@ def _parser() -> argparse.ArgumentParser:
         help="how long a session whose connection was lost is kept for its client to resume "
         "(default %(default)s; 0: no resuming)",
     )
+    s.add_argument(
+        "--resume-dir",
+        type=Path,
+        help="a private folder where sessions are handed to the next server process on "
+        "SIGTERM: clients resume there with their streams and state (docs/operations.md)",
+    )
     s.add_argument("--certfile", type=Path, help="TLS certificate chain (PEM): serve wss://")
     s.add_argument("--keyfile", type=Path, help="TLS private key (PEM)")
     s.add_argument(
@@ -329,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                 log_level=args.log_level,
                 workers=args.workers or defaults.workers,
                 batch_timeout_seconds=args.batch_timeout_seconds,
+                resume_dir=args.resume_dir,
                 intra_op_threads=args.intra_op_threads,
                 reload_seconds=args.reload_seconds,
                 keys=load_keys(args.keys),

@@ -344,12 +344,15 @@ class Client:
             self._requests.pop(key, None)
 
     def _may_resume(self) -> bool:
-        """Whether the connection was lost (not closed by us or the server) and can resume."""
+        """Whether the session can be resumed: the connection was lost (not closed by us or
+        the server), or the server handed the session to its next process (going_away with a
+        resume token)."""
+        handed_off = self.going_away is not None and self.going_away.resume_token is not None
         return (
             not self._closing
             and self._dial is not None
             and self.resume_token is not None
-            and self.ws.protocol.close_rcvd is None
+            and (self.ws.protocol.close_rcvd is None or handed_off)
         )
 
     async def _read(self) -> None:
@@ -428,13 +431,18 @@ class Client:
                         protocol.send_binary(frame)
         ws.send_data()
         self.resumes += 1
+        self.going_away = None  # a new process took the session over, if one was going away
         self._online.set()
 
     def _route(self, msg: Message) -> None:
         key: tuple[str, int] | None = None
         if isinstance(msg, GoingAway):
             self.going_away = msg  # results of what was sent still come; then the close
-            self.resume_token = msg.resume_token or self.resume_token
+            if msg.resume_token is not None and self._dial is not None:
+                # The session moves to the next server process: hold new chunks until it
+                # resumes there (those sent meanwhile are refused with going_away errors).
+                self.resume_token = msg.resume_token
+                self._online.clear()
             return
         if isinstance(msg, Opened):
             key = ("opened", msg.stream)

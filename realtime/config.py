@@ -60,6 +60,8 @@ class Config:
     #: TLS certificate chain and key (PEM): serve wss://.
     certfile: Path | None = None
     keyfile: Path | None = None
+    #: Where sessions are handed to the next server process on shutdown (None: they end).
+    resume_dir: Path | None = None
     #: Serve without authentication on a non-loopback address (behind a trusted gateway only).
     insecure_no_auth: bool = False
 

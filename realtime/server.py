@@ -34,7 +34,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from realtime import __version__, errors
+from realtime import __version__, errors, handoff
 from realtime.auth import AuthFailed, Grant, verify_key, verify_token
 from realtime.config import Config, is_loopback
 from realtime.metrics import Metrics, Traffic
@@ -134,6 +134,33 @@ class _Connection:
         self._keep_bytes = session.limits.resume_buffer_bytes
         self.written = 0  # frames written on this session since it began
         self.first = 0  # index of the first frame after the welcome
+        #: Written to the resume folder for the next server: messages from now on are ignored.
+        self.handed_off = False
+
+    def hand_off(self, expires_at: float) -> handoff.HandedOff:
+        """The session as the next server needs it. What is still queued counts as written
+        (the next server replays it), so whatever reaches the client from here, its count and
+        the saved one agree."""
+        kept = [*self._kept, *self._outbox]
+        written = self.written + len(self._outbox)
+        self._outbox.clear()
+        self.handed_off = True
+        return handoff.HandedOff(self.session, self.key, expires_at, written, self.first, kept)
+
+    @classmethod
+    def taken_over(
+        cls,
+        ws: ServerConnection,
+        entry: handoff.HandedOff,
+        max_outbox: int,
+        traffic: Traffic,
+    ) -> _Connection:
+        """A session another server handed off, on this server's connection."""
+        conn = cls(ws, entry.session, max_outbox, traffic, entry.key)
+        conn.written, conn.first = entry.written, entry.first
+        conn._kept.extend(entry.kept)
+        conn._kept_bytes = sum(len(frame) for frame, _, _ in entry.kept)
+        return conn
 
     def welcomed(self) -> None:
         """The welcome was just queued: the frames after it are the ones a client counts."""
@@ -300,6 +327,10 @@ class Server:
         self._drained = asyncio.Event()
         self._catalog = orjson.dumps({"models": self.repository.catalog()})
         self._static = load_static()
+        if config.resume_dir is not None:
+            handoff.check_dir(config.resume_dir)
+            swept = handoff.sweep(config.resume_dir, config.limits.resume_seconds)
+            log.info("event=resume_dir path=%s expired_removed=%d", config.resume_dir, swept)
         #: Checked at the handshake, taken by the connection's handler.
         #: Weak: a handshake that fails after it was admitted leaves nothing behind.
         self._grants: weakref.WeakKeyDictionary[ServerConnection, Grant] = (
@@ -446,15 +477,19 @@ class Server:
             return
         self._ws.close(close_connections=False)  # no new connections; the open ones stay
         drain = self.config.drain_seconds
-        notice: list[Message] = [GoingAway("the server is shutting down", drain * 1000.0)]
+        hand_off = self.config.resume_dir is not None
         for conn in list(self._connections):
-            conn.send_messages(notice, False)
+            token = conn.session.resume_token if hand_off else None
+            notice = GoingAway("the server is shutting down", drain * 1000.0, token)
+            conn.send_messages([notice], False)
         self._check_drained()
         try:
             await asyncio.wait_for(self._drained.wait(), drain)
         except TimeoutError:
             log.warning("event=drain_timeout seconds=%g", drain)
         await self.scheduler.close()  # fails what is still queued: those errors go out too
+        if hand_off:
+            await self._hand_off()
         # Chunks a client sent before the notice reached it are still on the wire: keep reading
         # (and refusing them, typed) until the client closes, for close_grace_seconds.
         open_ones = [asyncio.ensure_future(c.ws.wait_closed()) for c in self._connections]
@@ -466,6 +501,30 @@ class Server:
         for token in list(self._parked):  # answered, but their clients did not come back in time
             self._expire(token)
         await self._ws.wait_closed()
+
+    async def _hand_off(self) -> None:
+        """Write every session to the resume folder for the next server process."""
+        assert self.config.resume_dir is not None
+        await asyncio.sleep(0)  # the outcomes scheduler.close() resolved are delivered first
+        expires_at = time.time() + self.config.limits.resume_seconds
+        files: list[tuple[str, bytes]] = []
+        conns = [*self._connections, *(p.conn for p in self._parked.values())]
+        for conn in conns:
+            token = conn.session.resume_token
+            if token is None or conn.session.phase is not Phase.OPEN:
+                continue
+            why = "the server handed this session off while the chunk ran"
+            conn.send_messages(conn.session.abandon(why), False)
+            files.append((token, handoff.dump(conn.hand_off(expires_at))))
+            conn.session.disconnect()  # late outcomes here change nothing of what was written
+        folder = self.config.resume_dir
+
+        def write_all() -> None:
+            for token, data in files:
+                handoff.write(folder, token, data)
+
+        await asyncio.to_thread(write_all)
+        log.info("event=handed_off sessions=%d path=%s", len(files), folder)
 
     def _check_drained(self) -> None:
         if self.draining and all(
@@ -592,6 +651,8 @@ class Server:
         told = 0.0  # when the client was last told it is rate limited
         try:
             async for message in ws:
+                if conn.handed_off:
+                    continue  # the next server process has this session now
                 traffic.messages_in += 1
                 traffic.bytes_in += len(message)
                 if len(message) > max_bytes:
@@ -690,7 +751,8 @@ class Server:
 
     async def _resume(self, conn: _Connection, msg: Hello) -> _Connection | None:
         """Give the session ``msg.resume`` names the connection ``conn`` came in on, and send it
-        what it missed; None (and a typed error to ``conn``) if it cannot be resumed."""
+        what it missed; None (and a typed error to ``conn``) if it cannot be resumed. The
+        session is parked here, or handed off by the previous server process."""
         token = msg.resume
         assert token is not None
         try:
@@ -703,24 +765,45 @@ class Server:
                 live.ws.transport.abort()
                 await live.ended.wait()
             parked = self._parked.get(token)
-            if parked is None or parked.conn.key != conn.key:  # another credential's: unknown
-                if token in self._expired:
-                    raise errors.ResumeExpired("the session expired before it was resumed")
-                raise errors.ResumeUnknown("no session to resume with this token")
-            resumed = parked.conn
-            resumed.resume(conn.ws, msg.received)  # may refuse: the session stays parked
+            if parked is not None and parked.conn.key == conn.key:
+                resumed = parked.conn
+                resumed.resume(conn.ws, msg.received)  # may refuse: the session stays parked
+                del self._parked[token]
+                parked.expiry.cancel()
+                self._release(parked.ip, resumed.key)  # counted again as this connection's
+            else:
+                taken = None
+                if parked is None and self.config.resume_dir is not None:
+                    taken = await self._take_over(conn, token)
+                if taken is None:  # another credential's session is unknown too
+                    if token in self._expired:
+                        raise errors.ResumeExpired("the session expired before it was resumed")
+                    raise errors.ResumeUnknown("no session to resume with this token")
+                resumed = taken
+                resumed.resume(conn.ws, msg.received)
         except errors.RealtimeError as e:
             self._count_resume("refused")
             conn.error(e)
             return None
-        del self._parked[token]
-        parked.expiry.cancel()
-        self._release(parked.ip, resumed.key)  # counted again as this connection's
         resumed.last_seen = time.monotonic()
         resumed.ended.clear()
         self._count_resume("resumed")
         log.info("event=resumed session=%s received=%d", resumed.session.id, msg.received)
         return resumed
+
+    async def _take_over(self, conn: _Connection, token: str) -> _Connection | None:
+        """A session the previous server process handed off, resumed on ``conn``; None if the
+        resume folder has no such session. Raises a typed refusal."""
+        assert self.config.resume_dir is not None
+        data = await asyncio.to_thread(handoff.take, self.config.resume_dir, token)
+        if data is None:
+            return None
+        entry = handoff.load(data, self.repository)
+        if entry.key != conn.key:
+            raise errors.ResumeUnknown("no session to resume with this token")
+        session = entry.session
+        session.limits, session.server = self.config.limits, SERVER_NAME
+        return _Connection.taken_over(conn.ws, entry, self.config.max_outbox, self.traffic)
 
     def _count_resume(self, result: str) -> None:
         self.traffic.resumes[result] = self.traffic.resumes.get(result, 0) + 1

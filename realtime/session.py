@@ -351,6 +351,18 @@ class Session:
         out.append(Closed(stream.id, stream.results_sent, stream.errors_sent))
         return out
 
+    def abandon(self, why: str) -> list[Message]:
+        """Give every chunk still without an outcome a ``going_away`` error (a session handed to
+        another server while a batch of it still runs here); the messages now due."""
+        out: list[Message] = []
+        for stream in list(self.streams.values()):
+            for seq in stream.pending:
+                if seq not in stream.done:
+                    exc = errors.ShuttingDown(why, stream=stream.id, seq=seq)
+                    stream.done[seq] = Ready(0.0, exc, None)
+            out += self._release(stream)
+        return out
+
     def disconnect(self) -> None:
         """The client is gone: its queued items are skipped and nothing more is sent."""
         for stream in self.streams.values():

@@ -8,6 +8,8 @@ their recurrent state and every answer produced meanwhile come back, in order, n
 from __future__ import annotations
 
 import asyncio
+import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +17,11 @@ import numpy as np
 from prometheus_client import generate_latest
 
 from realtime.client import Client
-from realtime.protocol import Error, Result
+from realtime.protocol import Error, Event, Result
 from realtime.server import Server
 from realtime.session import Limits
 from tests.conftest import ServerFactory
+from tests.test_cli import Served
 from tests.test_server import Raw
 
 
@@ -162,3 +165,87 @@ async def test_answers_no_longer_kept_are_counted_in_a_typed_notice(
     assert notice["code"] == "results_dropped" and notice["message"].startswith("10 messages")
     await again.still_works(1, 10)
     await again.ws.close()
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (for two server processes in turn)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def pose(seq: int) -> np.ndarray[Any, Any]:
+    """A head moving along x: unit quaternions, a new position each chunk."""
+    p = np.zeros((3, 7), np.float32)
+    p[:, 0] = 0.01 * seq
+    p[:, 6] = 1.0
+    return p
+
+
+async def answers(stream: Any, n: int) -> list[Any]:
+    """The next ``n`` results or errors of a stream (its events are left out)."""
+    got: list[Any] = []
+    while len(got) < n:
+        msg = await stream.next()
+        if not isinstance(msg, Event):
+            got.append(msg)
+    return got
+
+
+async def test_a_restart_hands_sessions_to_the_next_process(
+    start_server: ServerFactory, tmp_path: Path
+) -> None:
+    """SIGTERM with --resume-dir: the session, its pose filter state and its audio stream's
+    re-windowing move to the next process on the same port; the client resumes by itself."""
+    args = ("--port", str(free_port()), "--resume-dir", str(tmp_path / "sessions"))
+    first = Served(*args)
+    client = await Client.connect(first.url)
+    poses = await client.open("pose", deadline_ms=10_000)
+    voice = await client.open("speech_activity", dtype="int16", sample_rate=48000)
+    t = np.arange(960) / 48000
+    tone = (8000 * np.sin(2 * np.pi * 220 * t)).astype(np.int16)  # 20 ms chunks at 48 kHz
+    for seq in range(30):
+        await poses.send(pose(seq))
+        await voice.send(tone, t=20.0 * seq)
+    got = await answers(poses, 20)  # ten left in flight: the draining server answers them
+    first.proc.send_signal(signal.SIGTERM)
+    got += await answers(poses, 10)
+    for _ in range(1000):  # the notice comes right after the last answers (bounded poll)
+        if client.going_away is not None:
+            break
+        await asyncio.sleep(0.01)
+    assert client.going_away is not None and client.going_away.resume_token is not None
+
+    async def stream_on() -> None:  # waits while the session moves
+        for seq in range(30, 60):
+            await poses.send(pose(seq))
+            await voice.send(tone, t=20.0 * seq)
+
+    sender = asyncio.create_task(stream_on())
+    _, err = await asyncio.to_thread(first.proc.communicate, timeout=30)
+    assert first.proc.returncode == 0, err
+    assert "event=handed_off sessions=1" in err
+    second = Served(*args)
+    try:
+        await sender
+        got += await answers(poses, 30)
+        heard = await answers(voice, 60)
+    finally:
+        code, err = await asyncio.to_thread(second.stop)  # the loop must answer its close
+    assert code == 0, err
+    assert client.resumes == 1
+    assert [m.seq for m in got] == list(range(60)) and all(isinstance(m, Result) for m in got)
+    assert [m.seq for m in heard] == list(range(60)) and all(isinstance(m, Result) for m in heard)
+    assert sum(len(m.outputs["speech_prob"]) for m in heard) >= 60 * 20 // 32 - 2  # windows
+    # The pose filter went on as if nothing happened: same outputs as one uninterrupted run.
+    server: Server = await start_server()
+    reference = await Client.connect(server.url)
+    again = await reference.open("pose", deadline_ms=10_000)
+    for seq in range(60):
+        await again.send(pose(seq))
+    for mine, theirs in zip(got, await answers(again, 60), strict=True):
+        for name, value in mine.outputs.items():
+            np.testing.assert_allclose(value, theirs.outputs[name], rtol=1e-6, atol=1e-6)
+    await reference.close()
+    await client.close()

@@ -92,3 +92,18 @@ def test_outcomes_are_released_in_order_whatever_order_they_come_in(tiny_models:
     released = s.complete(items[0], ok)
     assert [getattr(m, "seq", None) for m in released] == [0, 1, 2]
     assert s.inflight == 0
+
+
+def test_abandon_answers_every_unfinished_chunk_in_order(tiny_models: Path) -> None:
+    s = session(tiny_models)
+    open_double(s)
+    items = [s.accept(chunk(1, seq), 0.0)[0] for seq in range(3)]
+    done = s.complete(items[1], Prediction([np.zeros(4, np.float32)], 0.0, 0.0, 1))
+    assert done == []  # seq 1 waits for seq 0
+    out = s.abandon("handed off")
+    assert [(type(m).__name__, getattr(m, "code", None), m.seq) for m in out] == [  # type: ignore[attr-defined]
+        ("Error", "going_away", 0),
+        ("Result", None, 1),
+        ("Error", "going_away", 2),
+    ]
+    assert s.inflight == 0
