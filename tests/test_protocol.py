@@ -68,12 +68,16 @@ def timings() -> st.SearchStrategy[Timing]:
 
 messages = st.one_of(
     st.builds(Hello, st.just(1), names),
+    st.builds(Hello, st.just(1), names, names, st.integers(0, 2**53)),  # a resume
     st.builds(
         Welcome,
         names,
         names,
         st.dictionaries(names, json_values, max_size=3),
         st.lists(st.dictionaries(names, json_values, max_size=3), max_size=3),
+        st.just(1),
+        st.none() | names,
+        st.none() | st.dictionaries(names, json_values, max_size=3),
     ),
     st.builds(
         Open,
@@ -101,7 +105,7 @@ messages = st.one_of(
     st.builds(Closed, ids, ids, ids),
     st.builds(Ping, ids, finite),
     st.builds(Pong, ids, finite, finite),
-    st.builds(GoingAway, names, finite),
+    st.builds(GoingAway, names, finite, st.none() | names),
     st.builds(
         Result,
         ids,

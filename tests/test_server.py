@@ -208,6 +208,13 @@ BAD_TEXT: list[tuple[str, Any, str]] = [
     ),
     ("second hello", {"type": "hello", "protocol": 1}, "bad_message"),
     ("wrong protocol version", {"type": "hello", "protocol": 99}, "unsupported_version"),
+    ("resume on an open session", {"type": "hello", "protocol": 1, "resume": "t"}, "bad_message"),
+    ("resume token not a string", {"type": "hello", "protocol": 1, "resume": 5}, "bad_message"),
+    (
+        "negative received count",
+        {"type": "hello", "protocol": 1, "resume": "t", "received": -1},
+        "bad_message",
+    ),
     ("close unknown stream", {"type": "close", "stream": 77}, "stream_not_open"),
     ("huge text", "x" * 300_000, "message_too_big"),
 ]
