@@ -703,10 +703,10 @@ class Server:
             token = session.resume_token
             if token is not None and self._live.get(token) is conn:
                 del self._live[token]
+            self._release(ip, key)
             if parked:
                 self._park(conn, ip)
             else:
-                self._release(ip, key)
                 session.disconnect()
             conn.ended.set()
             log.info(
@@ -727,7 +727,11 @@ class Server:
 
     def _park(self, conn: _Connection, ip: str) -> None:
         """Keep a session whose connection was lost for ``resume_seconds``: its chunks in
-        flight are still run and their results queued for when the client resumes."""
+        flight are still run and their results queued for when the client resumes.
+
+        Kept sessions do not count against the quotas of connected ones (the client must be
+        able to come back to resume), but have the same bounds of their own: past them the
+        key's (or address's) oldest kept session ends."""
         token = conn.session.resume_token
         assert token is not None
         conn.parked = True
@@ -735,13 +739,21 @@ class Server:
         expiry = asyncio.get_running_loop().call_later(ttl, self._expire, token)
         self._parked[token] = _Parked(conn, ip, expiry)
         self._count_resume("parked")
+        key, keys = conn.key, self.config.keys
+        if key is not None:
+            same = [t for t, p in self._parked.items() if p.conn.key == key]
+            bound = keys[key].max_sessions
+        else:
+            same = [t for t, p in self._parked.items() if p.ip == ip]
+            bound = self.config.limits.max_sessions_per_ip
+        for oldest in same[: max(0, len(same) - bound)]:
+            self._expire(oldest)
 
     def _expire(self, token: str) -> None:
         parked = self._parked.pop(token, None)
         if parked is None:
             return
         parked.expiry.cancel()
-        self._release(parked.ip, parked.conn.key)
         parked.conn.session.disconnect()
         self._expired[token] = None
         if len(self._expired) > 10_000:
@@ -770,7 +782,6 @@ class Server:
                 resumed.resume(conn.ws, msg.received)  # may refuse: the session stays parked
                 del self._parked[token]
                 parked.expiry.cancel()
-                self._release(parked.ip, resumed.key)  # counted again as this connection's
             else:
                 taken = None
                 if parked is None and self.config.resume_dir is not None:

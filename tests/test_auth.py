@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
@@ -19,6 +21,7 @@ from realtime import errors
 from realtime.auth import ApiKey, AuthFailed, load_keys, mint, verify_key, verify_token
 from realtime.client import Client
 from realtime.config import Config
+from realtime.protocol import Result
 from realtime.server import Server
 from realtime.session import Limits
 from tests.conftest import REPO
@@ -216,3 +219,43 @@ def test_token_mint_from_the_command_line(tmp_path: Path) -> None:
         timeout=60,
     )
     assert r.returncode == 2 and "refusing to serve 0.0.0.0 without authentication" in r.stderr
+
+
+async def test_a_session_at_its_keys_quota_resumes_and_only_with_its_key(
+    make_server: ServerMaker,
+) -> None:
+    server = await make_server(keys=KEYS)
+    token = mint(KEY, 60, time.time())
+    first = await Client.connect(server.url, token=token)
+    second = await Client.connect(server.url, token=token)  # the key's 2 sessions
+    stream = await second.open("pose")
+    await stream.send(np.zeros((3, 7), np.float32))
+    assert isinstance(await stream.next(), Result)
+    second.ws.transport.abort()  # its connection drops: it must get back in to resume
+    await stream.send(np.zeros((3, 7), np.float32))  # waits for the resume
+    assert (await stream.next()).seq == 1  # type: ignore[union-attr]
+    assert second.resumes == 1
+    # A kept session is another key's secret: the token alone does not resume it.
+    first.ws.transport.abort()
+    first._dial = None
+    assert first.resume_token is not None
+    async with connect(server.url, additional_headers={"X-Api-Key": "o" * 40}) as ws:
+        hello = {"type": "hello", "protocol": 1, "resume": first.resume_token, "received": 0}
+        await ws.send(orjson.dumps(hello).decode())
+        assert orjson.loads(await ws.recv())["code"] == "resume_unknown"
+    await second.close()
+
+
+async def test_kept_sessions_have_the_keys_bound_too(make_server: ServerMaker) -> None:
+    server = await make_server(keys=KEYS)
+    token = mint(KEY, 60, time.time())
+    for _ in range(3):  # three cut sessions: the key keeps its 2 newest
+        client = await Client.connect(server.url, token=token)
+        client._dial = None
+        client.ws.transport.abort()
+        await client._reader  # it saw the cut; the server parks it soon after
+    for _ in range(500):  # bounded poll of the server's own count
+        if server.traffic.resumes.get("parked") == 3:
+            break
+        await asyncio.sleep(0.01)
+    assert server.traffic.resumes == {"parked": 3, "expired": 1}

@@ -1,4 +1,4 @@
-"""A flooding client next to 50 real-time clients, against a real server process on loopback.
+"""A flooding client next to 30 real-time clients, against a real server process on loopback.
 
 The well-behaved clients stream 20 ms of audio every 20 ms to the built-in speech model; one
 client sends as fast as its socket takes on the same model (live-media policy, drop_oldest) and
@@ -22,7 +22,7 @@ from realtime.client import Client
 from realtime.protocol import Chunk, Error, Result, encode_frame
 from tests.test_cli import Served
 
-CLIENTS = 50
+CLIENTS = 30  # half of what this server carries on 2 cores alone: margin for slow CI
 SECONDS = 3.0
 CHUNK = 320  # 20 ms at 16 kHz
 
