@@ -139,3 +139,71 @@ async def test_the_demo_page_and_the_client_are_served_with_types_and_etags(
     ]:
         status, _, body = await asyncio.to_thread(get, base + path)
         assert status == 404, path
+
+
+def node_websocket_flags() -> list[str] | None:
+    """Node's flags for a global WebSocket (built in from Node 22, a flag in 20), or None."""
+    assert NODE is not None
+    for flags in ([], ["--experimental-websocket"]):
+        probe = [NODE, *flags, "-e", "process.exit(typeof WebSocket === 'function' ? 0 : 1)"]
+        if subprocess.run(probe, capture_output=True, timeout=30).returncode == 0:
+            return flags
+    return None
+
+
+RESUME_SCRIPT = """
+import { RealtimeClient } from "./web/realtime.js";
+import readline from "node:readline";
+const lines = readline.createInterface({ input: process.stdin })[Symbol.asyncIterator]();
+const client = await RealtimeClient.connect(process.argv[1]);
+const stream = await client.open("accumulate", { deadlineMs: 10000 });
+const got = [];
+let want = 0, wake = null;
+const note = (entry) => { got.push(entry); if (wake && got.length >= want) wake(); };
+stream.onResult = (r) => note([r.seq, r.outputs.total.data[0]]);
+stream.onError = (e) => note([e.seq, e.code]);
+const until = (n) => new Promise((r) => { want = n; wake = r; if (got.length >= n) r(); });
+const ones = () => new Float32Array([1, 1, 1]);
+for (let i = 0; i < 20; i++) stream.send(ones());
+await until(10);
+console.log("cut me");
+await lines.next(); // the server cut the connection
+for (let i = 0; i < 20; i++) stream.send(ones()); // some while it resumes: kept, sent after
+await until(40);
+console.log(JSON.stringify({ got, resumes: client.resumes }));
+client.close();
+process.exit(0);
+"""
+
+
+@needs_node
+async def test_the_js_client_resumes_a_cut_session(
+    start_server: ServerFactory, tiny_models: Any
+) -> None:
+    flags = node_websocket_flags()
+    if flags is None:
+        pytest.skip("this Node.js has no WebSocket (Node 20 with a flag, or 22+)")
+    server = await start_server((tiny_models,), builtin=False)
+    assert NODE is not None
+    proc = await asyncio.create_subprocess_exec(
+        *[NODE, *flags, "--input-type=module", "-e", RESUME_SCRIPT, server.url],
+        cwd=REPO,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        assert await asyncio.wait_for(proc.stdout.readline(), 30) == b"cut me\n"
+        (conn,) = server._connections
+        conn.ws.transport.abort()  # the network drops it: no close frame either way
+        proc.stdin.write(b"go\n")
+        await proc.stdin.drain()
+        report = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        _, err = await proc.communicate()
+    assert report["resumes"] == 1, err
+    # A stateful model's running total: every chunk answered once, in order, state carried on.
+    assert report["got"] == [[k, k + 1.0] for k in range(40)]

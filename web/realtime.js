@@ -115,13 +115,20 @@ export class RealtimeStream {
     /** @type {(error: RealtimeError) => void} */ this.onError = null;
     this._queue = [];
     this._waiters = [];
+    /** Chunks sent and not answered yet, by seq: sent again after a resume if the server lacks them. */
+    this._unanswered = new Map();
   }
 
-  /** Send one chunk; returns its seq. `t` is your clock in ms (default performance.now()). */
+  /**
+   * Send one chunk; returns its seq. `t` is your clock in ms (default performance.now()).
+   * While the client resumes a lost connection the chunk is kept and sent after the resume.
+   */
   send(data, { t, shape, endOfSegment = false, deadlineMs = 0 } = {}) {
     const seq = this.seq++;
     const time = t ?? (globalThis.performance ? performance.now() : Date.now());
-    this.client._sendBinary(encodeChunk({ stream: this.id, seq, t: time, data, shape, deadlineMs, flags: endOfSegment ? FLAG_END_OF_SEGMENT : 0 }));
+    const frame = encodeChunk({ stream: this.id, seq, t: time, data, shape, deadlineMs, flags: endOfSegment ? FLAG_END_OF_SEGMENT : 0 });
+    this._unanswered.set(seq, frame);
+    this.client._sendBinary(frame);
     this.inFlight++;
     this.client.sentAt.set(`${this.id}:${seq}`, globalThis.performance ? performance.now() : Date.now());
     return seq;
@@ -132,7 +139,11 @@ export class RealtimeStream {
   }
 
   _deliver(msg) {
-    if (msg.type === "result" || (msg.type === "error" && msg.seq !== undefined)) this.inFlight = Math.max(0, this.inFlight - 1);
+    const last = msg.type === "result" || (msg.type === "error" && msg.seq !== undefined) || (msg.type === "result_frame" && msg.index === msg.count - 1);
+    if (last) {
+      this.inFlight = Math.max(0, this.inFlight - 1);
+      this._unanswered.delete(msg.seq);
+    }
     const handler = msg.type === "result" ? this.onResult : msg.type === "event" ? this.onEvent : this.onError;
     if (handler) return handler(msg.type === "error" ? new RealtimeError(msg) : msg);
     const waiter = this._waiters.shift();
@@ -164,7 +175,15 @@ export class RealtimeClient {
     this._pending = new Map();
     this._nextStream = 1;
     this._nextPing = 1;
-    this._retries = 0;
+    /** Requests sent and not answered, by the key of their answer (sent again on a resume). */
+    this._requests = new Map();
+    /** The token that resumes this session (from the welcome, or a going_away that hands it off). */
+    this.resumeToken = null;
+    /** Times this client resumed its session after a lost connection. */
+    this.resumes = 0;
+    this._received = 0; // messages received after the session's first welcome
+    this._online = false; // connected and welcomed: frames may be sent
+    this._handedOff = false; // the server said it hands the session to its next process
     this.onStatus = opts.onStatus ?? (() => {});
     this.onClose = opts.onClose ?? (() => {});
   }
@@ -172,11 +191,12 @@ export class RealtimeClient {
   /** Connect, say hello, and resolve with the client once the welcome arrived. */
   static async connect(url, opts = {}) {
     const client = new RealtimeClient(url, opts);
-    await client._open();
+    await client._connect();
+    await client._hello(false);
     return client;
   }
 
-  async _open() {
+  async _connect() {
     const WS = this.opts.WebSocket ?? globalThis.WebSocket;
     const url = this.opts.token ? `${this.url}${this.url.includes("?") ? "&" : "?"}token=${encodeURIComponent(this.opts.token)}` : this.url;
     const ws = new WS(url);
@@ -188,12 +208,44 @@ export class RealtimeClient {
     });
     ws.onmessage = (ev) => this._onMessage(ev.data);
     ws.onclose = (ev) => this._onClose(ev);
-    const welcome = await this._request({ type: "hello", protocol: PROTOCOL_VERSION, client: "realtime.js" }, "welcome");
+  }
+
+  /** Say hello on the new connection (resuming the session or starting one); the welcome. */
+  async _hello(resume) {
+    const hello = { type: "hello", protocol: PROTOCOL_VERSION, client: "realtime.js" };
+    if (resume) Object.assign(hello, { resume: this.resumeToken, received: this._received });
+    const welcome = await new Promise((resolve, reject) => {
+      this._pending.set("welcome", { resolve, reject });
+      this.ws.send(JSON.stringify(hello));
+    });
     this.welcome = welcome;
     this.models = welcome.models;
-    this._retries = 0;
-    this.onStatus("connected");
+    this.resumeToken = welcome.resume_token ?? null;
+    this.onStatus(resume ? "resumed" : "connected");
     return welcome;
+  }
+
+  /**
+   * A resumed session's welcome (called as it arrives, before any replayed message): count as
+   * the server does, then send again the requests and chunks the server did not get.
+   */
+  _resumed(welcome) {
+    this._received = welcome.resumed.from;
+    const held = new Map(welcome.resumed.streams.map((s) => [s.stream, s]));
+    for (const [key, msg] of this._requests) {
+      const [kind, id] = key.split(":");
+      const s = held.get(Number(id));
+      // Answers the server produced are in the replay; requests it never got go again.
+      if (kind === "pong" || (kind === "opened" && !s) || (kind === "closed" && s && !s.closing)) this.ws.send(JSON.stringify(msg));
+    }
+    for (const stream of this.streams.values()) {
+      const s = held.get(stream.id);
+      if (!s) continue;
+      for (const [seq, frame] of [...stream._unanswered].sort((a, b) => a[0] - b[0])) if (seq > s.received) this.ws.send(frame);
+    }
+    this._handedOff = false;
+    this._online = true;
+    this.resumes++;
   }
 
   /** The catalog entry of a model (its default version unless `version` is given). */
@@ -223,6 +275,7 @@ export class RealtimeClient {
       options: opts.options ?? {},
     };
     const stream = new RealtimeStream(this, { stream: id }, opts);
+    stream._openMsg = msg;
     this.streams.set(id, stream);
     try {
       stream.opened = await this._request(msg, `opened:${id}`);
@@ -250,23 +303,39 @@ export class RealtimeClient {
   }
 
   _sendBinary(buf) {
-    this.ws.send(buf);
+    if (this._online) this.ws.send(buf); // else kept by its stream, sent after the resume
   }
 
   _request(msg, key) {
     return new Promise((resolve, reject) => {
-      this._pending.set(key, { resolve, reject });
-      this.ws.send(JSON.stringify(msg));
+      const settle = (f) => (v) => {
+        this._requests.delete(key);
+        f(v);
+      };
+      this._pending.set(key, { resolve: settle(resolve), reject: settle(reject) });
+      this._requests.set(key, msg);
+      if (this._online) this.ws.send(JSON.stringify(msg));
     });
   }
 
   _onMessage(data) {
     if (typeof data !== "string") {
+      this._received++;
       const f = decodeFrame(data);
       this.streams.get(f.stream)?._deliver({ type: "result_frame", ...f });
       return;
     }
     const msg = JSON.parse(data);
+    if (msg.type === "welcome") {
+      if (msg.resumed) this._resumed(msg);
+      else this._online = true;
+    } else this._received++;
+    if (msg.type === "going_away" && msg.resume_token) {
+      // The session moves to the server's next process: hold chunks until it resumes there.
+      this.resumeToken = msg.resume_token;
+      this._handedOff = true;
+      this._online = false;
+    }
     const key = msg.type === "welcome" ? "welcome" : msg.type === "opened" || msg.type === "closed" ? `${msg.type}:${msg.stream}` : msg.type === "pong" ? `pong:${msg.id}` : null;
     if (msg.type === "error" && msg.seq === undefined) {
       // an error about a request (open, hello): fail the request that is waiting for it
@@ -296,30 +365,80 @@ export class RealtimeClient {
     }
   }
 
-  _onClose(ev) {
-    for (const { reject } of this._pending.values()) reject(new Error(`connection closed (${ev.code})`));
+  _failPending(why) {
+    const pending = [...this._pending.values()];
     this._pending.clear();
+    this._requests.clear();
+    for (const { reject } of pending) reject(new Error(why));
+  }
+
+  _onClose(ev) {
+    this._online = false;
+    if (this._reconnecting) {
+      // A connection of the reconnect loop died: fail what waits on it, the loop goes on.
+      if (this._resumeMode) this._failOne("welcome", ev.code);
+      else this._failPending(`connection closed (${ev.code})`);
+      return;
+    }
     this.onStatus("disconnected");
     this.onClose(ev);
-    if (this._closing || this.opts.reconnect === false) return;
-    // Automatic reconnect with exponential back-off (0.5 s .. 15 s, jittered); streams are
-    // reopened with the same ids and options, their seq restarting at 0.
-    const delay = Math.min(15000, 500 * 2 ** this._retries++) * (0.5 + Math.random() / 2);
-    setTimeout(async () => {
+    const resume = Boolean(this.resumeToken) && (ev.code === 1006 || (ev.code === 1001 && this._handedOff));
+    if (!resume || this._closing || this.opts.reconnect === false) this._failPending(`connection closed (${ev.code})`);
+    if (!this._closing && this.opts.reconnect !== false) this._reconnect(resume);
+  }
+
+  _failOne(key, code) {
+    const waiting = this._pending.get(key);
+    if (waiting) {
+      this._pending.delete(key);
+      waiting.reject(new Error(`connection closed (${code})`));
+    }
+  }
+
+  /**
+   * Reconnect with jittered exponential back-off. A lost connection (or a session handed to the
+   * server's next process) is resumed for as long as the server keeps it: streams, their state
+   * and every answer come back, and unanswered chunks are sent again. Otherwise, or if the resume
+   * is refused, a new session starts and the streams are reopened with the same ids and options,
+   * their seq restarting at 0.
+   */
+  async _reconnect(resume) {
+    this._reconnecting = true;
+    this._resumeMode = resume;
+    const until = Date.now() + 1000 * (this.welcome?.limits?.resume_seconds ?? 30);
+    const giveUp = (why) => {
+      this._resumeMode = resume = false;
+      this.resumeToken = null;
+      this._failPending(`the session could not be resumed (${why})`);
+    };
+    for (let attempt = 0; !this._closing; attempt++) {
+      const base = resume ? Math.min(2000, 50 * 2 ** attempt) : Math.min(15000, 500 * 2 ** attempt);
+      await new Promise((r) => setTimeout(r, base * (0.5 + Math.random() / 2)));
+      if (resume && Date.now() > until) giveUp("too late");
       try {
-        await this._open();
+        await this._connect();
+        if (resume) {
+          try {
+            await this._hello(true);
+            break;
+          } catch (e) {
+            if (!(e instanceof RealtimeError)) throw e; // the connection died: try again
+            giveUp(e.code); // refused: a new session, on this same connection
+          }
+        }
+        await this._hello(false);
         for (const stream of this.streams.values()) {
           stream.seq = 0;
           stream.inFlight = 0;
-          const again = await this.open(stream.opened.model, { ...stream.opts, streamId: stream.id });
-          again.onResult = stream.onResult;
-          again.onEvent = stream.onEvent;
-          again.onError = stream.onError;
+          stream._unanswered.clear();
+          stream.opened = await this._request(stream._openMsg, `opened:${stream.id}`);
         }
+        break;
       } catch {
-        this._onClose({ code: 1006 });
+        if (this.ws && this.ws.readyState === 1) this.ws.close(1000); // a half-made session
       }
-    }, delay);
+    }
+    this._reconnecting = false;
   }
 }
 
