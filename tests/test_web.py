@@ -207,3 +207,71 @@ async def test_the_js_client_resumes_a_cut_session(
     assert report["resumes"] == 1, err
     # A stateful model's running total: every chunk answered once, in order, state carried on.
     assert report["got"] == [[k, k + 1.0] for k in range(40)]
+
+
+FALLBACK_SCRIPT = """
+import { RealtimeClient } from "./web/realtime.js";
+import readline from "node:readline";
+const lines = readline.createInterface({ input: process.stdin })[Symbol.asyncIterator]();
+const client = await RealtimeClient.connect(process.argv[1]);
+const stream = await client.open("accumulate", { deadlineMs: 10000 });
+const got = [];
+let want = 0, wake = null;
+const note = (entry) => { got.push(entry); if (wake && got.length >= want) wake(); };
+stream.onResult = (r) => note([r.seq, r.outputs.total.data[0]]);
+stream.onError = (e) => note([e.seq ?? null, e.code, e.message]);
+const until = (n) => new Promise((r) => { want = n; wake = r; if (got.length >= n) r(); });
+const ones = () => new Float32Array([1, 1, 1]);
+for (let i = 0; i < 3; i++) stream.send(ones());
+await until(3);
+console.log("cut me");
+await lines.next(); // cut, and the server no longer keeps the session
+for (let i = 0; i < 2; i++) stream.send(ones()); // kept while it tries to resume: no answer
+await until(4); // the typed notice for them
+for (let i = 0; i < 3; i++) stream.send(ones()); // the same stream object, on a new session
+await until(7);
+console.log(JSON.stringify({ got, resumes: client.resumes }));
+client.close();
+process.exit(0);
+"""
+
+
+@needs_node
+async def test_the_js_client_starts_over_typed_when_its_session_is_gone(
+    start_server: ServerFactory, tiny_models: Any
+) -> None:
+    flags = node_websocket_flags()
+    if flags is None:
+        pytest.skip("this Node.js has no WebSocket (Node 20 with a flag, or 22+)")
+    server = await start_server((tiny_models,), builtin=False)
+    assert NODE is not None
+    proc = await asyncio.create_subprocess_exec(
+        *[NODE, *flags, "--input-type=module", "-e", FALLBACK_SCRIPT, server.url],
+        cwd=REPO,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        assert await asyncio.wait_for(proc.stdout.readline(), 30) == b"cut me\n"
+        (conn,) = server._connections
+        token = conn.session.resume_token
+        conn.ws.transport.abort()
+        for _ in range(500):  # the server parks it (bounded poll), then lets it go at once
+            if token in server._parked:
+                break
+            await asyncio.sleep(0.005)
+        server._expire(token)  # before the client's first retry (25-50 ms after the cut)
+        proc.stdin.write(b"go\n")
+        await proc.stdin.drain()
+        report = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        _, err = await proc.communicate()
+    got = report["got"]
+    assert report["resumes"] == 0, err
+    assert got[:3] == [[0, 1.0], [1, 2.0], [2, 3.0]]
+    assert got[3][:2] == [None, "resume_expired"] and "2 chunks got no answer" in got[3][2]
+    assert got[4:] == [[0, 1.0], [1, 2.0], [2, 3.0]]  # reopened in place: a new state, seq from 0

@@ -306,7 +306,7 @@ export class RealtimeClient {
     if (this._online) this.ws.send(buf); // else kept by its stream, sent after the resume
   }
 
-  _request(msg, key) {
+  _request(msg, key, now = false) {
     return new Promise((resolve, reject) => {
       const settle = (f) => (v) => {
         this._requests.delete(key);
@@ -314,7 +314,7 @@ export class RealtimeClient {
       };
       this._pending.set(key, { resolve: settle(resolve), reject: settle(reject) });
       this._requests.set(key, msg);
-      if (this._online) this.ws.send(JSON.stringify(msg));
+      if (this._online || now) this.ws.send(JSON.stringify(msg));
     });
   }
 
@@ -328,7 +328,7 @@ export class RealtimeClient {
     const msg = JSON.parse(data);
     if (msg.type === "welcome") {
       if (msg.resumed) this._resumed(msg);
-      else this._online = true;
+      else if (!this._reconnecting) this._online = true; // (a new session: once reopened)
     } else this._received++;
     if (msg.type === "going_away" && msg.resume_token) {
       // The session moves to the server's next process: hold chunks until it resumes there.
@@ -406,15 +406,22 @@ export class RealtimeClient {
     this._reconnecting = true;
     this._resumeMode = resume;
     const until = Date.now() + 1000 * (this.welcome?.limits?.resume_seconds ?? 30);
-    const giveUp = (why) => {
+    const giveUp = (code) => {
       this._resumeMode = resume = false;
       this.resumeToken = null;
-      this._failPending(`the session could not be resumed (${why})`);
+      this._failPending(`the session could not be resumed (${code})`);
+      // Chunks of the lost session will get no answer: say so, typed, once per stream.
+      for (const stream of this.streams.values()) {
+        if (!stream._unanswered.size) continue;
+        const message = `${stream._unanswered.size} chunks got no answer: the session could not be resumed`;
+        stream._unanswered.clear();
+        stream._deliver({ type: "error", code, message, stream: stream.id, retryable: false });
+      }
     };
     for (let attempt = 0; !this._closing; attempt++) {
       const base = resume ? Math.min(2000, 50 * 2 ** attempt) : Math.min(15000, 500 * 2 ** attempt);
       await new Promise((r) => setTimeout(r, base * (0.5 + Math.random() / 2)));
-      if (resume && Date.now() > until) giveUp("too late");
+      if (resume && Date.now() > until) giveUp("resume_expired");
       try {
         await this._connect();
         if (resume) {
@@ -428,11 +435,21 @@ export class RealtimeClient {
         }
         await this._hello(false);
         for (const stream of this.streams.values()) {
-          stream.seq = 0;
-          stream.inFlight = 0;
+          stream.opened = await this._request(stream._openMsg, `opened:${stream.id}`, true);
+          // Chunks kept while it reconnected go to the new session, numbered from 0 again.
+          const kept = [...stream._unanswered].sort((a, b) => a[0] - b[0]).map(([, frame]) => frame);
           stream._unanswered.clear();
-          stream.opened = await this._request(stream._openMsg, `opened:${stream.id}`);
+          stream.seq = 0;
+          stream.inFlight = kept.length;
+          for (const frame of kept) {
+            const seq = stream.seq++;
+            new DataView(frame).setUint32(8, seq, true); // the header's seq
+            stream._unanswered.set(seq, frame);
+            this.ws.send(frame);
+          }
         }
+        for (const msg of this._requests.values()) this.ws.send(JSON.stringify(msg)); // asked meanwhile
+        this._online = true;
         break;
       } catch {
         if (this.ws && this.ws.readyState === 1) this.ws.close(1000); // a half-made session
