@@ -181,7 +181,7 @@ class _Connection:
         self.ws = ws
         self.parked = False
         protocol = ws.protocol
-        protocol.send_text(encode_text(self.session.resumed(start - self.first)))
+        protocol.send_text(encode_text(self.session.welcome(replay_from=start - self.first)))
         kept = self._kept
         for i in range(start - oldest, len(kept)):
             frame, text, _ = kept[i]

@@ -203,28 +203,25 @@ class Session:
             raise errors.BadMessage("hello was already received on this session")
         self.phase = Phase.OPEN
         self.client = msg.client
-        return Welcome(
-            self.id,
-            self.server,
-            self.limits.as_wire(),
-            self.repository.catalog(),
-            resume_token=self.resume_token,
-        )
+        return self.welcome()
 
-    def resumed(self, replay_from: int) -> Welcome:
-        """The welcome of a resumed session: its open streams, where each one's chunks got to,
-        and the count of messages the replay that follows starts after."""
-        streams = [
-            {"stream": s.id, "received": s.received, "closing": s.closing}
-            for s in self.streams.values()
-        ]
+    def welcome(self, replay_from: int | None = None) -> Welcome:
+        """The session's welcome; given ``replay_from``, a resumed session's: its open streams,
+        where each one's chunks got to, and the count of messages the replay starts after."""
+        resumed = None
+        if replay_from is not None:
+            streams = [
+                {"stream": s.id, "received": s.received, "closing": s.closing}
+                for s in self.streams.values()
+            ]
+            resumed = {"streams": streams, "from": replay_from}
         return Welcome(
             self.id,
             self.server,
             self.limits.as_wire(),
             self.repository.catalog(),
             resume_token=self.resume_token,
-            resumed={"streams": streams, "from": replay_from},
+            resumed=resumed,
         )
 
     def _require_open(self) -> None:

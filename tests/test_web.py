@@ -8,12 +8,14 @@ import shutil
 import subprocess
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
 import pytest
 
 from realtime.protocol import Chunk, ResultFrame, decode_frame, encode_frame
+from realtime.server import Server
 from tests.conftest import REPO, ServerFactory
 
 NODE = shutil.which("node")
@@ -151,65 +153,7 @@ def node_websocket_flags() -> list[str] | None:
     return None
 
 
-RESUME_SCRIPT = """
-import { RealtimeClient } from "./web/realtime.js";
-import readline from "node:readline";
-const lines = readline.createInterface({ input: process.stdin })[Symbol.asyncIterator]();
-const client = await RealtimeClient.connect(process.argv[1]);
-const stream = await client.open("accumulate", { deadlineMs: 10000 });
-const got = [];
-let want = 0, wake = null;
-const note = (entry) => { got.push(entry); if (wake && got.length >= want) wake(); };
-stream.onResult = (r) => note([r.seq, r.outputs.total.data[0]]);
-stream.onError = (e) => note([e.seq, e.code]);
-const until = (n) => new Promise((r) => { want = n; wake = r; if (got.length >= n) r(); });
-const ones = () => new Float32Array([1, 1, 1]);
-for (let i = 0; i < 20; i++) stream.send(ones());
-await until(10);
-console.log("cut me");
-await lines.next(); // the server cut the connection
-for (let i = 0; i < 20; i++) stream.send(ones()); // some while it resumes: kept, sent after
-await until(40);
-console.log(JSON.stringify({ got, resumes: client.resumes }));
-client.close();
-process.exit(0);
-"""
-
-
-@needs_node
-async def test_the_js_client_resumes_a_cut_session(
-    start_server: ServerFactory, tiny_models: Any
-) -> None:
-    flags = node_websocket_flags()
-    if flags is None:
-        pytest.skip("this Node.js has no WebSocket (Node 20 with a flag, or 22+)")
-    server = await start_server((tiny_models,), builtin=False)
-    assert NODE is not None
-    proc = await asyncio.create_subprocess_exec(
-        *[NODE, *flags, "--input-type=module", "-e", RESUME_SCRIPT, server.url],
-        cwd=REPO,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert proc.stdin is not None and proc.stdout is not None
-    try:
-        assert await asyncio.wait_for(proc.stdout.readline(), 30) == b"cut me\n"
-        (conn,) = server._connections
-        conn.ws.transport.abort()  # the network drops it: no close frame either way
-        proc.stdin.write(b"go\n")
-        await proc.stdin.drain()
-        report = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        _, err = await proc.communicate()
-    assert report["resumes"] == 1, err
-    # A stateful model's running total: every chunk answered once, in order, state carried on.
-    assert report["got"] == [[k, k + 1.0] for k in range(40)]
-
-
-FALLBACK_SCRIPT = """
+CLIENT_PRELUDE = """
 import { RealtimeClient } from "./web/realtime.js";
 import readline from "node:readline";
 const lines = readline.createInterface({ input: process.stdin })[Symbol.asyncIterator]();
@@ -222,31 +166,27 @@ stream.onResult = (r) => note([r.seq, r.outputs.total.data[0]]);
 stream.onError = (e) => note([e.seq ?? null, e.code, e.message]);
 const until = (n) => new Promise((r) => { want = n; wake = r; if (got.length >= n) r(); });
 const ones = () => new Float32Array([1, 1, 1]);
-for (let i = 0; i < 3; i++) stream.send(ones());
-await until(3);
-console.log("cut me");
-await lines.next(); // cut, and the server no longer keeps the session
-for (let i = 0; i < 2; i++) stream.send(ones()); // kept while it tries to resume: no answer
-await until(4); // the typed notice for them
-for (let i = 0; i < 3; i++) stream.send(ones()); // the same stream object, on a new session
-await until(7);
+"""
+REPORT = """
 console.log(JSON.stringify({ got, resumes: client.resumes }));
 client.close();
 process.exit(0);
 """
 
 
-@needs_node
-async def test_the_js_client_starts_over_typed_when_its_session_is_gone(
-    start_server: ServerFactory, tiny_models: Any
-) -> None:
+async def cut_a_node_client(
+    server: Server, body: str, after_cut: Callable[[str], Awaitable[None]] | None = None
+) -> dict[str, Any]:
+    """Run the browser client in Node on a stateful stream (the prelude above, then ``body``);
+    when it prints "cut me", abort the server side of its connection (then ``after_cut`` with the
+    session's resume token) and tell it to go on; return what it reports."""
     flags = node_websocket_flags()
     if flags is None:
         pytest.skip("this Node.js has no WebSocket (Node 20 with a flag, or 22+)")
-    server = await start_server((tiny_models,), builtin=False)
     assert NODE is not None
+    script = CLIENT_PRELUDE + body + REPORT
     proc = await asyncio.create_subprocess_exec(
-        *[NODE, *flags, "--input-type=module", "-e", FALLBACK_SCRIPT, server.url],
+        *[NODE, *flags, "--input-type=module", "-e", script, server.url],
         cwd=REPO,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
@@ -257,21 +197,67 @@ async def test_the_js_client_starts_over_typed_when_its_session_is_gone(
         assert await asyncio.wait_for(proc.stdout.readline(), 30) == b"cut me\n"
         (conn,) = server._connections
         token = conn.session.resume_token
-        conn.ws.transport.abort()
+        assert token is not None
+        conn.ws.transport.abort()  # the network drops it: no close frame either way
+        if after_cut is not None:
+            await after_cut(token)
+        proc.stdin.write(b"go\n")
+        await proc.stdin.drain()
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        _, err = await proc.communicate()
+    assert line, err
+    report: dict[str, Any] = json.loads(line)
+    return report
+
+
+@needs_node
+async def test_the_js_client_resumes_a_cut_session(
+    start_server: ServerFactory, tiny_models: Any
+) -> None:
+    server = await start_server((tiny_models,), builtin=False)
+    body = """
+for (let i = 0; i < 20; i++) stream.send(ones());
+await until(10);
+console.log("cut me");
+await lines.next(); // the server cut the connection
+for (let i = 0; i < 20; i++) stream.send(ones()); // some while it resumes: kept, sent after
+await until(40);
+"""
+    report = await cut_a_node_client(server, body)
+    assert report["resumes"] == 1
+    # A stateful model's running total: every chunk answered once, in order, state carried on.
+    assert report["got"] == [[k, k + 1.0] for k in range(40)]
+
+
+@needs_node
+async def test_the_js_client_starts_over_typed_when_its_session_is_gone(
+    start_server: ServerFactory, tiny_models: Any
+) -> None:
+    server = await start_server((tiny_models,), builtin=False)
+    body = """
+for (let i = 0; i < 3; i++) stream.send(ones());
+await until(3);
+console.log("cut me");
+await lines.next(); // cut, and the server no longer keeps the session
+for (let i = 0; i < 2; i++) stream.send(ones()); // kept while it tries to resume: no answer
+await until(4); // the typed notice for them
+for (let i = 0; i < 3; i++) stream.send(ones()); // the same stream object, on a new session
+await until(7);
+"""
+
+    async def let_go(token: str) -> None:
         for _ in range(500):  # the server parks it (bounded poll), then lets it go at once
             if token in server._parked:
                 break
             await asyncio.sleep(0.005)
         server._expire(token)  # before the client's first retry (25-50 ms after the cut)
-        proc.stdin.write(b"go\n")
-        await proc.stdin.drain()
-        report = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        _, err = await proc.communicate()
+
+    report = await cut_a_node_client(server, body, let_go)
     got = report["got"]
-    assert report["resumes"] == 0, err
+    assert report["resumes"] == 0
     assert got[:3] == [[0, 1.0], [1, 2.0], [2, 3.0]]
     assert got[3][:2] == [None, "resume_expired"] and "2 chunks got no answer" in got[3][2]
     assert got[4:] == [[0, 1.0], [1, 2.0], [2, 3.0]]  # reopened in place: a new state, seq from 0
