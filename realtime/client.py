@@ -396,18 +396,18 @@ class Client:
         self._online.clear()
         loop = asyncio.get_running_loop()
         give_up = loop.time() + float(self.welcome.limits.get("resume_seconds", 30.0))
+        hello = Hello(client=self._name, resume=self.resume_token, received=self._received)
         delay = 0.05
         while True:
             try:
                 ws = await self._dial()
+                welcome = await _greet(ws, hello)  # a refusal raises its error: no retry
                 break
-            except (OSError, InvalidHandshake):
+            except (OSError, InvalidHandshake, ConnectionClosed):
                 if loop.time() + delay > give_up:
                     raise
                 await asyncio.sleep(delay * random.uniform(0.5, 1.5))  # back-off, not a wait
                 delay = min(2 * delay, 2.0)
-        hello = Hello(client=self._name, resume=self.resume_token, received=self._received)
-        welcome = await _greet(ws, hello)
         assert welcome.resumed is not None
         self.ws = ws
         self._received = int(welcome.resumed["from"])

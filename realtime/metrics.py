@@ -57,6 +57,14 @@ def _buckets(counts: list[int], scale: float = 0.001) -> list[tuple[str, float]]
     ]
 
 
+def _labelled(name: str, doc: str, label: str, counts: dict[str, int]) -> CounterMetricFamily:
+    """A counter family with one sample per label value."""
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for value, n in sorted(counts.items()):
+        family.add_metric([value], n)
+    return family
+
+
 class Metrics(Collector):
     """The server's metrics as Prometheus families, computed at each scrape."""
 
@@ -89,24 +97,19 @@ class Metrics(Collector):
         yield CounterMetricFamily("realtime_received_bytes", "Bytes in", t.bytes_in)
         yield CounterMetricFamily("realtime_messages_sent", "Messages out", t.messages_out)
         yield CounterMetricFamily("realtime_sent_bytes", "Bytes out", t.bytes_out)
-        errors = CounterMetricFamily("realtime_errors", "Errors sent, by code", labels=["code"])
-        for code, n in sorted(t.errors.items()):
-            errors.add_metric([code], n)
-        yield errors
-        reloads = CounterMetricFamily(
-            "realtime_model_reloads", "Model versions added, removed or refused", labels=["result"]
+        yield _labelled("realtime_errors", "Errors sent, by code", "code", t.errors)
+        yield _labelled(
+            "realtime_model_reloads",
+            "Model versions added, removed or refused",
+            "result",
+            t.reloads,
         )
-        for result, n in sorted(t.reloads.items()):
-            reloads.add_metric([result], n)
-        yield reloads
-        resumes = CounterMetricFamily(
+        yield _labelled(
             "realtime_session_resumes",
             "Lost sessions parked, resumed, expired, and resumes refused",
-            labels=["result"],
+            "result",
+            t.resumes,
         )
-        for result, n in sorted(t.resumes.items()):
-            resumes.add_metric([result], n)
-        yield resumes
 
         latency = HistogramMetricFamily(
             "realtime_latency_seconds",
