@@ -20,6 +20,7 @@ from realtime.client import Client
 from realtime.protocol import Error, Result
 from realtime.server import Server
 from tests.conftest import ServerFactory, double_graph, write_model
+from tests.test_cli import Served
 from tests.test_server import Raw
 
 
@@ -184,3 +185,62 @@ async def test_a_model_returning_a_wrong_state_fails_its_chunks_typed(
     assert all(isinstance(m, Error) and m.code == "inference_failed" for m in got), got
     assert "state state_out came back shaped [1, 6], went in shaped [1, 3]" in got[0].message  # type: ignore[union-attr]
     await client.close()
+
+
+def spin_graph() -> onnx.GraphProto:
+    """y = x + trips, one Loop iteration per trip, trips = max(x): 1e9 is a run that never ends
+    (about 40 minutes at 2.3 us an iteration)."""
+    body = helper.make_graph(
+        [
+            helper.make_node("Add", ["v_in", "one"], ["v_out"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_in", TensorProto.FLOAT, None),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, None),
+        ],
+        [helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])],
+    )
+    return helper.make_graph(
+        [
+            helper.make_node("ReduceMax", ["x"], ["m"], keepdims=0),
+            helper.make_node("Cast", ["m"], ["trips"], to=TensorProto.INT64),
+            helper.make_node("Loop", ["trips", "true", "x"], ["y"], body=body),
+        ],
+        "spin",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])],
+        [helper.make_tensor("true", TensorProto.BOOL, [], [True])],
+    )
+
+
+async def test_sigterm_with_a_worker_stuck_in_onnx_runtime_still_exits(tmp_path: Path) -> None:
+    """A real process whose model run never ends inside ONNX Runtime: the chunk fails typed,
+    /healthz says stuck, and SIGTERM still ends the process at once (a thread cannot be
+    joined), exit 0."""
+    root = tmp_path / "models"
+    write_model(root, "spin", spin_graph(), "max_delay_ms = 0\n")
+    served = Served("--models", str(root), "--batch-timeout-seconds", "0.5")
+    try:
+        raw = await Raw.connect(served.url)
+        assert (await raw.open(1, "spin", shape=[1]))["type"] == "opened"
+        await raw.chunk(1, 0, np.array([3.0], np.float32))
+        assert (await raw.recv())["outputs"]["y"]["data"] == [6.0]
+        await raw.chunk(1, 1, np.array([1e9], np.float32))
+        failed = await raw.recv()
+        assert (failed["seq"], failed["code"]) == (1, "inference_failed")
+        base = served.url.replace("ws://", "http://").rstrip("/")
+        status, body = await asyncio.to_thread(get, base + "/healthz")
+        assert (status, orjson.loads(body)["status"]) == (503, "stuck")
+        await raw.chunk(1, 2, np.array([3.0], np.float32))  # a fresh worker serves it
+        assert (await raw.recv())["outputs"]["y"]["data"] == [6.0]
+    finally:
+        code, err = await asyncio.to_thread(served.stop)
+    assert code == 0, err
+    assert "event=exit stuck_batches=1" in err
