@@ -464,10 +464,12 @@ class Server:
         self.traffic.reloads[result] = self.traffic.reloads.get(result, 0) + 1
 
     async def close(self) -> None:
-        """Shut down without losing what was accepted: stop listening, tell every client
-        ``going_away``, refuse new chunks (typed ``going_away`` errors) while every chunk in
-        flight is run and answered (up to ``drain_seconds``; past that, what is still queued gets
-        ``going_away`` errors), then close each connection with 1001."""
+        """Shut down without losing what was accepted: tell every client ``going_away``, refuse
+        new sessions and new chunks (typed ``going_away`` errors) while every chunk in flight is
+        run and answered (up to ``drain_seconds``; past that, what is still queued gets
+        ``going_away`` errors), then close each connection with 1001. Until then a client whose
+        connection drops may still come back to resume (with a resume folder, its session is
+        handed to the next process instead, and the port closes once it is written)."""
         self.ready = False
         self.draining = True
         if self._poller is not None:
@@ -475,7 +477,6 @@ class Server:
         if self._ws is None:
             await self.scheduler.close()
             return
-        self._ws.close(close_connections=False)  # no new connections; the open ones stay
         drain = self.config.drain_seconds
         hand_off = self.config.resume_dir is not None
         for conn in list(self._connections):
@@ -490,6 +491,7 @@ class Server:
         await self.scheduler.close()  # fails what is still queued: those errors go out too
         if hand_off:
             await self._hand_off()
+            self._ws.close(close_connections=False)  # resumes go to the next process now
         # Chunks a client sent before the notice reached it are still on the wire: keep reading
         # (and refusing them, typed) until the client closes, for close_grace_seconds.
         open_ones = [asyncio.ensure_future(c.ws.wait_closed()) for c in self._connections]
@@ -497,6 +499,7 @@ class Server:
             await asyncio.wait(open_ones, timeout=self.config.close_grace_seconds)
         for waiter in open_ones:
             waiter.cancel()
+        self._ws.close(close_connections=False)  # no new connections; the open ones stay
         await asyncio.gather(*(c.flush_and_close() for c in list(self._connections)))
         for token in list(self._parked):  # answered, but their clients did not come back in time
             self._expire(token)
@@ -698,7 +701,7 @@ class Server:
                 and session.resume_token is not None
                 and session.phase is Phase.OPEN
                 and not conn.too_slow
-                and not self.draining
+                and not conn.handed_off
             )
             token = session.resume_token
             if token is not None and self._live.get(token) is conn:
@@ -798,6 +801,9 @@ class Server:
             return None
         resumed.last_seen = time.monotonic()
         resumed.ended.clear()
+        if self.draining:  # back on a server that is shutting down: it is told so too
+            notice = GoingAway("the server is shutting down", self.config.drain_seconds * 1000.0)
+            resumed.send_messages([notice], False)
         self._count_resume("resumed")
         log.info("event=resumed session=%s received=%d", resumed.session.id, msg.received)
         return resumed
@@ -829,6 +835,8 @@ class Server:
             if isinstance(msg, Hello):
                 if msg.resume is not None:
                     return msg
+                if self.draining:
+                    raise errors.ShuttingDown("the server is shutting down: connect elsewhere")
                 reply: list[Message] = [session.hello(msg)]
                 conn.send_messages(reply, False)
                 conn.welcomed()

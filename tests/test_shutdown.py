@@ -2,7 +2,8 @@
 
 20 clients (the Python client) stream poses at 80 Hz to a real server process. One client's TCP
 connection is cut mid-stream: it dials again and resumes its session. Then the server gets
-SIGTERM while they all stream. Each client stops sending when told ``going_away`` and reads
+SIGTERM while they all stream, and a second client's connection is cut as it arrives: it resumes
+too, on the draining server if need be. Each client stops sending when told ``going_away`` and reads
 until it has an answer to every chunk it sent. From the clients' own records: every chunk sent
 got exactly one answer, a result or a typed ``going_away`` error, none twice; the cut client's
 pose filter state went on as if nothing happened; and the server exits 0 within its drain time.
@@ -84,8 +85,14 @@ async def test_a_cut_client_resumes_then_sigterm_drains_and_nothing_is_lost() ->
         await asyncio.sleep(0.01)
     assert cut.client.resumes == 1
     await asyncio.sleep(0.3)  # stream on after the resume
+    # Another client's connection drops as the SIGTERM arrives: whichever the server sees first,
+    # the client resumes (on the draining server if need be) and is told going_away there.
+    late = streamers[2]
+    assert late.client is not None
     served.proc.send_signal(signal.SIGTERM)
+    late.client.ws.transport.abort()
     await asyncio.gather(*tasks)
+    assert late.client.resumes == 1
     _, err = await asyncio.to_thread(served.proc.communicate, timeout=30)
     assert served.proc.returncode == 0, err
     assert "event=resumed" in err
