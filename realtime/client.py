@@ -190,10 +190,10 @@ class Client:
         self._online = asyncio.Event()  # set while connected (cleared while resuming)
         self._online.set()
         self._closing = False
-        #: Requests sent and not answered, by the key of their answer (sent again on a resume).
-        self._requests: dict[tuple[str, int], Message] = {}
         self.streams: dict[int, Stream] = {}
-        self._waiting: dict[tuple[str, int], asyncio.Future[Message]] = {}
+        #: Requests sent and not answered, by the key of their answer: the future the answer
+        #: resolves, and the request (sent again on a resume if the server did not get it).
+        self._waiting: dict[tuple[str, int], tuple[asyncio.Future[Message], Message]] = {}
         self._stream_ids = itertools.count(1)
         self._ping_ids = itertools.count(1)
         self._unrouted: asyncio.Queue[Error] = asyncio.Queue()
@@ -317,7 +317,7 @@ class Client:
         await self.close()
 
     async def _send(self, data: bytes | str) -> None:
-        """Send a frame already kept for a resume (in ``_unanswered`` or ``_requests``); while
+        """Send a frame already kept for a resume (in ``_unanswered`` or ``_waiting``); while
         resuming, wait until the session is back: the resume sent it if the server lacked it."""
         if not self._online.is_set():
             await self._online.wait()
@@ -334,14 +334,12 @@ class Client:
 
     async def _request(self, msg: Message, key: tuple[str, int]) -> Message:
         fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-        self._waiting[key] = fut
-        self._requests[key] = msg
+        self._waiting[key] = (fut, msg)
         try:
             await self._send(encode_text(msg).decode())
             return await fut
         finally:
             self._waiting.pop(key, None)
-            self._requests.pop(key, None)
 
     def _may_resume(self) -> bool:
         """Whether the session can be resumed: the connection was lost (not closed by us or
@@ -383,7 +381,7 @@ class Client:
                 f"connection closed ({self.ws.close_code} {self.ws.close_reason})"
                 + ("" if exc is None else f"; not resumed: {exc}")
             )
-            for fut in self._waiting.values():
+            for fut, _ in self._waiting.values():
                 if not fut.done():
                     fut.set_exception(lost)
             for stream in self.streams.values():
@@ -415,7 +413,7 @@ class Client:
         # No await from here to _online.set(): every frame kept so far is sent again if the
         # server lacks it, and senders that waited for the resume must not send it twice.
         protocol = ws.protocol
-        for (kind, sid), msg in self._requests.items():
+        for (kind, sid), (_, msg) in self._waiting.items():
             # Answers the server produced are in the replay; requests it never got go again.
             if (
                 kind == "pong"
@@ -453,16 +451,16 @@ class Client:
             if msg.stream in self.streams:
                 self.streams.pop(msg.stream)._queue.put_nowait(msg)
         if key is not None:
-            fut = self._waiting.get(key)
-            if fut is not None and not fut.done():
-                fut.set_result(msg)
+            waiting = self._waiting.get(key)
+            if waiting is not None and not waiting[0].done():
+                waiting[0].set_result(msg)
             return
         if isinstance(msg, Error):
             if msg.seq is None and msg.stream is not None:
                 for kind in ("opened", "closed"):
-                    fut = self._waiting.get((kind, msg.stream))
-                    if fut is not None and not fut.done():
-                        fut.set_exception(raise_error(msg))
+                    waiting = self._waiting.get((kind, msg.stream))
+                    if waiting is not None and not waiting[0].done():
+                        waiting[0].set_exception(raise_error(msg))
                         return
             stream = self.streams.get(msg.stream) if msg.stream is not None else None
             if stream is not None and msg.seq is not None:

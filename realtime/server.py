@@ -340,8 +340,6 @@ class Server:
         self._sessions_by_ip: dict[str, int] = {}
         #: Sessions whose connection was lost, by resume token, until they resume or expire.
         self._parked: dict[str, _Parked] = {}
-        #: Sessions with a connection, by resume token.
-        self._live: dict[str, _Connection] = {}
         #: Tokens of sessions that expired unresumed (the latest ones), to say so on a resume.
         self._expired: dict[str, None] = {}
 
@@ -669,8 +667,6 @@ class Server:
                         watchdog.cancel()
                         conn = resumed
                         self._connections.add(conn)
-                        assert conn.session.resume_token is not None
-                        self._live[conn.session.resume_token] = conn
                         writer = asyncio.get_running_loop().create_task(conn.write_loop())
                         watchdog = asyncio.get_running_loop().create_task(self._watch_idle(conn))
                 else:
@@ -703,9 +699,6 @@ class Server:
                 and not conn.too_slow
                 and not conn.handed_off
             )
-            token = session.resume_token
-            if token is not None and self._live.get(token) is conn:
-                del self._live[token]
             self._release(ip, key)
             if parked:
                 self._park(conn, ip)
@@ -773,7 +766,8 @@ class Server:
         try:
             if conn.session.phase is not Phase.AWAITING_HELLO:
                 raise errors.BadMessage("hello was already received on this session")
-            live = self._live.get(token)
+            # A resume is rare: finding the session's connection by a scan beats keeping an index.
+            live = next((c for c in self._connections if c.session.resume_token == token), None)
             if live is not None and live.key == conn.key:
                 # The client saw its connection die before this server did (a half-open TCP
                 # connection on a mobile network): end that one, the session is parked.
@@ -840,8 +834,6 @@ class Server:
                 reply: list[Message] = [session.hello(msg)]
                 conn.send_messages(reply, False)
                 conn.welcomed()
-                if session.resume_token is not None:
-                    self._live[session.resume_token] = conn
                 return None
             elif isinstance(msg, Open):
                 reply = [session.open_stream(msg)]
