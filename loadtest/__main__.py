@@ -42,7 +42,7 @@ class ServerProcess:
     COMMANDS = {
         # Every simulated client comes from 127.0.0.1.
         "realtime": [
-            *(sys.executable, "-m", "realtime", "serve", "--port", "0"),
+            *(sys.executable, "-m", "realtime", "serve", "--port", "0", "--processes", "1"),
             *("--max-sessions-per-ip", "100000"),
         ],
         "naive": [sys.executable, "-m", "loadtest.baselines", "naive", "--port", "0"],

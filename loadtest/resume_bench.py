@@ -26,7 +26,7 @@ from realtime.client import Client
 async def measure(cuts: int) -> dict[str, float]:
     """Cut-to-next-answer times (ms) over ``cuts`` cuts of one streaming client."""
     server = subprocess.Popen(
-        [sys.executable, "-m", "realtime", "serve", "--port", "0"],
+        [sys.executable, "-m", "realtime", "serve", "--port", "0", "--processes", "1"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

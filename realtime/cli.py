@@ -41,7 +41,33 @@ def _parser() -> argparse.ArgumentParser:
         help="a folder of DIR/<name>/<version>/model.onnx (repeatable)",
     )
     s.add_argument("--no-builtin", action="store_true", help="do not load the built-in models")
-    s.add_argument("--workers", type=int, default=None, help="batches run at once (default: cores)")
+    s.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        help="server processes sharing the port (SO_REUSEPORT), supervised by this one "
+        "(default: one per core; see docs/deploy.md)",
+    )
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="batches run at once per process (default: cores / processes)",
+    )
+    s.add_argument(
+        "--redis",
+        metavar="URL",
+        help="redis://host:port/db: keep sessions in Redis, to resume on any process or machine "
+        "(docs/deploy.md); default: sessions stay on this machine",
+    )
+    s.add_argument(
+        "--checkpoint-seconds",
+        type=float,
+        default=Config().checkpoint_seconds,
+        help="with --redis: checkpoint each changed session this often; a client whose process "
+        "dies resumes from its last checkpoint (default %(default)s)",
+    )
+    s.add_argument("--peer-dir", type=Path, help=argparse.SUPPRESS)  # set by the supervisor
     s.add_argument(
         "--batch-timeout-seconds",
         type=float,
@@ -325,17 +351,26 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from realtime.auth import load_keys
             from realtime.server import run
+            from realtime.supervisor import default_processes
 
             defaults = Config()
+            processes = args.processes or default_processes()
+            if processes < 1:
+                raise errors.ConfigError("--processes must be at least 1")
+            workers = args.workers or max(1, defaults.workers // processes)
             config = Config(
                 host=args.host,
                 port=args.port,
                 model_dirs=tuple(args.models),
                 builtin_models=not args.no_builtin,
                 log_level=args.log_level,
-                workers=args.workers or defaults.workers,
+                workers=workers,
                 batch_timeout_seconds=args.batch_timeout_seconds,
                 resume_dir=args.resume_dir,
+                reuse_port=args.peer_dir is not None,
+                peer_dir=args.peer_dir,
+                redis_url=args.redis,
+                checkpoint_seconds=args.checkpoint_seconds,
                 intra_op_threads=args.intra_op_threads,
                 reload_seconds=args.reload_seconds,
                 keys=load_keys(args.keys),
@@ -348,6 +383,13 @@ def main(argv: list[str] | None = None) -> int:
                     resume_seconds=args.resume_seconds,
                 ),
             )
+            if processes > 1:  # a parent for N children, each a server as below
+                from realtime.supervisor import serve
+
+                config.check()  # refused here, once, rather than by every child
+                given = sys.argv[1:] if argv is None else argv
+                child = [*given[given.index("serve") + 1 :], "--workers", str(workers)]
+                return serve(child, processes, args.host, args.port)
             _run(run(config))
             return 0
         code: int = _run(

@@ -62,6 +62,14 @@ class Config:
     keyfile: Path | None = None
     #: Where sessions are handed to the next server process on shutdown (None: they end).
     resume_dir: Path | None = None
+    #: Listen with SO_REUSEPORT beside sibling processes (a child of ``--processes N``).
+    reuse_port: bool = False
+    #: The supervisor's private folder where sibling processes find each other (realtime.store).
+    peer_dir: Path | None = None
+    #: Redis URL of the shared session store (realtime.redis_store); None: none.
+    redis_url: str | None = None
+    #: With Redis: seconds between checkpoints of each changed session (docs/deploy.md).
+    checkpoint_seconds: float = 1.0
     #: Serve without authentication on a non-loopback address (behind a trusted gateway only).
     insecure_no_auth: bool = False
 
@@ -72,6 +80,8 @@ class Config:
                 f"refusing to serve {self.host} without authentication: give --keys (or "
                 "REALTIME_API_KEYS), or --insecure-no-auth behind a gateway that checks clients"
             )
+        if self.redis_url is not None and not self.checkpoint_seconds > 0:
+            raise ConfigError("--checkpoint-seconds must be above 0")
         if (self.certfile is None) != (self.keyfile is None):
             raise ConfigError("--certfile and --keyfile go together")
 

@@ -18,6 +18,8 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.exposition import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from realtime.scheduler import LATENCY_BOUNDS_MS, QueueSnapshot, new_histogram
@@ -87,6 +89,9 @@ class Metrics(Collector):
     def collect(self) -> Iterator[Metric]:
         t = self._traffic
         sessions, streams, parked = self._gauges()
+        yield GaugeMetricFamily(
+            "realtime_processes", "Server processes whose metrics this scrape adds up", 1
+        )
         yield GaugeMetricFamily("realtime_sessions", "Sessions open now", sessions)
         yield GaugeMetricFamily(
             "realtime_sessions_parked", "Sessions whose connection was lost, kept to resume", parked
@@ -177,3 +182,36 @@ class Metrics(Collector):
         yield batch
         yield wait
         yield infer
+
+
+def merge_expositions(texts: list[bytes]) -> bytes:
+    """Several processes' metrics (Prometheus text) as one process's: samples with the same name
+    and labels are added up (counters, gauges and histogram buckets alike), as prometheus_client's
+    multiprocess mode does, so one scrape of any process covers all of them."""
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text.decode()):
+            if family.name not in families:
+                families[family.name] = Metric(family.name, family.documentation, family.type)
+                values[family.name] = {}
+            summed = values[family.name]
+            for sample in family.samples:
+                at = (sample.name, tuple(sorted(sample.labels.items())))
+                summed[at] = summed.get(at, 0.0) + sample.value
+    registry = CollectorRegistry(auto_describe=False)
+    for name, family in families.items():
+        for (sample_name, labels), value in values[name].items():
+            family.add_sample(sample_name, dict(labels), value)
+    registry.register(_Fixed(list(families.values())))
+    return generate_latest(registry)
+
+
+class _Fixed(Collector):
+    """Metric families already computed."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)

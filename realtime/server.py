@@ -19,10 +19,12 @@ import sys
 import time
 import weakref
 from collections import deque
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass
 from functools import partial
 from http import HTTPStatus
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
@@ -34,10 +36,10 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from realtime import __version__, errors, handoff
+from realtime import __version__, errors, handoff, store
 from realtime.auth import AuthFailed, Grant, verify_key, verify_token
 from realtime.config import Config, is_loopback
-from realtime.metrics import Metrics, Traffic
+from realtime.metrics import Metrics, Traffic, merge_expositions
 from realtime.models.repository import (
     BUILTIN_DIR,
     Model,
@@ -79,6 +81,9 @@ CLOSE_TOO_SLOW = 4008
 OTHER, RESULT, NOTICE = 0, 1, 2
 #: Close code for a session that sent nothing for ``Limits.idle_seconds``.
 CLOSE_IDLE = 4001
+#: Frames a checkpoint keeps to send again (the newest): what a connection lost when its process
+#: died may not have delivered. A bound on Redis traffic per session (docs/deploy.md).
+CHECKPOINT_FRAME_BYTES = 16 * 1024
 
 
 def load_models(config: Config) -> list[Model]:
@@ -136,6 +141,13 @@ class _Connection:
         self.first = 0  # index of the first frame after the welcome
         #: Written to the resume folder for the next server: messages from now on are ignored.
         self.handed_off = False
+        #: Set whenever none of its chunks is in flight (a hand-off waits for it).
+        self.quiet = asyncio.Event()
+        #: Its frame count at its last checkpoint (-1: none), and when (monotonic seconds).
+        self.checkpointed = -1
+        self.checkpointed_at = 0.0
+        self.checkpoint_due = False  # one is due once no chunk is in flight
+        self.from_checkpoint = False  # taken over from a checkpoint: the client may be ahead
 
     def hand_off(self, expires_at: float) -> handoff.HandedOff:
         """The session as the next server needs it. What is still queued counts as written
@@ -147,6 +159,19 @@ class _Connection:
         self.handed_off = True
         return handoff.HandedOff(self.session, self.key, expires_at, written, self.first, kept)
 
+    def snapshot(self, expires_at: float, max_bytes: int) -> handoff.HandedOff:
+        """The session as another process needs it if this one dies: as :meth:`hand_off`, but
+        the session stays here, and only the newest ``max_bytes`` of frames are kept."""
+        kept, size = [], 0
+        for entry in itertools.chain(reversed(self._outbox), reversed(self._kept)):
+            size += len(entry[0])
+            if size > max_bytes:
+                break
+            kept.append(entry)
+        kept.reverse()
+        written = self.written + len(self._outbox)
+        return handoff.HandedOff(self.session, self.key, expires_at, written, self.first, kept)
+
     @classmethod
     def taken_over(
         cls,
@@ -154,9 +179,11 @@ class _Connection:
         entry: handoff.HandedOff,
         max_outbox: int,
         traffic: Traffic,
+        from_checkpoint: bool = False,
     ) -> _Connection:
-        """A session another server handed off, on this server's connection."""
+        """A session another server handed off (or checkpointed), on this server's connection."""
         conn = cls(ws, entry.session, max_outbox, traffic, entry.key)
+        conn.from_checkpoint = from_checkpoint
         conn.written, conn.first = entry.written, entry.first
         conn._kept.extend(entry.kept)
         conn._kept_bytes = sum(len(frame) for frame, _, _ in entry.kept)
@@ -171,6 +198,9 @@ class _Connection:
         ``received`` first ones (a typed ``results_dropped`` first if some were no longer kept);
         the write loop then goes on with the outbox."""
         start = self.first + received
+        if self.from_checkpoint:  # the lost process sent more than its checkpoint knows of
+            start = min(start, self.written)
+            self.from_checkpoint = False
         if start > self.written:
             raise errors.BadMessage(
                 f"hello.received is {received}, this session sent {self.written - self.first}"
@@ -327,10 +357,9 @@ class Server:
         self._drained = asyncio.Event()
         self._catalog = orjson.dumps({"models": self.repository.catalog()})
         self._static = load_static()
-        if config.resume_dir is not None:
-            handoff.check_dir(config.resume_dir)
-            swept = handoff.sweep(config.resume_dir, config.limits.resume_seconds)
-            log.info("event=resume_dir path=%s expired_removed=%d", config.resume_dir, swept)
+        #: Where sessions go to and come from other processes (None: they never leave).
+        self.store = store.open_store(config)
+        self._store_tasks: set[asyncio.Task[None]] = set()
         #: Checked at the handshake, taken by the connection's handler.
         #: Weak: a handshake that fails after it was admitted leaves nothing behind.
         self._grants: weakref.WeakKeyDictionary[ServerConnection, Grant] = (
@@ -385,7 +414,12 @@ class Server:
             max_size=limits.max_message_bytes * HARD_SIZE_FACTOR,
             max_queue=64,
             server_header=SERVER_NAME,
+            reuse_port=self.config.reuse_port or None,
         )
+        if self.store is not None:
+            await self.store.start(self._give, self._exposition)
+            if self.store.checkpoint_seconds > 0:
+                self._store_task(self._checkpoints(self.store.checkpoint_seconds))
         self.ready = True
         log.info("event=listening url=%s models=%d", self.url, len(self.models))
         if self.config.reload_seconds > 0 and self.config.model_dirs:
@@ -476,7 +510,7 @@ class Server:
             await self.scheduler.close()
             return
         drain = self.config.drain_seconds
-        hand_off = self.config.resume_dir is not None
+        hand_off = self.store is not None and self.store.keeps_hand_offs()
         for conn in list(self._connections):
             token = conn.session.resume_token if hand_off else None
             notice = GoingAway("the server is shutting down", drain * 1000.0, token)
@@ -502,13 +536,17 @@ class Server:
         for token in list(self._parked):  # answered, but their clients did not come back in time
             self._expire(token)
         await self._ws.wait_closed()
+        if self.store is not None:
+            for task in list(self._store_tasks):
+                task.cancel()
+            await self.store.close()
 
     async def _hand_off(self) -> None:
-        """Write every session to the resume folder for the next server process."""
-        assert self.config.resume_dir is not None
+        """Write every session to the store (a folder, Redis) for the next server process."""
+        assert self.store is not None
         await asyncio.sleep(0)  # the outcomes scheduler.close() resolved are delivered first
         expires_at = time.time() + self.config.limits.resume_seconds
-        files: list[tuple[str, bytes]] = []
+        files: list[tuple[str, str | None, bytes]] = []
         conns = [*self._connections, *(p.conn for p in self._parked.values())]
         for conn in conns:
             token = conn.session.resume_token
@@ -516,16 +554,91 @@ class Server:
                 continue
             why = "the server handed this session off while the chunk ran"
             conn.send_messages(conn.session.abandon(why), False)
-            files.append((token, handoff.dump(conn.hand_off(expires_at))))
+            files.append((token, conn.key, handoff.dump(conn.hand_off(expires_at))))
             conn.session.disconnect()  # late outcomes here change nothing of what was written
-        folder = self.config.resume_dir
+        ttl = self.config.limits.resume_seconds
+        for token, key, data in files:
+            await self.store.put(token, key, data, ttl)
+        log.info("event=handed_off sessions=%d", len(files))
 
-        def write_all() -> None:
-            for token, data in files:
-                handoff.write(folder, token, data)
+    # --- sessions moving between processes (realtime.store) -----------------------------------
 
-        await asyncio.to_thread(write_all)
-        log.info("event=handed_off sessions=%d path=%s", len(files), folder)
+    def _store_task(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._store_tasks.add(task)
+        task.add_done_callback(self._store_tasks.discard)
+
+    async def _give(self, token: str, key: str | None) -> bytes | None:
+        """Hand a session this process holds to another one that its client resumed on: its
+        chunks in flight are answered first (up to the batch time limit; past it they fail
+        typed), then it leaves this process. None if not held here with this key."""
+        live = next((c for c in self._connections if c.session.resume_token == token), None)
+        if live is not None and live.key == key:  # its client saw the connection die first
+            live.ws.transport.abort()
+            await live.ended.wait()
+        parked = self._parked.get(token)
+        if parked is None or parked.conn.key != key:
+            return None
+        conn = parked.conn
+        if conn.session.inflight:
+            conn.quiet.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(conn.quiet.wait(), self.config.batch_timeout_seconds)
+        if self._parked.get(token) is not parked:  # expired or taken meanwhile
+            return None
+        del self._parked[token]
+        parked.expiry.cancel()
+        why = "the session moved to another server process while the chunk ran"
+        conn.send_messages(conn.session.abandon(why), False)
+        data = handoff.dump(conn.hand_off(time.time() + self.config.limits.resume_seconds))
+        conn.session.disconnect()
+        self._count_resume("handed_off")
+        log.info("event=handed_off session=%s", conn.session.id)
+        return data
+
+    async def _checkpoints(self, period: float) -> None:
+        """Every ``period`` seconds, checkpoint each session that changed (or whose checkpoint
+        would expire before the next one), as soon as none of its chunks is in flight."""
+        refresh = self.config.limits.resume_seconds / 2
+        while True:
+            await asyncio.sleep(period)  # a period, not a wait for an event
+            now = time.monotonic()
+            for conn in [*self._connections, *(p.conn for p in self._parked.values())]:
+                if conn.session.phase is not Phase.OPEN or conn.session.resume_token is None:
+                    continue
+                count = conn.written + len(conn._outbox)
+                if count != conn.checkpointed or now - conn.checkpointed_at > refresh:
+                    if conn.session.inflight:
+                        conn.checkpoint_due = True  # _deliver takes it once the chunks are out
+                    else:
+                        self._checkpoint(conn)
+
+    def _checkpoint(self, conn: _Connection) -> None:
+        """Write the session's checkpoint now (none of its chunks is in flight)."""
+        assert self.store is not None and conn.session.resume_token is not None
+        conn.checkpoint_due = False
+        ttl = self.config.limits.resume_seconds
+        snapshot = conn.snapshot(time.time() + ttl, CHECKPOINT_FRAME_BYTES)
+        conn.checkpointed, conn.checkpointed_at = snapshot.written, time.monotonic()
+        data = handoff.dump(snapshot)
+        self._store_task(self.store.checkpoint(conn.session.resume_token, conn.key, data, ttl))
+
+    def _forget(self, conn: _Connection) -> None:
+        """A session ended here: its checkpoint, if it has one, is deleted."""
+        if self.store is not None and conn.checkpointed >= 0 and not conn.handed_off:
+            assert conn.session.resume_token is not None
+            conn.checkpointed = -1
+            self._store_task(self.store.forget(conn.session.resume_token, conn.key))
+
+    def _exposition(self) -> bytes:
+        return generate_latest(self._metrics)
+
+    async def _all_metrics(self) -> Response:
+        """This process's metrics summed with its siblings' (``--processes N``)."""
+        assert self.store is not None
+        others = await self.store.peer_expositions()
+        body = merge_expositions([self._exposition(), *others]) if others else self._exposition()
+        return _response(HTTPStatus.OK, body, CONTENT_TYPE_LATEST)
 
     def _check_drained(self) -> None:
         if self.draining and all(
@@ -536,7 +649,9 @@ class Server:
 
     # --- HTTP --------------------------------------------------------------------------------
 
-    def _http(self, ws: ServerConnection, request: Request) -> Response | None:
+    def _http(
+        self, ws: ServerConnection, request: Request
+    ) -> Response | Awaitable[Response] | None:
         if request.headers.get("Upgrade", "").lower() == "websocket":
             try:
                 self._admit(ws, request)
@@ -557,6 +672,8 @@ class Server:
             busy = b'{"status":"not ready"}'
             return _response(HTTPStatus.SERVICE_UNAVAILABLE, busy, "application/json")
         if path == "/metrics":
+            if self.config.peer_dir is not None and self.store is not None:
+                return self._all_metrics()
             return _response(HTTPStatus.OK, generate_latest(self._metrics), CONTENT_TYPE_LATEST)
         if path == "/v1/models":
             return _response(HTTPStatus.OK, self._catalog, "application/json")
@@ -704,6 +821,7 @@ class Server:
                 self._park(conn, ip)
             else:
                 session.disconnect()
+                self._forget(conn)
             conn.ended.set()
             log.info(
                 "event=disconnect session=%s code=%s too_slow=%s parked=%s",
@@ -751,6 +869,7 @@ class Server:
             return
         parked.expiry.cancel()
         parked.conn.session.disconnect()
+        self._forget(parked.conn)
         self._expired[token] = None
         if len(self._expired) > 10_000:
             del self._expired[next(iter(self._expired))]
@@ -781,7 +900,7 @@ class Server:
                 parked.expiry.cancel()
             else:
                 taken = None
-                if parked is None and self.config.resume_dir is not None:
+                if parked is None and self.store is not None:
                     taken = await self._take_over(conn, token)
                 if taken is None:  # another credential's session is unknown too
                     if token in self._expired:
@@ -803,18 +922,23 @@ class Server:
         return resumed
 
     async def _take_over(self, conn: _Connection, token: str) -> _Connection | None:
-        """A session the previous server process handed off, resumed on ``conn``; None if the
-        resume folder has no such session. Raises a typed refusal."""
-        assert self.config.resume_dir is not None
-        data = await asyncio.to_thread(handoff.take, self.config.resume_dir, token)
-        if data is None:
+        """A session another server process held (or handed off, or checkpointed), resumed on
+        ``conn``; None if no process or store has it. Raises a typed refusal."""
+        assert self.store is not None
+        got = await self.store.take(token, conn.key)
+        if got is None:
             return None
+        data, checkpoint = got
         entry = handoff.load(data, self.repository)
         if entry.key != conn.key:
             raise errors.ResumeUnknown("no session to resume with this token")
         session = entry.session
         session.limits, session.server = self.config.limits, SERVER_NAME
-        return _Connection.taken_over(conn.ws, entry, self.config.max_outbox, self.traffic)
+        if checkpoint:
+            self._count_resume("from_checkpoint")
+        return _Connection.taken_over(
+            conn.ws, entry, self.config.max_outbox, self.traffic, checkpoint
+        )
 
     def _count_resume(self, result: str) -> None:
         self.traffic.resumes[result] = self.traffic.resumes.get(result, 0) + 1
@@ -911,6 +1035,10 @@ class Server:
         messages = conn.session.complete(item, outcome)
         if messages:
             conn.send_messages(messages, item.stream.results == "binary")
+        if not conn.session.inflight:
+            conn.quiet.set()
+            if conn.checkpoint_due:
+                self._checkpoint(conn)
         if self.draining:
             self._check_drained()
 

@@ -21,9 +21,11 @@ from tests.conftest import REPO, SHARED, double_graph, needs_shared, read_clip, 
 class Served:
     """A ``realtime serve`` subprocess on an ephemeral port."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, processes: int | None = 1) -> None:
+        # One process unless a test is about several (None: the default, one per core).
+        more = () if processes is None else ("--processes", str(processes))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "realtime", "serve", "--port", "0", *args],
+            [sys.executable, "-m", "realtime", "serve", "--port", "0", *more, *args],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
