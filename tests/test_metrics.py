@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from realtime.metrics import merge_expositions
 from tests.conftest import ServerFactory
 from tests.test_server import Raw, _server
 
@@ -107,3 +108,32 @@ async def test_the_grafana_dashboard_asks_only_for_metrics_the_server_has(
         for m in re.findall(r"realtime_\w+", e)
     }
     assert len(wanted) > 10 and wanted <= families, wanted - families
+
+
+def test_several_processes_metrics_add_up_to_one_exposition() -> None:
+    one = b"""# HELP realtime_processes Processes
+# TYPE realtime_processes gauge
+realtime_processes 1.0
+# HELP realtime_errors_total Errors sent, by code
+# TYPE realtime_errors_total counter
+realtime_errors_total{code="overloaded"} 2.0
+# HELP realtime_latency_seconds Latency
+# TYPE realtime_latency_seconds histogram
+realtime_latency_seconds_bucket{le="0.01",model="m@1"} 3.0
+realtime_latency_seconds_bucket{le="+Inf",model="m@1"} 4.0
+realtime_latency_seconds_count{model="m@1"} 4.0
+realtime_latency_seconds_sum{model="m@1"} 0.5
+"""
+    two = one.replace(b'"overloaded"} 2.0', b'"dropped"} 5.0')
+    merged = merge_expositions([one, two]).decode()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(merged)
+        for s in family.samples
+    }
+    assert samples[("realtime_processes", ())] == 2
+    assert samples[("realtime_errors_total", (("code", "overloaded"),))] == 2
+    assert samples[("realtime_errors_total", (("code", "dropped"),))] == 5
+    assert samples[("realtime_latency_seconds_bucket", (("le", "0.01"), ("model", "m@1")))] == 6
+    assert samples[("realtime_latency_seconds_sum", (("model", "m@1"),))] == 1.0
+    assert "# TYPE realtime_latency_seconds histogram" in merged
