@@ -408,6 +408,7 @@ class Client:
                 delay = min(2 * delay, 2.0)
         assert welcome.resumed is not None
         self.ws = ws
+        self.welcome = welcome  # its ``resumed`` says where each stream's chunks got to
         self._received = int(welcome.resumed["from"])
         held = {int(s["stream"]): s for s in welcome.resumed["streams"]}
         # No await from here to _online.set(): every frame kept so far is sent again if the

@@ -360,6 +360,7 @@ class Server:
         #: Where sessions go to and come from other processes (None: they never leave).
         self.store = store.open_store(config)
         self._store_tasks: set[asyncio.Task[None]] = set()
+        self._checkpoint_writes: set[asyncio.Task[None]] = set()
         #: Checked at the handshake, taken by the connection's handler.
         #: Weak: a handshake that fails after it was admitted leaves nothing behind.
         self._grants: weakref.WeakKeyDictionary[ServerConnection, Grant] = (
@@ -557,16 +558,18 @@ class Server:
             files.append((token, conn.key, handoff.dump(conn.hand_off(expires_at))))
             conn.session.disconnect()  # late outcomes here change nothing of what was written
         ttl = self.config.limits.resume_seconds
+        await self._checkpoints_written()  # an older checkpoint must not land after a hand-off
         for token, key, data in files:
             await self.store.put(token, key, data, ttl)
         log.info("event=handed_off sessions=%d", len(files))
 
     # --- sessions moving between processes (realtime.store) -----------------------------------
 
-    def _store_task(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _store_task(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
         self._store_tasks.add(task)
         task.add_done_callback(self._store_tasks.discard)
+        return task
 
     async def _give(self, token: str, key: str | None) -> bytes | None:
         """Hand a session this process holds to another one that its client resumed on: its
@@ -592,6 +595,7 @@ class Server:
         conn.send_messages(conn.session.abandon(why), False)
         data = handoff.dump(conn.hand_off(time.time() + self.config.limits.resume_seconds))
         conn.session.disconnect()
+        await self._checkpoints_written()  # an older checkpoint must not land after a hand-off
         self._count_resume("handed_off")
         log.info("event=handed_off session=%s", conn.session.id)
         return data
@@ -604,7 +608,8 @@ class Server:
             await asyncio.sleep(period)  # a period, not a wait for an event
             now = time.monotonic()
             for conn in [*self._connections, *(p.conn for p in self._parked.values())]:
-                if conn.session.phase is not Phase.OPEN or conn.session.resume_token is None:
+                session = conn.session
+                if session.phase is not Phase.OPEN or not session.resume_token or conn.handed_off:
                     continue
                 count = conn.written + len(conn._outbox)
                 if count != conn.checkpointed or now - conn.checkpointed_at > refresh:
@@ -613,15 +618,26 @@ class Server:
                     else:
                         self._checkpoint(conn)
 
+    async def _checkpoints_written(self) -> None:
+        """Return once every checkpoint write under way is done."""
+        if self._checkpoint_writes:
+            await asyncio.wait(self._checkpoint_writes)
+
     def _checkpoint(self, conn: _Connection) -> None:
         """Write the session's checkpoint now (none of its chunks is in flight)."""
         assert self.store is not None and conn.session.resume_token is not None
         conn.checkpoint_due = False
+        if conn.handed_off:
+            return
         ttl = self.config.limits.resume_seconds
         snapshot = conn.snapshot(time.time() + ttl, CHECKPOINT_FRAME_BYTES)
         conn.checkpointed, conn.checkpointed_at = snapshot.written, time.monotonic()
         data = handoff.dump(snapshot)
-        self._store_task(self.store.checkpoint(conn.session.resume_token, conn.key, data, ttl))
+        write = self._store_task(
+            self.store.checkpoint(conn.session.resume_token, conn.key, data, ttl)
+        )
+        self._checkpoint_writes.add(write)
+        write.add_done_callback(self._checkpoint_writes.discard)
 
     def _forget(self, conn: _Connection) -> None:
         """A session ended here: its checkpoint, if it has one, is deleted."""
@@ -983,6 +999,7 @@ class Server:
             if not isinstance(frame, Chunk):
                 raise errors.BadFrame("result frames go from server to client only")
             if self.draining:
+                session.refused(frame)
                 raise errors.ShuttingDown(
                     "the server is shutting down", stream=frame.stream, seq=frame.seq
                 )

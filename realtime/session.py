@@ -369,6 +369,13 @@ class Session:
 
     # --- chunks -----------------------------------------------------------------------------
 
+    def refused(self, chunk: Chunk) -> None:
+        """A chunk refused before its checks (the server is shutting down) still counts as
+        received: a client that resumes the session does not send it again."""
+        stream = self.streams.get(chunk.stream)
+        if stream is not None and chunk.seq > stream.received:
+            stream.received = chunk.seq
+
     def accept(
         self, chunk: Chunk, now: float, make_room: Callable[[Stream], bool] | None = None
     ) -> list[WorkItem]:

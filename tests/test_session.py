@@ -107,3 +107,16 @@ def test_abandon_answers_every_unfinished_chunk_in_order(tiny_models: Path) -> N
         ("Error", "going_away", 2),
     ]
     assert s.inflight == 0
+
+
+def test_a_chunk_refused_while_shutting_down_is_not_asked_for_again_on_resume(
+    tiny_models: Path,
+) -> None:
+    s = session(tiny_models)
+    stream = open_double(s)
+    s.accept(chunk(1, 0), 0.0)
+    s.refused(chunk(1, 1))  # refused unchecked (going_away): it is answered, typed
+    s.refused(chunk(9, 5))  # a stream that is not open: nothing to note
+    assert stream.received == 1 and stream.last_seq == 0
+    resumed = s.welcome(replay_from=0).resumed
+    assert resumed is not None and resumed["streams"][0]["received"] == 1
