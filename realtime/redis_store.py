@@ -59,6 +59,7 @@ class RedisStore:
         self._redis: redis.Redis = redis.from_url(url)
         self._tasks: list[asyncio.Task[None]] = []
         self._give: Give | None = None
+        self._warned = float("-inf")  # monotonic time of the last warning
 
     async def start(self, give: Give, exposition: Exposition) -> None:
         """Check Redis answers, say this process is alive, and serve hand-off requests."""
@@ -85,7 +86,7 @@ class RedisStore:
             try:
                 await self._alive()
             except (redis.RedisError, OSError) as e:
-                log.warning("event=redis_error op=alive error=%r", e)
+                self._warn("alive", e)
 
     async def _serve(self, pubsub: PubSub) -> None:
         """Hand off the sessions other processes ask for, one task each."""
@@ -93,7 +94,7 @@ class RedisStore:
             try:
                 msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
             except (redis.RedisError, OSError) as e:
-                log.warning("event=redis_error op=listen error=%r", e)
+                self._warn("listen", e)
                 await asyncio.sleep(1.0)  # Redis is down: try again later, not in a hot loop
                 continue
             if msg is None or not isinstance(msg.get("data"), bytes):
@@ -129,7 +130,7 @@ class RedisStore:
                 await self._ask(name, holder, token, key)
             value = _bytes(await self._redis.getdel(name))
         except (redis.RedisError, OSError) as e:
-            log.warning("event=redis_error op=take error=%r", e)
+            self._warn("take", e)
             return None
         if value is None:
             return None
@@ -150,6 +151,13 @@ class RedisStore:
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
 
+    def _warn(self, op: str, e: Exception) -> None:
+        """Log a Redis failure, at most once a second (one per checkpoint would flood)."""
+        now = time.monotonic()
+        if now - self._warned >= 1.0:
+            self._warned = now
+            log.warning("event=redis_error op=%s error=%r", op, e)
+
     def keeps_hand_offs(self) -> bool:
         """Always: a drained session goes to Redis."""
         return True
@@ -167,14 +175,14 @@ class RedisStore:
         try:
             await self._redis.set(entry_key(token, key), value, px=max(1, int(ttl * 1000)))
         except (redis.RedisError, OSError) as e:
-            log.warning("event=redis_error op=set error=%r", e)
+            self._warn("set", e)
 
     async def forget(self, token: str, key: str | None) -> None:
         """The session ended: delete its entry."""
         try:
             await self._redis.delete(entry_key(token, key))
         except (redis.RedisError, OSError) as e:
-            log.warning("event=redis_error op=delete error=%r", e)
+            self._warn("delete", e)
 
     async def peer_expositions(self) -> list[bytes]:
         """This machine's siblings' metrics."""

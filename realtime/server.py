@@ -683,10 +683,15 @@ class Server:
                 return _response(HTTPStatus.SERVICE_UNAVAILABLE, stuck, "application/json")
             return _response(HTTPStatus.OK, b'{"status":"ok"}', "application/json")
         if path == "/readyz":
-            if self.ready:
-                return _response(HTTPStatus.OK, b'{"status":"ready"}', "application/json")
-            busy = b'{"status":"not ready"}'
-            return _response(HTTPStatus.SERVICE_UNAVAILABLE, busy, "application/json")
+            if not self.ready:
+                busy = b'{"status":"not ready"}'
+                return _response(HTTPStatus.SERVICE_UNAVAILABLE, busy, "application/json")
+            max_queue = self.config.max_queue
+            if any(q.depth >= max_queue for q in self.scheduler.snapshot().values()):
+                # New chunks for that model are refused (overloaded): send new clients elsewhere.
+                full = b'{"status":"full"}'
+                return _response(HTTPStatus.SERVICE_UNAVAILABLE, full, "application/json")
+            return _response(HTTPStatus.OK, b'{"status":"ready"}', "application/json")
         if path == "/metrics":
             if self.config.peer_dir is not None and self.store is not None:
                 return self._all_metrics()

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from realtime.metrics import merge_expositions
-from tests.conftest import ServerFactory
+from tests.conftest import ServerFactory, double_graph, write_model
 from tests.test_server import Raw, _server
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -137,3 +139,40 @@ realtime_latency_seconds_sum{model="m@1"} 0.5
     assert samples[("realtime_latency_seconds_bucket", (("le", "0.01"), ("model", "m@1")))] == 6
     assert samples[("realtime_latency_seconds_sum", (("model", "m@1"),))] == 1.0
     assert "# TYPE realtime_latency_seconds histogram" in merged
+
+
+async def test_readyz_says_full_while_a_model_queue_refuses_chunks(
+    start_server: ServerFactory, tmp_path: Path
+) -> None:
+    """A load balancer sends new clients elsewhere while a queue is at --max-queue."""
+    root = tmp_path / "models"
+    write_model(root, "double", double_graph(), "max_delay_ms = 0\n")
+    server = await start_server((root,), builtin=False, workers=1, max_queue=2)
+    model = server.repository.get("double", None)
+    assert model is not None
+    release = threading.Event()
+    run = model.runner.run
+
+    def hold_99(feeds: dict[str, Any]) -> Any:  # the one worker holds this batch until told
+        if (feeds["x"] == 99.0).any():
+            release.wait(60)
+        return run(feeds)
+
+    model.runner.run = hold_99  # type: ignore[method-assign]
+    base = f"http://127.0.0.1:{server.port}"
+    raw = await Raw.connect(server.url)
+    try:
+        assert (await raw.open(1, shape=[4]))["type"] == "opened"
+        assert (await raw.open(2, shape=[4]))["type"] == "opened"
+        await raw.chunk(1, 0, np.full(4, 99.0, np.float32))  # runs, held
+        for seq in (1, 2):  # wait in the queue
+            await raw.chunk(1, seq, np.ones(4, np.float32))
+        await raw.chunk(2, 0, np.ones(4, np.float32))  # refused (answered at once: stream 2)
+        refused = await raw.recv()
+        assert (refused["stream"], refused["code"]) == (2, "overloaded")
+        status, _, body = await asyncio.to_thread(get, base + "/readyz")
+        assert (status, body) == (503, '{"status":"full"}')
+    finally:
+        release.set()
+    assert [(await raw.recv())["seq"] for _ in range(3)] == [0, 1, 2]
+    assert (await asyncio.to_thread(get, base + "/readyz"))[:3:2] == (200, '{"status":"ready"}')
