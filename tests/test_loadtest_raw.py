@@ -1,0 +1,161 @@
+"""The raw load client: its WebSocket framing (no sockets) and short bounded runs on loopback."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from websockets.asyncio.server import ServerConnection, serve
+
+from loadtest import report
+from loadtest.clients import OK, PENDING, UNUSED, Plan, Records
+from loadtest.rawload import _Run
+from loadtest.rawws import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PING,
+    OP_TEXT,
+    ChunkTemplate,
+    FrameReader,
+    client_frame,
+    mask_bytes,
+)
+from realtime.protocol import Chunk, decode_frame, encode_frame
+from tests.conftest import ServerFactory
+
+KEY = bytes((0x12, 0x34, 0x56, 0x78))
+
+
+def server_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    """An unmasked server frame, as a server writes it."""
+    n = len(payload)
+    first = (0x80 if fin else 0) | opcode
+    if n < 126:
+        return bytes((first, n)) + payload
+    if n < 1 << 16:
+        return bytes((first, 126)) + n.to_bytes(2, "big") + payload
+    return bytes((first, 127)) + n.to_bytes(8, "big") + payload
+
+
+def unmask(frame: bytes) -> tuple[int, bytes]:
+    """Opcode and payload of one masked client frame."""
+    assert frame[1] & 0x80, "client frames are masked"
+    n, at = frame[1] & 0x7F, 2
+    if n == 126:
+        n, at = int.from_bytes(frame[2:4], "big"), 4
+    key = frame[at : at + 4]
+    payload = frame[at + 4 :]
+    assert len(payload) == n
+    return frame[0] & 0x0F, mask_bytes(payload, key)
+
+
+def test_the_reader_joins_frames_cut_anywhere_and_fragments() -> None:
+    big = bytes(range(256)) * 300  # a 64-bit length
+    stream = b"".join(
+        [
+            server_frame(OP_TEXT, b'{"type":"result"}'),
+            server_frame(OP_BINARY, b"x" * 300),  # a 16-bit length
+            server_frame(OP_TEXT, b"par", fin=False),
+            server_frame(OP_PING, b"p"),  # a control frame between fragments
+            server_frame(0, b"ts", fin=True),
+            server_frame(OP_BINARY, big),
+            server_frame(OP_CLOSE, (1000).to_bytes(2, "big")),
+        ]
+    )
+    expected = [
+        (OP_TEXT, b'{"type":"result"}'),
+        (OP_BINARY, b"x" * 300),
+        (OP_PING, b"p"),
+        (OP_TEXT, b"parts"),
+        (OP_BINARY, big),
+        (OP_CLOSE, (1000).to_bytes(2, "big")),
+    ]
+    for step in (1, 3, 7, 1000, len(stream)):
+        reader = FrameReader()
+        got = []
+        for i in range(0, len(stream), step):
+            got += reader.feed(stream[i : i + step])
+        assert got == expected, step
+
+
+def test_a_masked_server_frame_is_refused() -> None:
+    with pytest.raises(ValueError, match="masked"):
+        FrameReader().feed(client_frame(OP_TEXT, b"hi", KEY))
+
+
+def test_client_frames_are_masked_and_the_template_patches_the_sequence_number() -> None:
+    assert unmask(client_frame(OP_TEXT, b'{"type":"hello"}', KEY)) == (OP_TEXT, b'{"type":"hello"}')
+    chunk = Chunk(1, 0, 0.0, np.arange(320, dtype=np.int16))
+    template = ChunkTemplate(encode_frame(chunk), KEY)
+    for seq in (0, 1, 2**32 - 1):
+        opcode, payload = unmask(template.frame(seq))
+        assert opcode == OP_BINARY
+        got = decode_frame(payload)
+        assert (
+            isinstance(got, Chunk) and got.seq == seq and got.data.tobytes() == chunk.data.tobytes()
+        )
+
+
+def check_records(rec: Records, clients: int, chunks: int) -> None:
+    """Every chunk answered once, never sent before it was due, latency counted from due."""
+    used = rec.outcome != UNUSED
+    assert int(used.sum()) == clients * chunks
+    assert int((rec.outcome == OK).sum()) == clients * chunks, rec.outcome
+    assert not (rec.outcome == PENDING).any()
+    ok = rec.outcome == OK
+    assert (rec.sent[ok] >= rec.due[ok]).all(), "a chunk went out before it was due"
+    assert (rec.received[ok] > rec.sent[ok]).all()
+    summary = report.summarize(rec, 1.0, 100.0)
+    latency = np.sort((rec.received[ok] - rec.due[ok]) * 1000.0)
+    assert summary["latency_ms"]["max"] == round(float(latency[-1]), 2)
+    assert summary["early_answers"] == 0 and summary["lost"] == 0
+
+
+@pytest.mark.parametrize("results", ["json", "binary"])
+async def test_raw_clients_against_realtime(start_server: ServerFactory, results: str) -> None:
+    server = await start_server()
+    plan = Plan(server.url, "realtime", ["audio"] * 3, 0, time.monotonic() + 0.3, 1.0, results)
+    rec = await _Run(plan).run()
+    check_records(rec, 3, 50)
+    assert not np.isnan(rec.infer_ms[rec.outcome == OK]).any()  # timing read from each result
+
+
+async def test_late_sends_count_from_their_due_time() -> None:
+    """A client that starts behind its schedule (the first chunks were due 0.3 s ago) sends
+    them at once, and their latency includes the time they waited to be sent."""
+
+    async def echo(ws: ServerConnection) -> None:
+        async for message in ws:
+            await ws.send(message)
+
+    async with serve(echo, "127.0.0.1", 0, compression=None) as ws_server:
+        port = ws_server.sockets[0].getsockname()[1]
+        plan = Plan(
+            f"ws://127.0.0.1:{port}/", "echo", ["audio"] * 2, 0, time.monotonic() - 0.3, 1.0
+        )
+        rec = await _Run(plan).run()
+    check_records(rec, 2, 50)
+    lag = rec.sent[:, :5] - rec.due[:, :5]
+    latency = rec.received[:, :5] - rec.due[:, :5]
+    assert (lag[:, 0] > 0.2).all() and (latency > lag).all()
+
+
+def test_refused_clients_are_counted() -> None:
+    """Outcomes of a refused client: every chunk counts as an error, none as lost."""
+    rec = Records(
+        due=np.zeros((1, 2)),
+        sent=np.full((1, 2), np.nan),
+        received=np.full((1, 2), np.nan),
+        queue_ms=np.full((1, 2), np.nan),
+        infer_ms=np.full((1, 2), np.nan),
+        outcome=np.array([[1, 1]], np.int32),
+        codes=["refused:http_429"],
+        kinds=["audio"],
+        cpu_seconds=0.0,
+        connect_failures=0,
+        refused=1,
+    )
+    s = report.summarize(report.merge([rec]), 1.0, 100.0)
+    assert s["refused"] == 1 and s["errors"] == {"refused:http_429": 2} and s["lost"] == 0
+    assert s["within_50ms"] == 0.0
