@@ -698,7 +698,7 @@ class Server:
             return _response(HTTPStatus.OK, generate_latest(self._metrics), CONTENT_TYPE_LATEST)
         if path == "/v1/models":
             return _response(HTTPStatus.OK, self._catalog, "application/json")
-        static = self._static.get("/web/index.html" if path == "/" else path)
+        static = self._static.get(PAGES.get(path, path))
         if static is not None:
             body, content_type, etag = static
             if request.headers.get("If-None-Match") == etag:
@@ -1097,6 +1097,8 @@ CONTENT_TYPES = {
     ".svg": "image/svg+xml",
 }
 WEB_DIR = Path(__file__).resolve().parents[1] / "web"
+#: Short URLs of the example pages: the demo, the WebXR page and the voice-controlled game.
+PAGES = {"/": "/web/index.html", "/xr": "/web/xr.html", "/game": "/web/game.html"}
 
 
 def load_static(root: Path = WEB_DIR) -> dict[str, tuple[bytes, str, str]]:

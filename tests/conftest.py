@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import wave
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from onnx import TensorProto, helper
 from realtime.config import Config
 from realtime.server import Server
 from realtime.session import Limits
+from tests.chromium import Browser, find_chromium
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -147,3 +148,28 @@ def read_clip(name: str) -> tuple[np.ndarray[Any, Any], int]:
     """A clip from ../shared/data as int16 samples and its sample rate."""
     with wave.open(str(SHARED / "data" / name), "rb") as w:
         return np.frombuffer(w.readframes(w.getnframes()), "<i2"), w.getframerate()
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Chromium's binary (installed where missing and allowed), or the test skips."""
+    return find_chromium()
+
+
+BrowserFactory = Callable[[Path | None], Browser]
+
+
+@pytest.fixture
+def browser_factory(chromium: str, tmp_path: Path) -> Iterator[BrowserFactory]:
+    """Start headless Chromiums whose microphone plays a given WAV file (None: beeps); all stop
+    at the end."""
+    browsers: list[Browser] = []
+
+    def make(audio: Path | None) -> Browser:
+        browser = Browser(chromium, tmp_path / f"profile{len(browsers)}", audio)
+        browsers.append(browser)
+        return browser
+
+    yield make
+    for browser in browsers:
+        browser.close()

@@ -115,7 +115,7 @@ def get(url: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
         return e.code, dict(e.headers), e.read()
 
 
-async def test_the_demo_page_and_the_client_are_served_with_types_and_etags(
+async def test_the_pages_and_the_client_are_served_with_types_and_etags(
     start_server: ServerFactory,
 ) -> None:
     server = await start_server()
@@ -123,6 +123,10 @@ async def test_the_demo_page_and_the_client_are_served_with_types_and_etags(
     status, headers, body = await asyncio.to_thread(get, base + "/")
     assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
     assert body == (REPO / "web" / "index.html").read_bytes()
+    for path, page in [("/xr", "xr.html"), ("/game", "game.html"), ("/xr?token=k", "xr.html")]:
+        status, headers, body = await asyncio.to_thread(get, base + path)
+        assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+        assert body == (REPO / "web" / page).read_bytes()
     status, headers, body = await asyncio.to_thread(get, base + "/web/realtime.js")
     assert status == 200 and headers["Content-Type"] == "text/javascript; charset=utf-8"
     assert headers["Cache-Control"] == "no-cache" and headers["ETag"].startswith('"')
@@ -138,6 +142,8 @@ async def test_the_demo_page_and_the_client_are_served_with_types_and_etags(
         "/web//etc/passwd",
         "/../../etc/passwd",
         "/web/realtime.js/..",
+        "/xr/",
+        "/game.html",
     ]:
         status, _, body = await asyncio.to_thread(get, base + path)
         assert status == 404, path
