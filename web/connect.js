@@ -35,13 +35,7 @@ export async function connectShowingState(badge, onState = () => {}) {
  */
 export async function microphoneTo(streams, audioContext) {
   const all = { send: (data, opts) => streams.forEach((s) => s.send(data, opts)) };
-  // The worklet first, then the microphone: no sound is lost while the worklet loads, so the
-  // streams' time 0 is when the microphone opened.
-  const workletUrl = new URL("./pcm-worklet.js", import.meta.url);
-  await audioContext.audioWorklet.addModule(workletUrl);
-  const constraints = { audio: { echoCancellation: false, noiseSuppression: false, autoGainControl: false } };
-  const mediaStream = await navigator.mediaDevices.getUserMedia(constraints);
-  const capture = await captureMicrophone(all, { audioContext, mediaStream, workletUrl });
+  const capture = await captureMicrophone(all, { audioContext });
   if (audioContext.state === "suspended") {
     const resume = () => audioContext.resume();
     addEventListener("pointerdown", resume, { once: true });

@@ -465,8 +465,9 @@ export class RealtimeClient {
  */
 export async function captureMicrophone(stream, { chunkMs = 20, audioContext, mediaStream, workletUrl } = {}) {
   const ctx = audioContext ?? new AudioContext();
-  const media = mediaStream ?? (await navigator.mediaDevices.getUserMedia({ audio: { echoCancellation: false, noiseSuppression: false, autoGainControl: false } }));
+  // The worklet before the microphone: no sound is lost while it loads (t 0 is the first sample).
   await ctx.audioWorklet.addModule(workletUrl ?? new URL("./pcm-worklet.js", import.meta.url));
+  const media = mediaStream ?? (await navigator.mediaDevices.getUserMedia({ audio: { echoCancellation: false, noiseSuppression: false, autoGainControl: false } }));
   const source = ctx.createMediaStreamSource(media);
   const node = new AudioWorkletNode(ctx, "pcm-chunker", { processorOptions: { chunk: Math.round((ctx.sampleRate * chunkMs) / 1000) } });
   const started = performance.now();
