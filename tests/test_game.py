@@ -50,8 +50,8 @@ async def test_the_bird_flies_at_the_height_of_the_sung_notes(
     sung = []
     for midi, onset, offset in NOTES:
         # The frames that applied pitch windows of the note, from 0.1 s after its onset (the
-        # pitch model's 64 ms window must be inside the note). On a busy machine results come in bunches, and a frame
-        # applies several windows: its t0..t span overlaps the note's window.
+        # pitch model's 64 ms window must be inside the note). On a busy machine results come
+        # in bunches and a frame applies several windows: its t0..t span overlaps the note's.
         note = (onset + 0.1, offset)
         voice = [
             e["voice"] for e in timeline if e["t0"] / 1000 <= note[1] and e["t"] / 1000 >= note[0]

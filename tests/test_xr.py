@@ -49,7 +49,9 @@ async def test_the_xr_page_sends_an_emulated_headsets_poses_and_draws_their_pred
         await page.evaluate("document.getElementById('enter').click()", user_gesture=True)
         state = await page.wait_for(
             "xrDemo",
-            lambda s: s["framesIn"].get("immersive-vr", 0) > 60 and s["speech"],
+            lambda s: (
+                s["framesIn"].get("immersive-vr", 0) > 60 and s["poseResults"] > 60 and s["speech"]
+            ),
         )
         assert state["mode"] == "immersive-vr" and state["controllers"] == 2, state
         # Read back what the last frame drew where the prediction of the right hand is.
@@ -105,7 +107,7 @@ async def test_the_xr_page_runs_chromiums_own_inline_session(
     browser = browser_factory(None)
     async with browser.open(f"http://127.0.0.1:{server.port}/xr") as page:
         state: dict[str, Any] = await page.wait_for(
-            "xrDemo", lambda s: s.get("predictedDrawn", 0) > 30
+            "xrDemo", lambda s: s.get("predictedDrawn", 0) > 30 and s["poseResults"] > 30
         )
     assert state["mode"] == "inline", state  # Chromium offers no immersive session here
     assert state["offered"] is None and state["controllers"] == 0, state
