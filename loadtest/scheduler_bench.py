@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from realtime import errors
-from realtime.models.repository import BUILTIN_DIR, Model, ModelRepository, scan
+from realtime.models.repository import BUILTIN_DIR, ModelRepository, scan
+from realtime.models.spec import Model
 from realtime.protocol import Hello, Open
 from realtime.scheduler import Scheduler
 from realtime.session import Limits, Session, WorkItem

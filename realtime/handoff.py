@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from realtime import errors
-from realtime.models.repository import Model, ModelRepository
+from realtime.models.repository import ModelRepository
+from realtime.models.spec import Model
 from realtime.session import Session
 
 SUFFIX = ".session"

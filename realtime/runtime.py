@@ -10,12 +10,13 @@ import contextlib
 import hashlib
 import os
 import platform
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+
+from realtime.models.spec import RuntimeOptions, TensorInfo
 
 #: ONNX Runtime's tensor type names -> numpy dtypes (the ones the wire protocol can carry).
 ORT_DTYPES: dict[str, np.dtype[Any]] = {
@@ -30,26 +31,6 @@ ORT_DTYPES: dict[str, np.dtype[Any]] = {
     "tensor(int64)": np.dtype("int64"),
     "tensor(bool)": np.dtype("bool"),
 }
-
-
-@dataclass(frozen=True, slots=True)
-class TensorInfo:
-    """A graph input or output: name, dtype and shape (``None`` for a dynamic dimension)."""
-
-    name: str
-    dtype: np.dtype[Any]
-    shape: tuple[int | None, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class RuntimeOptions:
-    """How ONNX Runtime sessions are built: threads per call and graph optimisation."""
-
-    intra_op_threads: int = 1
-    optimize: bool = True
-    #: Where optimized graphs are kept between starts (None: not kept). Keyed by the model's
-    #: bytes, the ONNX Runtime version and the machine, since ORT's fused kernels are specific.
-    cache_dir: Path | None = None
 
 
 def _cached_graph(path: Path, options: RuntimeOptions) -> Path | None:

@@ -26,7 +26,7 @@ import numpy as np
 
 from realtime import errors
 from realtime.batching import BatchQueue, Entry, Policy, RunTimes
-from realtime.models.repository import Model
+from realtime.models.spec import Model
 from realtime.session import Prediction, Stream, WorkItem
 
 Clock = Callable[[], float]

@@ -42,12 +42,12 @@ from realtime.config import Config, is_loopback
 from realtime.metrics import Metrics, Traffic, merge_expositions
 from realtime.models.repository import (
     BUILTIN_DIR,
-    Model,
     ModelRepository,
     load_model,
     scan,
     versions,
 )
+from realtime.models.spec import Model, RuntimeOptions
 from realtime.protocol import (
     CLIENT_MESSAGES,
     Chunk,
@@ -66,7 +66,6 @@ from realtime.protocol import (
     result_frames,
 )
 from realtime.ratelimit import TokenBucket
-from realtime.runtime import RuntimeOptions
 from realtime.scheduler import Scheduler
 from realtime.session import Phase, Prediction, Session, Stream, WorkItem
 

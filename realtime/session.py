@@ -19,7 +19,8 @@ import numpy as np
 
 from realtime import errors, events
 from realtime.audio import AUDIO_DTYPES, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, Rechunker
-from realtime.models.repository import Model, ModelRepository
+from realtime.models.repository import ModelRepository
+from realtime.models.spec import Model
 from realtime.protocol import (
     FLAG_END_OF_SEGMENT,
     Chunk,

@@ -12,7 +12,8 @@ import onnxruntime as ort
 import pytest
 
 from realtime import errors
-from realtime.models.repository import BUILTIN_DIR, Model, ModelRepository, scan
+from realtime.models.repository import BUILTIN_DIR, ModelRepository, scan
+from realtime.models.spec import Model
 from realtime.protocol import Chunk, Event, Hello, Open, Result
 from realtime.scheduler import Scheduler
 from realtime.session import Limits, Outcome, Prediction, Session, WorkItem

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from realtime.errors import ModelLoadError
-from realtime.models.repository import Model, load_model
+from realtime.models.repository import load_model
+from realtime.models.spec import Model
 
 REPEATS = 30
 

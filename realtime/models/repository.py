@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import re
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +17,8 @@ import numpy as np
 
 from realtime import events
 from realtime.errors import ModelLoadError
-from realtime.protocol import DTYPE_CODES, KINDS, Kind
-from realtime.runtime import ModelRunner, RuntimeOptions, TensorInfo
+from realtime.models.spec import Model, RuntimeOptions, StateSpec
+from realtime.protocol import DTYPE_CODES, KINDS
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -39,88 +38,6 @@ _TOML_KEYS = frozenset(
         "postprocess",
     }
 )
-
-
-@dataclass(frozen=True, slots=True)
-class StateSpec:
-    """A recurrent state carried per stream: fed as ``input``, returned as ``output``."""
-
-    input: str
-    output: str
-    batch_axis: int
-    initial: np.ndarray[Any, Any]  # the state at stream start, batch size 1
-
-
-@dataclass(frozen=True, slots=True)
-class Model:
-    """One version of one model: what clients must send, what they get back, how to run it."""
-
-    name: str
-    version: str
-    path: Path
-    description: str
-    kind: Kind
-    input: TensorInfo  # the graph input the client's chunks feed (shape includes batch)
-    item_shape: tuple[int | None, ...]  # one item's input shape, batch axis removed
-    outputs: tuple[TensorInfo, ...]  # returned to the client; state outputs excluded
-    states: tuple[StateSpec, ...]
-    constants: dict[str, np.ndarray[Any, Any]]
-    sample_rate: int | None
-    chunk: int | None  # audio: new samples per chunk
-    context: int  # audio: samples of the previous chunk prepended to each chunk
-    max_batch: int
-    max_delay_ms: float
-    deadline_ms: float
-    runner: ModelRunner
-    #: ``[[postprocess]]`` tables, validated: each makes one stream's processor.
-    postprocess: tuple[events.Factory, ...] = ()
-    #: The event types those post-processors emit, in chain order.
-    event_types: tuple[str, ...] = ()
-    #: ``name@version``: the id of this model version in logs, queues and metrics.
-    key: str = field(init=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "key", f"{self.name}@{self.version}")
-
-    @property
-    def timebase(self) -> events.Timebase:
-        """Where this model's windows sit in time (for post-processors)."""
-        if self.kind != "audio":
-            return events.Timebase()
-        return events.Timebase(self.sample_rate, self.chunk, self.context)
-
-    def catalog_entry(self, default: bool) -> dict[str, Any]:
-        """This model version as the welcome message and ``GET /v1/models`` describe it."""
-        entry: dict[str, Any] = {
-            "name": self.name,
-            "version": self.version,
-            "default": default,
-            "kind": self.kind,
-            "description": self.description,
-            "input": {
-                "name": self.input.name,
-                "dtype": self.input.dtype.name,
-                "shape": list(self.chunk_shape),
-            },
-            "outputs": [
-                {"name": o.name, "dtype": o.dtype.name, "shape": list(o.shape[1:])}
-                for o in self.outputs
-            ],
-            "stateful": bool(self.states),
-            "events": list(self.event_types),
-            "max_batch": self.max_batch,
-            "deadline_ms": self.deadline_ms,
-        }
-        if self.kind == "audio":
-            entry["input"]["sample_rate"] = self.sample_rate
-            entry["input"]["chunk"] = self.chunk
-            entry["input"]["context"] = self.context
-        return entry
-
-    @property
-    def chunk_shape(self) -> tuple[int | None, ...]:
-        """The shape of one chunk as a client sends it (audio: any number of samples)."""
-        return (None,) if self.kind == "audio" else self.item_shape
 
 
 def _version_order(v: str) -> tuple[int, int, str]:
@@ -156,6 +73,8 @@ def load_model(
             raise _fail(toml_path, f"unknown keys {sorted(unknown)}")
     if not onnx_path.is_file():
         raise _fail(onnx_path, "no such file")
+    from realtime.runtime import ModelRunner  # the one place ONNX Runtime is loaded
+
     try:
         runner = ModelRunner(onnx_path, options or RuntimeOptions())
     except Exception as e:  # ORT raises its own Fail/InvalidGraph/... and plain RuntimeError
