@@ -1,12 +1,13 @@
 """Micro-batching: one queue per model version, batches run off the event loop.
 
-:meth:`Scheduler.submit` takes an accepted :class:`WorkItem` and returns a future of its
-:class:`Prediction` (or a :class:`realtime.errors.ServingError`). Each model version has a queue
-and a fixed number of batch slots; whenever a slot is free and its :class:`BatchQueue` says a
-batch is due (full, waited ``max_delay_ms``, or its earliest deadline would slip), the batch is cut
-and run in the worker pool. Stateful streams never have two chunks in one batch or in
-flight at once, and their recurrent state is gathered into the batch and scattered back on the
-event loop, so no thread ever touches a stream or an asyncio object.
+:meth:`Scheduler.submit` takes an accepted :class:`WorkItem`; its :class:`Prediction` (or a
+:class:`realtime.errors.ServingError`) is handed to the ``deliver`` callback on the event loop.
+Each model version has a queue and a fixed number of batch slots; whenever a slot is free and
+its :class:`BatchQueue` says a batch is due (full, waited ``max_delay_ms``, or its earliest
+deadline would slip), the batch is cut and run in the worker pool. Stateful streams never have
+two chunks in one batch or in flight at once, and their recurrent state is gathered into the
+batch and scattered back on the event loop, so no thread ever touches a stream or an asyncio
+object.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 from realtime import errors
 from realtime.batching import BatchQueue, Entry, Policy, RunTimes
 from realtime.models.spec import Model
-from realtime.session import Prediction, Stream, WorkItem
+from realtime.session import Outcome, Prediction, Stream, WorkItem
 
 Clock = Callable[[], float]
 
@@ -97,7 +98,22 @@ class _Slot:
         ]
 
 
-Future = asyncio.Future[Prediction]
+#: Where each item's outcome goes, on the event loop: exactly once per submitted item, unless
+#: its stream is gone by the time its batch is cut (then nobody is waiting for it).
+Deliver = Callable[[WorkItem, Outcome], None]
+
+
+@dataclass(slots=True, eq=False)
+class _Running:
+    """A batch handed to a worker thread, until it comes back or runs out of time."""
+
+    batch: list[Entry[None]]
+    slot: _Slot
+    started: float
+    feeds: dict[str, np.ndarray[Any, Any]] | None = None
+    work: concurrent.futures.Future[tuple[list[np.ndarray[Any, Any]], float]] | None = None
+    timer: asyncio.TimerHandle | None = None
+    timed_out: bool = False
 
 
 class ModelQueue:
@@ -110,19 +126,21 @@ class ModelQueue:
         slots: int,
         max_queue: int,
         clock: Clock,
+        deliver: Deliver,
         run_timeout: float = 10.0,
         on_stuck: Callable[[], None] | None = None,
     ) -> None:
         self.model = model
         self.stats = QueueStats()
         self.run_times = RunTimes(model.max_batch)
-        self._queue: BatchQueue[Future] = BatchQueue(
+        self._queue: BatchQueue[None] = BatchQueue(
             Policy(model.max_batch, model.max_delay_ms / 1000.0),
             self.run_times,
             stateful=bool(model.states),
         )
         self._pool = pool
         self._clock = clock
+        self._deliver = deliver
         self._run_timeout = run_timeout
         self._on_stuck = on_stuck
         #: Batches past ``run_timeout`` whose worker thread has not come back yet.
@@ -131,9 +149,13 @@ class ModelQueue:
         self._slots = slots
         self._free = [_Slot(model) for _ in range(slots)]
         self._busy: set[Stream] = set()  # stateful streams with an item in flight
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._running: set[_Running] = set()
+        self._idle: list[asyncio.Future[None]] = []  # drain() waiters
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
+        outputs = [o.name for o in model.runner.outputs]
+        self._result_at = [outputs.index(o.name) for o in model.outputs]
+        self._state_at = [outputs.index(s.output) for s in model.states]
 
     @property
     def depth(self) -> int:
@@ -175,10 +197,10 @@ class ModelQueue:
             _, seconds = _timed_run(model, feeds)
             self.run_times.observe(n, seconds)
 
-    def submit(self, item: WorkItem) -> Future:
-        """Queue an item; its future resolves on the event loop. Refused (``overloaded``) when
-        the queue is full, or so long that the item would wait past its deadline: shedding at
-        the door is cheap, and keeps the queue to what can still be served in time."""
+    def submit(self, item: WorkItem) -> None:
+        """Queue an item; its outcome is delivered on the event loop. Refused (``overloaded``)
+        when the queue is full, or so long that the item would wait past its deadline: shedding
+        at the door is cheap, and keeps the queue to what can still be served in time."""
         depth = len(self._queue)
         if depth >= self._max_queue:
             self.stats.rejected += 1
@@ -199,19 +221,16 @@ class ModelQueue:
                     stream=item.stream.id,
                     seq=item.seq,
                 )
-        fut: Future = asyncio.get_running_loop().create_future()
-        self._queue.push(Entry(item, fut))
+        self._queue.push(Entry(item, None))
         self.stats.submitted += 1
-        self._dispatch()
-        return fut
+        if self._free:
+            self._dispatch()
 
     def drop_oldest(self, stream: Stream) -> list[WorkItem]:
-        """Take the stream's oldest queued chunk (each of its windows) out of the queue; its
-        futures are cancelled and the caller gives the items their ``dropped`` outcome at once."""
+        """Take the stream's oldest queued chunk (each of its windows) out of the queue; the
+        caller gives the items their ``dropped`` outcome."""
         dropped = self._queue.drop_oldest(stream)
         self.stats.dropped += len(dropped)
-        for entry in dropped:
-            entry.token.cancel()
         return [entry.item for entry in dropped]
 
     def _dispatch(self) -> None:
@@ -227,25 +246,20 @@ class ModelQueue:
             for entry in cut.expired:
                 self.stats.deadline_misses += 1
                 item = entry.item
-                _fail(
-                    entry,
+                self._fail(
+                    entry.item,
                     errors.DeadlineExceeded,
                     f"waited {1000 * (now - item.received):.1f} ms, deadline was "
                     f"{1000 * (item.deadline - item.received):.1f} ms",
                 )
-            for entry in cut.gone:
-                self.stats.gone += 1
-                entry.token.cancel()
+            self.stats.gone += len(cut.gone)
             if not cut.batch:
                 if cut.expired or cut.gone:
                     continue
                 return  # only stateful streams with an item in flight wait: their end wakes us
             if queue.stateful:
                 self._busy.update(e.item.stream for e in cut.batch)
-            slot = self._free.pop()
-            task = asyncio.get_running_loop().create_task(self._run(cut.batch, slot))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._start(cut.batch, self._free.pop(), now)
 
     def _wake_at(self, due: float, now: float) -> None:
         if self._timer is not None:
@@ -259,10 +273,13 @@ class ModelQueue:
         self._timer, self._timer_at = None, math.inf
         self._dispatch()
 
-    async def _run(self, batch: list[Entry[Future]], slot: _Slot) -> None:
+    def _start(self, batch: list[Entry[None]], slot: _Slot, started: float) -> None:
+        """Gather a batch into its slot's buffers and hand it to a worker thread. The outcome
+        comes back through ``call_soon_threadsafe``: no task, future wrapper or lock per batch."""
         model = self.model
         n = len(batch)
-        started = self._clock()
+        running = _Running(batch, slot, started)
+        self._running.add(running)
         try:
             feeds: dict[str, np.ndarray[Any, Any]] = dict(model.constants)
             if slot.inputs is not None:
@@ -277,33 +294,70 @@ class ModelQueue:
                     [e.item.stream.state[k] for e in batch], axis=spec.batch_axis, out=view
                 )
                 feeds[spec.input] = view
+            running.feeds = feeds
             loop = asyncio.get_running_loop()
-            work = self._pool.submit(_timed_run, model, feeds)
-            running = asyncio.wrap_future(work, loop=loop)
-            # One timer per batch (asyncio.wait with a timeout cost 25 us more per batch).
-            limit = loop.call_later(self._run_timeout, running.cancel)
-            try:
-                outputs, infer_seconds = await running
-            except asyncio.CancelledError:
-                if loop.time() < limit.when():
-                    raise  # this task was cancelled: not a timeout
-                # A worker that hangs: give up on it, and on the buffers it reads.
-                self._stuck(loop, work)
-                slot = _Slot(model)
-                raise TimeoutError(
-                    f"no answer in {self._run_timeout:g} s; its worker is stuck"
-                ) from None
-            finally:
-                limit.cancel()
-            by_name = dict(zip((o.name for o in model.runner.outputs), outputs, strict=True))
-            results = [by_name[o.name] for o in model.outputs]
-            new_states = [by_name[s.output] for s in model.states]
-            _check_batch(model, n, results, new_states, feeds)
-        except Exception as e:  # the model raised, hung or misbehaved: the whole batch fails
-            self.stats.failures += 1
-            for entry in batch:
-                _fail(entry, errors.InferenceFailed, f"{model.key} failed: {str(e)[:300]}")
+            running.work = work = self._pool.submit(_timed_run, model, feeds)
+        except Exception as e:  # inputs that cannot be stacked, or a pool shut down
+            self._finish(running, e)
+            return
+        running.timer = loop.call_later(self._run_timeout, self._timed_out, running)
+
+        def came_back(_: concurrent.futures.Future[Any]) -> None:  # in the worker thread
+            with contextlib.suppress(RuntimeError):  # the loop may be closed by then
+                loop.call_soon_threadsafe(self._came_back, running)
+
+        work.add_done_callback(came_back)
+
+    def _came_back(self, running: _Running) -> None:
+        if running.timed_out:  # failed already; its worker thread is free again
+            self.stuck -= 1
+            return
+        assert running.timer is not None and running.work is not None
+        running.timer.cancel()
+        try:
+            outputs, seconds = running.work.result()
+        except Exception as e:
+            self._finish(running, e)
         else:
+            self._finish(running, None, outputs, seconds)
+
+    def _timed_out(self, running: _Running) -> None:
+        """A worker that hangs: give up on it, and on the buffers it reads."""
+        running.timed_out = True
+        self.stuck += 1
+        running.slot = _Slot(self.model)
+        if self._on_stuck is not None:
+            self._on_stuck()
+        self._finish(
+            running, TimeoutError(f"no answer in {self._run_timeout:g} s; its worker is stuck")
+        )
+
+    def _finish(
+        self,
+        running: _Running,
+        failure: BaseException | None,
+        outputs: list[np.ndarray[Any, Any]] | None = None,
+        infer_seconds: float = 0.0,
+    ) -> None:
+        model, batch, deliver = self.model, running.batch, self._deliver
+        n = len(batch)
+        self._running.discard(running)
+        try:
+            if failure is None:
+                assert outputs is not None
+                results = [outputs[i] for i in self._result_at]
+                new_states = [outputs[i] for i in self._state_at]
+                try:
+                    assert running.feeds is not None
+                    _check_batch(model, n, results, new_states, running.feeds)
+                except ValueError as e:
+                    failure = e
+            if failure is not None:  # the model raised, hung or misbehaved: the batch fails
+                self.stats.failures += 1
+                why = f"{model.key} failed: {str(failure)[:300]}"
+                for entry in batch:
+                    self._fail(entry.item, errors.InferenceFailed, why)
+                return
             self.run_times.observe(n, infer_seconds)
             stats = self.stats
             stats.batches += 1
@@ -312,37 +366,30 @@ class ModelQueue:
             stats.batch_sizes[n] = stats.batch_sizes.get(n, 0) + 1
             infer_ms = infer_seconds * 1000.0
             stats.infer_ms[bisect_left(LATENCY_BOUNDS_MS, infer_ms)] += 1
+            started = running.started
+            queue_hist = stats.queue_ms
             for i, entry in enumerate(batch):
-                it, fut = entry.item, entry.token
+                it = entry.item
                 for k, spec in enumerate(model.states):
                     index = (slice(None),) * spec.batch_axis + (slice(i, i + 1),)
                     np.copyto(it.stream.state[k], new_states[k][index])
                 queue_s = started - it.received
                 stats.queue_seconds += queue_s
-                stats.queue_ms[bisect_left(LATENCY_BOUNDS_MS, queue_s * 1000.0)] += 1
-                if not fut.done():
-                    fut.set_result(
-                        Prediction([r[i] for r in results], queue_s * 1000.0, infer_ms, n)
-                    )
+                queue_hist[bisect_left(LATENCY_BOUNDS_MS, queue_s * 1000.0)] += 1
+                deliver(it, Prediction([r[i] for r in results], queue_s * 1000.0, infer_ms, n))
         finally:
             if model.states:
                 self._busy.difference_update(e.item.stream for e in batch)
-            self._free.append(slot)
+            self._free.append(running.slot)
+            if not self._running:
+                for waiter in self._idle:
+                    if not waiter.done():
+                        waiter.set_result(None)
+                self._idle.clear()
             self._dispatch()
 
-    def _stuck(self, loop: asyncio.AbstractEventLoop, work: concurrent.futures.Future[Any]) -> None:
-        self.stuck += 1
-
-        def back() -> None:
-            self.stuck -= 1
-
-        def came_back(_: concurrent.futures.Future[Any]) -> None:  # in the worker thread
-            with contextlib.suppress(RuntimeError):  # the loop may be closed by then
-                loop.call_soon_threadsafe(back)
-
-        work.add_done_callback(came_back)
-        if self._on_stuck is not None:
-            self._on_stuck()
+    def _fail(self, item: WorkItem, exc_type: type[errors.ServingError], why: str) -> None:
+        self._deliver(item, exc_type(why, stream=item.stream.id, seq=item.seq))
 
     def fail_all(self, exc_type: type[errors.ServingError], why: str) -> None:
         """Resolve every queued item with an error (shutdown)."""
@@ -350,18 +397,15 @@ class ModelQueue:
             self._timer.cancel()
             self._timer, self._timer_at = None, math.inf
         for entry in self._queue.clear():
-            _fail(entry, exc_type, why)
+            if entry.item.stream.live:
+                self._fail(entry.item, exc_type, why)
 
     async def drain(self) -> None:
         """Wait for the batches in flight."""
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-def _fail(entry: Entry[Future], exc_type: type[errors.ServingError], why: str) -> None:
-    if not entry.token.done():
-        item = entry.item
-        entry.token.set_exception(exc_type(why, stream=item.stream.id, seq=item.seq))
+        while self._running:
+            waiter = asyncio.get_running_loop().create_future()
+            self._idle.append(waiter)
+            await waiter
 
 
 def _check_batch(
@@ -403,8 +447,11 @@ class Scheduler:
         max_queue: int = 4096,
         clock: Clock = time.monotonic,
         run_timeout: float = 10.0,
+        *,
+        deliver: Deliver,
     ) -> None:
         self._workers, self._max_queue, self._clock = workers, max_queue, clock
+        self._deliver = deliver
         self._run_timeout = run_timeout
         self._pool = self._new_pool()
         self.queues: dict[str, ModelQueue] = {}
@@ -423,6 +470,7 @@ class Scheduler:
             self._workers,
             self._max_queue,
             self._clock,
+            self._deliver,
             self._run_timeout,
             self._replace_pool,
         )
@@ -443,9 +491,9 @@ class Scheduler:
         healthy while there are any: /healthz says so)."""
         return sum(q.stuck for q in self.queues.values())
 
-    def submit(self, item: WorkItem) -> Future:
-        """Queue an accepted item for its model version."""
-        return self.queues[item.stream.model.key].submit(item)
+    def submit(self, item: WorkItem) -> None:
+        """Queue an accepted item for its model version (refused typed: ``overloaded``)."""
+        self.queues[item.stream.model.key].submit(item)
 
     def drop_oldest(self, stream: Stream) -> list[WorkItem]:
         """Make room on a live-media stream: take its oldest queued chunk's items out."""

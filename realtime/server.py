@@ -1,16 +1,16 @@
-"""The asyncio WebSocket server: handshake, limits, per-connection tasks, plain HTTP GETs.
+"""The asyncio WebSocket server: lifecycle, handshake, and the glue between sockets and sessions.
 
-This is the only module that uses websockets' server API. It feeds frames to the pure
-:class:`realtime.session.Session`, hands accepted chunks to the :class:`Scheduler`, and writes
-what comes back through one bounded outbox per connection.
+This is the only module that uses websockets' server API. Each connection's frames go straight
+from websockets' parser to its pure :class:`realtime.connection.Connection` (no task switch or
+future per message); accepted work goes to the :class:`Scheduler`, whose outcomes come back to
+the connection, and what the connection has to send is written once per loop iteration. HTTP
+routes, parked sessions and model reload live in their own modules.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import itertools
 import logging
 import os
 import secrets
@@ -19,9 +19,8 @@ import sys
 import time
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Coroutine
-from dataclasses import dataclass
-from functools import partial
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -31,55 +30,32 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from websockets.asyncio.server import Server as WsServer
 from websockets.asyncio.server import ServerConnection, serve
-from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
-from websockets.protocol import State
+from websockets.protocol import Event
+from websockets.protocol import State as WsState
 
 from realtime import __version__, errors, handoff, store
 from realtime.auth import AuthFailed, Grant, verify_key, verify_token
 from realtime.config import Config, is_loopback
+from realtime.connection import Connection, State
 from realtime.metrics import Metrics, Traffic, merge_expositions
-from realtime.models.repository import (
-    BUILTIN_DIR,
-    ModelRepository,
-    load_model,
-    scan,
-    versions,
-)
+from realtime.models.repository import BUILTIN_DIR, ModelRepository, scan
 from realtime.models.spec import Model, RuntimeOptions
-from realtime.protocol import (
-    CLIENT_MESSAGES,
-    Chunk,
-    Close,
-    Error,
-    GoingAway,
-    Hello,
-    Message,
-    Open,
-    Ping,
-    Pong,
-    Result,
-    decode_frame,
-    decode_text,
-    encode_text,
-    result_frames,
-)
-from realtime.ratelimit import TokenBucket
+from realtime.parking import Parking
+from realtime.reload import Reloader
+from realtime.routes import SERVER_NAME, Routes, load_static, response
 from realtime.scheduler import Scheduler
-from realtime.session import Phase, Prediction, Session, Stream, WorkItem
+from realtime.session import Outcome, Session, WorkItem
 
 log = logging.getLogger("realtime")
-SERVER_NAME = f"realtime/{__version__}"
 #: websockets refuses (and closes on) frames this many times over our own limit; below it, an
 #: oversize message gets a typed ``message_too_big`` error and the session stays usable.
 HARD_SIZE_FACTOR = 4
-#: Close code for a client that does not read its results fast enough.
-CLOSE_TOO_SLOW = 4008
-#: Kinds of outbox entries (see _Connection).
-OTHER, RESULT, NOTICE = 0, 1, 2
 #: Close code for a session that sent nothing for ``Limits.idle_seconds``.
 CLOSE_IDLE = 4001
+#: Messages of one client handed over per turn of the event loop (see :class:`_Socket`).
+BURST = 4
 #: Frames a checkpoint keeps to send again (the newest): what a connection lost when its process
 #: died may not have delivered. A bound on Redis traffic per session (docs/deploy.md).
 CHECKPOINT_FRAME_BYTES = 16 * 1024
@@ -102,228 +78,120 @@ def load_models(config: Config) -> list[Model]:
     return models
 
 
-class _Connection:
-    """One client's session, outbox and what it keeps to resume; and its socket while it has one.
+class _Socket(ServerConnection):
+    """websockets' server connection, each whole data message handed to ``on_message`` from
+    the parser as it arrives (no queue, future or task switch per message). Control frames,
+    keepalive and the closing handshake stay websockets' own.
 
-    Every frame written is counted; the last ``resume_buffer_bytes`` of them are kept, so a
-    client that lost its connection and says how many it got can be sent the rest again.
+    A burst (many messages in one read) is handed over :data:`BURST` at a time, one batch per
+    turn of the event loop, with reading paused meanwhile: a client with a backlog does not hold
+    the loop while batches wait to be collected and sent.
     """
 
-    def __init__(
-        self,
-        ws: ServerConnection,
-        session: Session,
-        max_outbox: int,
-        traffic: Traffic,
-        key: str | None = None,
-    ) -> None:
-        self.ws = ws
-        self.session = session
-        self.key = key  # the API key the session was admitted with (a resume must match it)
-        self._traffic = traffic
-        #: (frame, is_text, kind): kind RESULT may be shed for a slow reader, NOTICE is the one
-        #: unsent results_dropped error (it is replaced, not repeated), OTHER is never dropped.
-        self._outbox: deque[tuple[bytes, bool, int]] = deque()
-        self._unsent_dropped = 0  # results counted by the NOTICE now in the outbox
-        self._wakeup = asyncio.Event()
-        self._flushed = asyncio.Event()  # set each time the writer has sent everything queued
-        self._max_outbox = max_outbox
-        self.too_slow = False
-        self.last_seen = 0.0  # monotonic time of the last message received
-        #: Lost its connection; kept for the client to resume (results go on being queued).
-        self.parked = False
-        self.ended = asyncio.Event()  # set when its connection's handler has finished
-        self._kept: deque[tuple[bytes, bool, int]] = deque()  # written frames, oldest first
-        self._kept_bytes = 0
-        self._keep_bytes = session.limits.resume_buffer_bytes
-        self.written = 0  # frames written on this session since it began
-        self.first = 0  # index of the first frame after the welcome
-        #: Written to the resume folder for the next server: messages from now on are ignored.
-        self.handed_off = False
-        #: Set whenever none of its chunks is in flight (a hand-off waits for it).
-        self.quiet = asyncio.Event()
-        #: Its frame count at its last checkpoint (-1: none), and when (monotonic seconds).
-        self.checkpointed = -1
-        self.checkpointed_at = 0.0
-        self.checkpoint_due = False  # one is due once no chunk is in flight
-        self.from_checkpoint = False  # taken over from a checkpoint: the client may be ahead
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_message: Callable[[bool, bytes], None] | None = None
+        self.on_writable: Callable[[], None] | None = None
+        self._parts: list[bytes] = []  # a fragmented message so far
+        self._text = False
+        self._budget = BURST  # messages still to hand over in this turn of the loop
+        #: Messages read but not handed over yet (a burst, or before the handler took over).
+        self._backlog: deque[tuple[bool, bytes]] = deque()
+        self._held_until = 0.0  # reading is paused until then (a client over its rate)
+        self._pump: asyncio.Handle | None = None  # hands the backlog over next, at _pump_at
+        self._pump_at = 0.0
 
-    def hand_off(self, expires_at: float) -> handoff.HandedOff:
-        """The session as the next server needs it. What is still queued counts as written
-        (the next server replays it), so whatever reaches the client from here, its count and
-        the saved one agree."""
-        kept = [*self._kept, *self._outbox]
-        written = self.written + len(self._outbox)
-        self._outbox.clear()
-        self.handed_off = True
-        return handoff.HandedOff(self.session, self.key, expires_at, written, self.first, kept)
+    def data_received(self, data: bytes) -> None:
+        self._budget = BURST
+        super().data_received(data)
 
-    def snapshot(self, expires_at: float, max_bytes: int) -> handoff.HandedOff:
-        """The session as another process needs it if this one dies: as :meth:`hand_off`, but
-        the session stays here, and only the newest ``max_bytes`` of frames are kept."""
-        kept, size = [], 0
-        for entry in itertools.chain(reversed(self._outbox), reversed(self._kept)):
-            size += len(entry[0])
-            if size > max_bytes:
-                break
-            kept.append(entry)
-        kept.reverse()
-        written = self.written + len(self._outbox)
-        return handoff.HandedOff(self.session, self.key, expires_at, written, self.first, kept)
-
-    @classmethod
-    def taken_over(
-        cls,
-        ws: ServerConnection,
-        entry: handoff.HandedOff,
-        max_outbox: int,
-        traffic: Traffic,
-        from_checkpoint: bool = False,
-    ) -> _Connection:
-        """A session another server handed off (or checkpointed), on this server's connection."""
-        conn = cls(ws, entry.session, max_outbox, traffic, entry.key)
-        conn.from_checkpoint = from_checkpoint
-        conn.written, conn.first = entry.written, entry.first
-        conn._kept.extend(entry.kept)
-        conn._kept_bytes = sum(len(frame) for frame, _, _ in entry.kept)
-        return conn
-
-    def welcomed(self) -> None:
-        """The welcome was just queued: the frames after it are the ones a client counts."""
-        self.first = self.written + len(self._outbox)
-
-    def resume(self, ws: ServerConnection, received: int) -> None:
-        """Take a new socket: write the resumed welcome, then every kept frame after the
-        ``received`` first ones (a typed ``results_dropped`` first if some were no longer kept);
-        the write loop then goes on with the outbox."""
-        start = self.first + received
-        if self.from_checkpoint:  # the lost process sent more than its checkpoint knows of
-            start = min(start, self.written)
-            self.from_checkpoint = False
-        if start > self.written:
-            raise errors.BadMessage(
-                f"hello.received is {received}, this session sent {self.written - self.first}"
-            )
-        oldest = self.written - len(self._kept)
-        lost = max(0, oldest - start)
-        start += lost
-        self.ws = ws
-        self.parked = False
-        protocol = ws.protocol
-        protocol.send_text(encode_text(self.session.welcome(replay_from=start - self.first)))
-        kept = self._kept
-        for i in range(start - oldest, len(kept)):
-            frame, text, _ = kept[i]
-            if text:
-                protocol.send_text(frame)
+    def process_event(self, event: Event) -> None:
+        if self.request is None or not isinstance(event, Frame):
+            super().process_event(event)  # the handshake request
+            return
+        opcode = event.opcode
+        if opcode is Opcode.BINARY or opcode is Opcode.TEXT:
+            if event.fin:
+                self._message(opcode is Opcode.TEXT, bytes(event.data))
             else:
-                protocol.send_binary(frame)
-        ws.send_data()
-        if lost:
-            notice = errors.ResultsDropped(
-                f"{lost} messages sent before the connection was lost are no longer kept"
-            )
-            self._outbox.appendleft((encode_text(Error.of(notice)), True, OTHER))
-        self._wakeup.set()
+                self._text, self._parts = opcode is Opcode.TEXT, [bytes(event.data)]
+        elif opcode is Opcode.CONT:
+            self._parts.append(bytes(event.data))
+            if event.fin:
+                data, self._parts = b"".join(self._parts), []
+                self._message(self._text, data)
+        else:
+            super().process_event(event)
 
-    def send_messages(self, messages: list[Message], binary_results: bool) -> None:
-        """Queue messages in order, results as binary frames where the stream asked for them."""
-        outbox = self._outbox
-        for msg in messages:
-            if binary_results and isinstance(msg, Result):
-                outbox.extend((frame, False, OTHER) for frame in result_frames(msg))
-            else:
-                if type(msg) is Error:
-                    errors_sent = self._traffic.errors
-                    errors_sent[msg.code] = errors_sent.get(msg.code, 0) + 1
-                outbox.append((encode_text(msg), True, RESULT if type(msg) is Result else OTHER))
-        if len(outbox) > self._max_outbox // 2:
-            self._shed_results()
-        if len(self._outbox) > self._max_outbox and not self.too_slow and not self.parked:
-            self.too_slow = True
-            self._outbox.clear()
-            asyncio.get_running_loop().create_task(
-                self.ws.close(CLOSE_TOO_SLOW, "results are not read fast enough")
-            )
-        self._wakeup.set()
+    def _message(self, text: bool, data: bytes) -> None:
+        on_message = self.on_message
+        if (
+            on_message is not None
+            and self._budget > 0
+            and not self._backlog
+            and self.loop.time() >= self._held_until
+        ):
+            self._budget -= 1
+            on_message(text, data)
+            return
+        self._backlog.append((text, data))
+        self._wait(self._held_until)
 
-    def _shed_results(self) -> None:
-        """A slow reader: drop its oldest unsent JSON results (a live client wants the newest)
-        down to a quarter of the bound, and tell it how many with one typed error."""
-        keep = self._max_outbox // 4
-        excess = len(self._outbox) - keep
-        kept: list[tuple[bytes, bool, int]] = []
-        dropped = 0
-        at = -1  # where the notice goes: in place of the first result dropped, in order
-        for entry in self._outbox:
-            if entry[2] == NOTICE:
-                at = len(kept) if at < 0 else at
-                continue  # replaced below, with the new count added
-            if dropped < excess and entry[2] == RESULT:
-                at = len(kept) if at < 0 else at
-                dropped += 1
-            else:
-                kept.append(entry)
-        if dropped:
-            if not self._unsent_dropped:
-                self._traffic.errors["results_dropped"] = (
-                    self._traffic.errors.get("results_dropped", 0) + 1
-                )
-            self._unsent_dropped += dropped
-            notice = errors.ResultsDropped(
-                f"{self._unsent_dropped} results were dropped unsent: the client reads too slowly"
-            )
-            kept.insert(at, (encode_text(Error.of(notice)), True, NOTICE))
-            self._outbox = deque(kept)
-
-    async def flush_and_close(self) -> None:
-        """Send what is queued, then close as going away (1001)."""
-        if self._outbox and self.ws.protocol.state is State.OPEN:
-            self._flushed.clear()
-            self._wakeup.set()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._flushed.wait(), 5.0)
-        await self.ws.close(1001, "server shutting down")
-
-    def error(self, exc: errors.RealtimeError) -> None:
-        """Queue a typed error."""
-        self.send_messages([Error.of(exc)], False)
-
-    async def write_loop(self) -> None:
-        """Write queued frames until the connection closes."""
-        # Everything queued goes out in one write and one drain: ``ws.send`` per message costs an
-        # async context manager and a drain each, the largest part of a small result's cost.
-        ws, traffic = self.ws, self._traffic
-        protocol = ws.protocol
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            outbox = self._outbox  # _shed_results may have replaced it
-            if not outbox:
-                continue
-            if protocol.state is not State.OPEN:
+    def _wait(self, until: float) -> None:
+        """Stop reading; hand the backlog over from ``until`` (loop time) on."""
+        if self.transport.is_closing():
+            return
+        self.transport.pause_reading()
+        if self._pump is not None:
+            if self._pump_at <= until:
                 return
-            traffic.messages_out += len(outbox)
-            self.written += len(outbox)
-            kept, size = self._kept, 0
-            while outbox:
-                entry = outbox.popleft()
-                frame, text, kind = entry
-                if kind == NOTICE:
-                    self._unsent_dropped = 0
-                size += len(frame)
-                kept.append(entry)
-                if text:
-                    protocol.send_text(frame)
-                else:
-                    protocol.send_binary(frame)
-            traffic.bytes_out += size
-            self._kept_bytes += size
-            while self._kept_bytes > self._keep_bytes:
-                self._kept_bytes -= len(kept.popleft()[0])
-            ws.send_data()
-            await ws.drain()
-            self._flushed.set()
+            self._pump.cancel()
+        self._pump_at = until
+        self._pump = self.loop.call_at(until, self.take_backlog)
+
+    def take_backlog(self) -> None:
+        """Hand over up to :data:`BURST` waiting messages (unless reading is held); then go on
+        on the next turn, or read again."""
+        self._pump = None
+        backlog = self._backlog
+        for _ in range(BURST):
+            on_message = self.on_message
+            if not backlog or on_message is None or self.loop.time() < self._held_until:
+                break
+            text, data = backlog.popleft()
+            on_message(text, data)
+        if self.on_message is None:
+            return
+        if backlog or self.loop.time() < self._held_until:
+            self._wait(self._held_until)
+        elif not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def hold(self, seconds: float) -> None:
+        """Stop reading from this client for ``seconds`` (it is over its rate)."""
+        self._held_until = max(self._held_until, self.loop.time() + seconds)
+        self._wait(self._held_until)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.on_writable is not None:
+            self.on_writable()
+
+
+@dataclass(slots=True, eq=False)
+class _Link:
+    """One socket and the session it carries now (a resume swaps the session in)."""
+
+    ws: _Socket
+    conn: Connection
+    ip: str
+    key: str | None
+    flush_due: bool = False
+    closing: bool = False
+    faulted: bool = False  # an unexpected error was logged for this connection
+    #: While a resume is being looked up: messages that arrived meanwhile, in order.
+    held: list[tuple[bool, bytes]] | None = None
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Server:
@@ -338,28 +206,38 @@ class Server:
             workers=config.workers,
             max_queue=config.max_queue,
             run_timeout=config.batch_timeout_seconds,
+            deliver=self._deliver,
         )
         self.traffic = Traffic()
-        self._connections: set[_Connection] = set()
+        #: Every session with a socket, by session id.
+        self._links: dict[str, _Link] = {}
+        #: Every session (with a socket or parked), by session id: where outcomes go.
+        self._conns: dict[str, Connection] = {}
         self._metrics = Metrics(self.traffic, self.scheduler.snapshot, self._open_counts).registry()
         self.ready = False  # models warm and serving; false again once shutting down
         self._ws: WsServer | None = None
-        #: Each model folder version's file signature, as last loaded or refused.
-        self._seen: dict[Path, tuple[tuple[int, int], ...]] = {
-            m.path.parent: _signature(m.path.parent) for m in self.models
-        }
-        self._reload_lock = asyncio.Lock()
+        self._reloader = Reloader(
+            config, self.models, self.repository, self.scheduler, self.traffic
+        )
         self._poller: asyncio.Task[None] | None = None
         #: Set after each reload pass (tests and admins await it).
         self.reloaded = asyncio.Event()
         self.draining = False  # shutting down: new chunks are refused, the rest answered
         self._drained = asyncio.Event()
         self._catalog = orjson.dumps({"models": self.repository.catalog()})
-        self._static = load_static()
+        self._routes = Routes(
+            readiness=self._readiness,
+            stuck=lambda: self.scheduler.stuck,
+            metrics=lambda: (generate_latest(self._metrics), CONTENT_TYPE_LATEST),
+            catalog=lambda: self._catalog,
+            static=load_static(),
+        )
         #: Where sessions go to and come from other processes (None: they never leave).
         self.store = store.open_store(config)
         self._store_tasks: set[asyncio.Task[None]] = set()
         self._checkpoint_writes: set[asyncio.Task[None]] = set()
+        #: Sessions a hand-off waits on until none of their chunks is in flight, by session id.
+        self._quiet: dict[str, asyncio.Future[None]] = {}
         #: Checked at the handshake, taken by the connection's handler.
         #: Weak: a handshake that fails after it was admitted leaves nothing behind.
         self._grants: weakref.WeakKeyDictionary[ServerConnection, Grant] = (
@@ -367,10 +245,8 @@ class Server:
         )
         self._sessions_by_key: dict[str, int] = {}
         self._sessions_by_ip: dict[str, int] = {}
-        #: Sessions whose connection was lost, by resume token, until they resume or expire.
-        self._parked: dict[str, _Parked] = {}
-        #: Tokens of sessions that expired unresumed (the latest ones), to say so on a resume.
-        self._expired: dict[str, None] = {}
+        #: Sessions whose connection was lost, until they resume or expire.
+        self.parking = Parking(config.limits.resume_seconds, self._expired)
 
     @property
     def port(self) -> int:
@@ -385,11 +261,16 @@ class Server:
         scheme = "wss" if self.config.certfile else "ws"
         return f"{scheme}://{self.config.host}:{self.port}/"
 
+    @property
+    def connections(self) -> list[Connection]:
+        """The sessions with a socket now."""
+        return [link.conn for link in self._links.values()]
+
     def _open_counts(self) -> tuple[int, int, int]:
         return (
-            len(self._connections),
-            sum(len(c.session.streams) for c in self._connections),
-            len(self._parked),
+            len(self._links),
+            sum(len(link.conn.session.streams) for link in self._links.values()),
+            len(self.parking),
         )
 
     async def start(self) -> None:
@@ -412,8 +293,8 @@ class Server:
             process_request=self._http,
             compression=None,
             max_size=limits.max_message_bytes * HARD_SIZE_FACTOR,
-            max_queue=64,
             server_header=SERVER_NAME,
+            create_connection=_Socket,
             reuse_port=self.config.reuse_port or None,
         )
         if self.store is not None:
@@ -431,69 +312,14 @@ class Server:
             await self.reload()
 
     async def reload(self) -> dict[str, list[str]]:
-        """Load model versions that appeared in the model folders (each checked with a warm-up
-        run before it takes traffic, then the default for new streams if it is the highest),
-        take out of the catalog the ones whose folder is gone (their open streams go on), and
-        refuse broken ones with a log line: the versions already loaded keep serving."""
-        async with self._reload_lock:
-            done: dict[str, list[str]] = {"added": [], "removed": [], "refused": []}
-            loop = asyncio.get_running_loop()
-            present: dict[Path, tuple[str, str]] = {}
-            for root in self.config.model_dirs:
-                try:
-                    found = await loop.run_in_executor(None, versions, root)
-                except errors.ModelLoadError as e:
-                    log.error("event=reload_refused error=%s", e)
-                    continue
-                present.update({folder: (name, version) for name, version, folder in found})
-            options = RuntimeOptions(
-                intra_op_threads=self.config.intra_op_threads, cache_dir=self.config.graph_cache
-            )
-            for folder, (name, version) in sorted(present.items()):
-                signature = await loop.run_in_executor(None, _signature, folder)
-                if self._seen.get(folder) == signature:
-                    continue
-                self._seen[folder] = signature
-                key = f"{name}@{version}"
-                loaded = self.repository.get(name, version)
-                if loaded is not None and loaded.path.parent == folder:
-                    continue  # versions are immutable: a changed file is a new version folder
-                try:
-                    model = await loop.run_in_executor(
-                        None, load_model, name, version, folder, options
-                    )
-                    queue = self.scheduler.add_model(model)
-                    await loop.run_in_executor(None, queue.warm_up)
-                except Exception as e:  # any failure refuses this version, nothing else
-                    self._count_reload("refused")
-                    done["refused"].append(key)
-                    log.error("event=reload_refused model=%s error=%s", key, str(e)[:300])
-                    continue
-                self.repository.add(model)
-                self.models.append(model)
-                self._count_reload("added")
-                done["added"].append(key)
-                log.info("event=model_added model=%s path=%s", key, folder)
-            for model in list(self.models):
-                folder = model.path.parent
-                if folder in present or not any(
-                    folder.is_relative_to(r) for r in self.config.model_dirs
-                ):
-                    continue
-                self.repository.remove(model.name, model.version)
-                self.models.remove(model)
-                self._seen.pop(folder, None)
-                self._count_reload("removed")
-                done["removed"].append(model.key)
-                log.info("event=model_removed model=%s", model.key)
-            if done["added"] or done["removed"]:
-                self._catalog = orjson.dumps({"models": self.repository.catalog()})
-            self.reloaded.set()
-            self.reloaded.clear()
-            return done
-
-    def _count_reload(self, result: str) -> None:
-        self.traffic.reloads[result] = self.traffic.reloads.get(result, 0) + 1
+        """Take in model versions that appeared in the model folders, retire the ones that are
+        gone (see :mod:`realtime.reload`); what was added, removed and refused."""
+        done = await self._reloader.reload()
+        if done["added"] or done["removed"]:
+            self._catalog = orjson.dumps({"models": self.repository.catalog()})
+        self.reloaded.set()
+        self.reloaded.clear()
+        return done
 
     async def close(self) -> None:
         """Shut down without losing what was accepted: tell every client ``going_away``, refuse
@@ -511,10 +337,10 @@ class Server:
             return
         drain = self.config.drain_seconds
         hand_off = self.store is not None and self.store.keeps_hand_offs()
-        for conn in list(self._connections):
-            token = conn.session.resume_token if hand_off else None
-            notice = GoingAway("the server is shutting down", drain * 1000.0, token)
-            conn.send_messages([notice], False)
+        for link in list(self._links.values()):
+            token = link.conn.session.resume_token if hand_off else None
+            link.conn.going_away(drain * 1000.0, token)
+            self._flush(link)
         self._check_drained()
         try:
             await asyncio.wait_for(self._drained.wait(), drain)
@@ -526,15 +352,15 @@ class Server:
             self._ws.close(close_connections=False)  # resumes go to the next process now
         # Chunks a client sent before the notice reached it are still on the wire: keep reading
         # (and refusing them, typed) until the client closes, for close_grace_seconds.
-        open_ones = [asyncio.ensure_future(c.ws.wait_closed()) for c in self._connections]
+        links = list(self._links.values())
+        open_ones = [asyncio.ensure_future(link.ws.wait_closed()) for link in links]
         if open_ones and self.config.close_grace_seconds > 0:
             await asyncio.wait(open_ones, timeout=self.config.close_grace_seconds)
         for waiter in open_ones:
             waiter.cancel()
         self._ws.close(close_connections=False)  # no new connections; the open ones stay
-        await asyncio.gather(*(c.flush_and_close() for c in list(self._connections)))
-        for token in list(self._parked):  # answered, but their clients did not come back in time
-            self._expire(token)
+        await asyncio.gather(*(self._flush_and_close(link) for link in self._links.values()))
+        self.parking.expire_all()  # answered, but their clients did not come back in time
         await self._ws.wait_closed()
         if self.store is not None:
             for task in list(self._store_tasks):
@@ -544,16 +370,13 @@ class Server:
     async def _hand_off(self) -> None:
         """Write every session to the store (a folder, Redis) for the next server process."""
         assert self.store is not None
-        await asyncio.sleep(0)  # the outcomes scheduler.close() resolved are delivered first
         expires_at = time.time() + self.config.limits.resume_seconds
         files: list[tuple[str, str | None, bytes]] = []
-        conns = [*self._connections, *(p.conn for p in self._parked.values())]
-        for conn in conns:
+        for conn in [*(link.conn for link in self._links.values()), *self.parking.connections()]:
             token = conn.session.resume_token
-            if token is None or conn.session.phase is not Phase.OPEN:
+            if token is None or conn.state not in (State.OPEN, State.PARKED):
                 continue
-            why = "the server handed this session off while the chunk ran"
-            conn.send_messages(conn.session.abandon(why), False)
+            conn.abandon("the server handed this session off while the chunk ran")
             files.append((token, conn.key, handoff.dump(conn.hand_off(expires_at))))
             conn.session.disconnect()  # late outcomes here change nothing of what was written
         ttl = self.config.limits.resume_seconds
@@ -574,26 +397,29 @@ class Server:
         """Hand a session this process holds to another one that its client resumed on: its
         chunks in flight are answered first (up to the batch time limit; past it they fail
         typed), then it leaves this process. None if not held here with this key."""
-        live = next((c for c in self._connections if c.session.resume_token == token), None)
-        if live is not None and live.key == key:  # its client saw the connection die first
+        live = next(
+            (link for link in self._links.values() if link.conn.session.resume_token == token),
+            None,
+        )
+        if live is not None and live.conn.key == key:  # its client saw the connection die first
             live.ws.transport.abort()
             await live.ended.wait()
-        parked = self._parked.get(token)
-        if parked is None or parked.conn.key != key:
+        conn = self.parking.get(token)
+        if conn is None or conn.key != key:
             return None
-        conn = parked.conn
-        if conn.session.inflight:
-            conn.quiet.clear()
+        if conn.inflight:
+            quiet = self._quiet.setdefault(
+                conn.session.id, asyncio.get_running_loop().create_future()
+            )
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(conn.quiet.wait(), self.config.batch_timeout_seconds)
-        if self._parked.get(token) is not parked:  # expired or taken meanwhile
+                await asyncio.wait_for(asyncio.shield(quiet), self.config.batch_timeout_seconds)
+        if self.parking.get(token) is not conn:  # expired or taken meanwhile
             return None
-        del self._parked[token]
-        parked.expiry.cancel()
-        why = "the session moved to another server process while the chunk ran"
-        conn.send_messages(conn.session.abandon(why), False)
+        self.parking.take(token)
+        conn.abandon("the session moved to another server process while the chunk ran")
         data = handoff.dump(conn.hand_off(time.time() + self.config.limits.resume_seconds))
         conn.session.disconnect()
+        self._conns.pop(conn.session.id, None)
         await self._checkpoints_written()  # an older checkpoint must not land after a hand-off
         self._count_resume("handed_off")
         log.info("event=handed_off session=%s", conn.session.id)
@@ -606,13 +432,11 @@ class Server:
         while True:
             await asyncio.sleep(period)  # a period, not a wait for an event
             now = time.monotonic()
-            for conn in [*self._connections, *(p.conn for p in self._parked.values())]:
-                session = conn.session
-                if session.phase is not Phase.OPEN or not session.resume_token or conn.handed_off:
+            for conn in list(self._conns.values()):
+                if conn.state not in (State.OPEN, State.PARKED) or not conn.session.resume_token:
                     continue
-                count = conn.written + len(conn._outbox)
-                if count != conn.checkpointed or now - conn.checkpointed_at > refresh:
-                    if conn.session.inflight:
+                if conn.count != conn.checkpointed or now - conn.checkpointed_at > refresh:
+                    if conn.inflight:
                         conn.checkpoint_due = True  # _deliver takes it once the chunks are out
                     else:
                         self._checkpoint(conn)
@@ -622,11 +446,11 @@ class Server:
         if self._checkpoint_writes:
             await asyncio.wait(self._checkpoint_writes)
 
-    def _checkpoint(self, conn: _Connection) -> None:
+    def _checkpoint(self, conn: Connection) -> None:
         """Write the session's checkpoint now (none of its chunks is in flight)."""
         assert self.store is not None and conn.session.resume_token is not None
         conn.checkpoint_due = False
-        if conn.handed_off:
+        if conn.state is State.HANDED_OFF:
             return
         ttl = self.config.limits.resume_seconds
         snapshot = conn.snapshot(time.time() + ttl, CHECKPOINT_FRAME_BYTES)
@@ -638,9 +462,9 @@ class Server:
         self._checkpoint_writes.add(write)
         write.add_done_callback(self._checkpoint_writes.discard)
 
-    def _forget(self, conn: _Connection) -> None:
+    def _forget(self, conn: Connection) -> None:
         """A session ended here: its checkpoint, if it has one, is deleted."""
-        if self.store is not None and conn.checkpointed >= 0 and not conn.handed_off:
+        if self.store is not None and conn.checkpointed >= 0 and conn.state is not State.HANDED_OFF:
             assert conn.session.resume_token is not None
             conn.checkpointed = -1
             self._store_task(self.store.forget(conn.session.resume_token, conn.key))
@@ -653,13 +477,20 @@ class Server:
         assert self.store is not None
         others = await self.store.peer_expositions()
         body = merge_expositions([self._exposition(), *others]) if others else self._exposition()
-        return _response(HTTPStatus.OK, body, CONTENT_TYPE_LATEST)
+        return response(HTTPStatus.OK, body, CONTENT_TYPE_LATEST)
+
+    def _readiness(self) -> bytes | None:
+        """Why new clients should go elsewhere now (a JSON status), or None: ready."""
+        if not self.ready:
+            return b'{"status":"not ready"}'
+        max_queue = self.config.max_queue
+        if any(q.depth >= max_queue for q in self.scheduler.queues.values()):
+            # New chunks for that model are refused (overloaded): send new clients elsewhere.
+            return b'{"status":"full"}'
+        return None
 
     def _check_drained(self) -> None:
-        if self.draining and all(
-            c.session.inflight == 0
-            for c in itertools.chain(self._connections, (p.conn for p in self._parked.values()))
-        ):
+        if self.draining and all(conn.inflight == 0 for conn in self._conns.values()):
             self._drained.set()
 
     # --- HTTP --------------------------------------------------------------------------------
@@ -673,51 +504,12 @@ class Server:
             except AuthFailed as e:
                 log.info("event=refused status=%d reason=%s", e.status, e.reason.replace(" ", "_"))
                 refusal = orjson.dumps({"error": e.reason})
-                return _response(HTTPStatus(e.status), refusal, "application/json")
+                return response(HTTPStatus(e.status), refusal, "application/json")
             return None
-        path = request.path.split("?", 1)[0]
-        if path == "/healthz":
-            if self.scheduler.stuck:  # a model run that never came back: restart this process
-                stuck = orjson.dumps({"status": "stuck", "stuck_batches": self.scheduler.stuck})
-                return _response(HTTPStatus.SERVICE_UNAVAILABLE, stuck, "application/json")
-            return _response(HTTPStatus.OK, b'{"status":"ok"}', "application/json")
-        if path == "/readyz":
-            if not self.ready:
-                busy = b'{"status":"not ready"}'
-                return _response(HTTPStatus.SERVICE_UNAVAILABLE, busy, "application/json")
-            max_queue = self.config.max_queue
-            if any(q.depth >= max_queue for q in self.scheduler.snapshot().values()):
-                # New chunks for that model are refused (overloaded): send new clients elsewhere.
-                full = b'{"status":"full"}'
-                return _response(HTTPStatus.SERVICE_UNAVAILABLE, full, "application/json")
-            return _response(HTTPStatus.OK, b'{"status":"ready"}', "application/json")
-        if path == "/metrics":
-            if self.config.peer_dir is not None and self.store is not None:
-                return self._all_metrics()
-            return _response(HTTPStatus.OK, generate_latest(self._metrics), CONTENT_TYPE_LATEST)
-        if path == "/v1/models":
-            return _response(HTTPStatus.OK, self._catalog, "application/json")
-        static = self._static.get(PAGES.get(path, path))
-        if static is not None:
-            body, content_type, etag = static
-            if request.headers.get("If-None-Match") == etag:
-                return _response(HTTPStatus.NOT_MODIFIED, b"", content_type, etag)
-            return _response(HTTPStatus.OK, body, content_type, etag)
-        if path == "/":
-            text = f"{SERVER_NAME}: connect a WebSocket to this URL (see docs/protocol.md)\n"
-            return _response(HTTPStatus.OK, text.encode(), "text/plain; charset=utf-8")
-        return _response(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain; charset=utf-8")
-
-    async def _watch_idle(self, conn: _Connection) -> None:
-        """Close the connection once it has sent nothing for ``idle_seconds``."""
-        idle = self.config.limits.idle_seconds
-        while True:
-            quiet = time.monotonic() - conn.last_seen
-            if quiet >= idle:
-                log.info("event=idle session=%s seconds=%.0f", conn.session.id, quiet)
-                await conn.ws.close(CLOSE_IDLE, f"nothing received for {idle:g} s")
-                return
-            await asyncio.sleep(idle - quiet)  # until it could first be idle: a timer
+        peers = self.config.peer_dir is not None and self.store is not None
+        if peers and request.path.split("?", 1)[0] == "/metrics":
+            return self._all_metrics()
+        return self._routes.respond(request)
 
     def _admit(self, ws: ServerConnection, request: Request) -> None:
         """Check a WebSocket handshake: origin, credential, sessions per key and per address."""
@@ -748,109 +540,6 @@ class Server:
             )
         self._grants[ws] = grant
 
-    # --- WebSocket ---------------------------------------------------------------------------
-
-    async def _handle(self, ws: ServerConnection) -> None:
-        grant = self._grants.pop(ws, None)
-        ip = ws.remote_address[0] if ws.remote_address else "?"
-        key = None if grant is None else grant.key
-        self._sessions_by_ip[ip] = self._sessions_by_ip.get(ip, 0) + 1
-        if key is not None:
-            self._sessions_by_key[key] = self._sessions_by_key.get(key, 0) + 1
-        session = Session(
-            secrets.token_urlsafe(9),
-            self.repository,
-            self.config.limits,
-            SERVER_NAME,
-            None if grant is None or grant.models is None else grant.allows,
-            secrets.token_urlsafe(24) if self.config.limits.resume_seconds > 0 else None,
-        )
-        conn = _Connection(ws, session, self.config.max_outbox, self.traffic, key)
-        traffic = self.traffic
-        traffic.sessions_total += 1
-        self._connections.add(conn)
-        peer = ws.remote_address[0] if ws.remote_address else "?"
-        log.info(
-            "event=connect session=%s peer=%s key=%s",
-            session.id,
-            peer,
-            grant.key if grant else "-",
-        )
-        writer = asyncio.get_running_loop().create_task(conn.write_loop())
-        limits = self.config.limits
-        conn.last_seen = time.monotonic()
-        watchdog = asyncio.get_running_loop().create_task(self._watch_idle(conn))
-        max_bytes = limits.max_message_bytes
-        now = time.monotonic()
-        messages = TokenBucket(
-            limits.max_messages_per_second, limits.max_messages_per_second / 2, now
-        )
-        volume = TokenBucket(limits.max_bytes_per_second, limits.max_bytes_per_second / 2, now)
-        told = 0.0  # when the client was last told it is rate limited
-        try:
-            async for message in ws:
-                if conn.handed_off:
-                    continue  # the next server process has this session now
-                traffic.messages_in += 1
-                traffic.bytes_in += len(message)
-                if len(message) > max_bytes:
-                    conn.error(errors.MessageTooBig(f"{len(message)} bytes, at most {max_bytes}"))
-                elif isinstance(message, str):
-                    resume = self._on_text(conn, message)
-                    resumed = None if resume is None else await self._resume(conn, resume)
-                    if resumed is not None:  # this connection took back its lost session
-                        self._connections.discard(conn)
-                        writer.cancel()
-                        watchdog.cancel()
-                        conn = resumed
-                        self._connections.add(conn)
-                        writer = asyncio.get_running_loop().create_task(conn.write_loop())
-                        watchdog = asyncio.get_running_loop().create_task(self._watch_idle(conn))
-                else:
-                    self._on_binary(conn, message)
-                now = conn.last_seen = time.monotonic()
-                pause = max(messages.take(1, now), volume.take(len(message), now))
-                if pause and now - told >= 1.0:
-                    told = now
-                    conn.error(
-                        errors.RateLimited(
-                            f"over {limits.max_messages_per_second} messages or "
-                            f"{limits.max_bytes_per_second} bytes a second: reading paused "
-                            f"{1000 * pause:.0f} ms"
-                        )
-                    )
-                # Yield after each message even when more are buffered: a client with a backlog
-                # must not hold the loop while batches wait to be collected and sent.
-                await asyncio.sleep(pause)
-        except ConnectionClosed:
-            pass
-        finally:
-            self._connections.discard(conn)
-            writer.cancel()
-            watchdog.cancel()
-            session = conn.session
-            parked = (
-                ws.protocol.close_rcvd is None  # lost, not closed by the client
-                and session.resume_token is not None
-                and session.phase is Phase.OPEN
-                and not conn.too_slow
-                and not conn.handed_off
-            )
-            self._release(ip, key)
-            if parked:
-                self._park(conn, ip)
-            else:
-                session.disconnect()
-                self._forget(conn)
-            conn.ended.set()
-            log.info(
-                "event=disconnect session=%s code=%s too_slow=%s parked=%s",
-                session.id,
-                ws.close_code,
-                conn.too_slow,
-                parked,
-            )
-
     def _release(self, ip: str, key: str | None) -> None:
         """A session ended: its place in the per-address and per-key counts is free."""
         self._sessions_by_ip[ip] -= 1
@@ -859,278 +548,304 @@ class Server:
         if key is not None:
             self._sessions_by_key[key] -= 1
 
-    def _park(self, conn: _Connection, ip: str) -> None:
-        """Keep a session whose connection was lost for ``resume_seconds``: its chunks in
-        flight are still run and their results queued for when the client resumes.
+    # --- WebSocket ---------------------------------------------------------------------------
 
-        Kept sessions do not count against the quotas of connected ones (the client must be
-        able to come back to resume), but have the same bounds of their own: past them the
-        key's (or address's) oldest kept session ends."""
-        token = conn.session.resume_token
-        assert token is not None
-        conn.parked = True
-        ttl = self.config.limits.resume_seconds
-        expiry = asyncio.get_running_loop().call_later(ttl, self._expire, token)
-        self._parked[token] = _Parked(conn, ip, expiry)
-        self._count_resume("parked")
-        key, keys = conn.key, self.config.keys
+    def _new_connection(self, grant: Grant | None, key: str | None) -> Connection:
+        session = Session(
+            secrets.token_urlsafe(9),
+            self.repository,
+            self.config.limits,
+            SERVER_NAME,
+            None if grant is None or grant.models is None else grant.allows,
+            secrets.token_urlsafe(24) if self.config.limits.resume_seconds > 0 else None,
+        )
+        return Connection(
+            session,
+            self.traffic,
+            self.config.max_outbox,
+            self.scheduler.drop_oldest,
+            key,
+            time.monotonic(),
+        )
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        assert isinstance(ws, _Socket)
+        grant = self._grants.pop(ws, None)
+        ip = ws.remote_address[0] if ws.remote_address else "?"
+        key = None if grant is None else grant.key
+        self._sessions_by_ip[ip] = self._sessions_by_ip.get(ip, 0) + 1
         if key is not None:
-            same = [t for t, p in self._parked.items() if p.conn.key == key]
-            bound = keys[key].max_sessions
-        else:
-            same = [t for t, p in self._parked.items() if p.ip == ip]
-            bound = self.config.limits.max_sessions_per_ip
-        for oldest in same[: max(0, len(same) - bound)]:
-            self._expire(oldest)
-
-    def _expire(self, token: str) -> None:
-        parked = self._parked.pop(token, None)
-        if parked is None:
-            return
-        parked.expiry.cancel()
-        parked.conn.session.disconnect()
-        self._forget(parked.conn)
-        self._expired[token] = None
-        if len(self._expired) > 10_000:
-            del self._expired[next(iter(self._expired))]
-        self._count_resume("expired")
-        log.info("event=resume_expired session=%s", parked.conn.session.id)
-
-    async def _resume(self, conn: _Connection, msg: Hello) -> _Connection | None:
-        """Give the session ``msg.resume`` names the connection ``conn`` came in on, and send it
-        what it missed; None (and a typed error to ``conn``) if it cannot be resumed. The
-        session is parked here, or handed off by the previous server process."""
-        token = msg.resume
-        assert token is not None
+            self._sessions_by_key[key] = self._sessions_by_key.get(key, 0) + 1
+        conn = self._new_connection(grant, key)
+        link = _Link(ws, conn, ip, key)
+        self._attach(link)
+        self.traffic.sessions_total += 1
+        log.info("event=connect session=%s peer=%s key=%s", conn.session.id, ip, key or "-")
+        ws.on_message = lambda text, data: self._on_message(link, text, data)
+        ws.on_writable = lambda: self._flush(link)
+        ws.take_backlog()  # what arrived before this handler took the connection
+        watchdog = asyncio.get_running_loop().create_task(self._watch_idle(link))
         try:
-            if conn.session.phase is not Phase.AWAITING_HELLO:
+            await ws.wait_closed()
+        finally:
+            watchdog.cancel()
+            ws.on_message = ws.on_writable = None
+            self._end(link)
+
+    def _attach(self, link: _Link) -> None:
+        sid = link.conn.session.id
+        self._links[sid] = link
+        self._conns[sid] = link.conn
+
+    def _end(self, link: _Link) -> None:
+        """The socket is gone: park its session for a resume, or end it."""
+        conn, ws = link.conn, link.ws
+        sid = conn.session.id
+        if self._links.get(sid) is link:
+            del self._links[sid]
+        parked = (
+            ws.protocol.close_rcvd is None  # lost, not closed by the client
+            and conn.session.resume_token is not None
+            and conn.state is State.OPEN
+            and conn.close_code is None
+        )
+        self._release(link.ip, link.key)
+        if parked:
+            conn.lost()
+            keys = self.config.keys
+            bound = (
+                keys[conn.key].max_sessions
+                if conn.key is not None
+                else self.config.limits.max_sessions_per_ip
+            )
+            self._count_resume("parked")
+            self.parking.park(conn, link.ip, bound)
+        elif conn.state is not State.HANDED_OFF:
+            self._forget(conn)
+            conn.close()
+            self._conns.pop(sid, None)
+        link.ended.set()
+        log.info(
+            "event=disconnect session=%s code=%s too_slow=%s parked=%s",
+            sid,
+            ws.close_code,
+            conn.close_code is not None,
+            parked,
+        )
+        if self.draining:
+            self._check_drained()
+
+    def _expired(self, conn: Connection) -> None:
+        """A parked session's time is up: it ends."""
+        self._forget(conn)
+        conn.close()
+        self._conns.pop(conn.session.id, None)
+        self._count_resume("expired")
+        if self.draining:
+            self._check_drained()
+
+    async def _watch_idle(self, link: _Link) -> None:
+        """Close the connection once it has sent nothing for ``idle_seconds``."""
+        idle = self.config.limits.idle_seconds
+        while True:
+            quiet = time.monotonic() - link.conn.last_seen
+            if quiet >= idle:
+                log.info("event=idle session=%s seconds=%.0f", link.conn.session.id, quiet)
+                await link.ws.close(CLOSE_IDLE, f"nothing received for {idle:g} s")
+                return
+            await asyncio.sleep(idle - quiet)  # until it could first be idle: a timer
+
+    def _on_message(self, link: _Link, text: bool, data: bytes) -> None:
+        """One whole message from the client, straight from websockets' parser."""
+        if link.held is not None:  # a resume is being looked up: after it, in order
+            link.held.append((text, data))
+            return
+        conn = link.conn
+        if conn.state is State.HANDED_OFF or conn.state is State.CLOSED:
+            return  # the next server process has this session now
+        now = time.monotonic()
+        try:
+            if text:
+                self._on_text(link, data)
+            else:
+                submit = self.scheduler.submit
+                for item in conn.receive_binary(data, now, self.draining):
+                    try:
+                        submit(item)
+                    except errors.ServingError as e:
+                        self._deliver(item, e)
+        except Exception as e:  # a bug: this client gets a typed error, nobody else notices
+            if not link.faulted:
+                link.faulted = True  # one log line per connection, whatever the client sends
+                log.exception("event=internal_error session=%s", conn.session.id)
+            conn.error(errors.InternalError(f"the server failed on this message: {e!r}"[:300]))
+        pause = conn.throttle(len(data), now)
+        if pause:
+            link.ws.hold(pause)
+        if not link.flush_due and conn.has_output:
+            link.flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush, link)
+
+    def _on_text(self, link: _Link, data: bytes) -> None:
+        conn = link.conn
+        try:
+            message = data.decode()
+        except UnicodeDecodeError:
+            conn.error(errors.BadMessage("a text message must be UTF-8"))
+            return
+        resume = conn.receive_text(message, self.draining)
+        if resume is not None:
+            link.held = []
+            task = asyncio.get_running_loop().create_task(self._resume(link, resume))
+            task.add_done_callback(lambda _: self._release_held(link))
+
+    def _release_held(self, link: _Link) -> None:
+        held, link.held = link.held or [], None
+        for text, data in held:
+            self._on_message(link, text, data)
+        self._flush(link)
+
+    def _deliver(self, item: WorkItem, outcome: Outcome) -> None:
+        """An item's outcome from the scheduler, to its session (parked ones included)."""
+        sid = item.stream.session
+        conn = self._conns.get(sid)
+        if conn is None:
+            return
+        self.traffic.outcome(item.stream.model.key, (time.monotonic() - item.received) * 1000.0)
+        conn.outcome(item, outcome)
+        if not conn.inflight:
+            quiet = self._quiet.pop(sid, None)
+            if quiet is not None and not quiet.done():
+                quiet.set_result(None)
+            if conn.checkpoint_due:
+                self._checkpoint(conn)
+        link = self._links.get(sid)
+        if link is not None and not link.flush_due and conn.has_output:
+            link.flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush, link)
+        if self.draining:
+            self._check_drained()
+
+    def _flush(self, link: _Link) -> None:
+        """Write what the session has to send, in one go (unless the socket cannot take more:
+        then when it can)."""
+        link.flush_due = False
+        ws, conn = link.ws, link.conn
+        protocol = ws.protocol
+        if protocol.state is not WsState.OPEN or self._links.get(conn.session.id) is not link:
+            return
+        if conn.close_code is not None:
+            if not link.closing:
+                link.closing = True
+                asyncio.get_running_loop().create_task(ws.close(conn.close_code, conn.close_reason))
+            return
+        if ws.paused:
+            return  # the client does not read: it piles up in the outbox (shed there)
+        frames = conn.data_to_send()
+        if not frames:
+            return
+        for frame, is_text, _ in frames:
+            if is_text:
+                protocol.send_text(frame)
+            else:
+                protocol.send_binary(frame)
+        ws.send_data()
+
+    async def _flush_and_close(self, link: _Link) -> None:
+        """Send what is queued, then close as going away (1001)."""
+        self._flush(link)
+        if link.conn.has_output and link.ws.protocol.state is WsState.OPEN:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(link.ws.drain(), 5.0)
+            self._flush(link)
+        await link.ws.close(1001, "server shutting down")
+
+    async def _resume(self, link: _Link, msg: Any) -> None:
+        """Give the session ``msg.resume`` names to ``link``'s socket and send it what it
+        missed; a typed error to ``link`` if it cannot be resumed. The session is parked here,
+        or handed off by the previous server process."""
+        token = msg.resume
+        fresh = link.conn
+        try:
+            if fresh.state is not State.AWAITING_HELLO:
                 raise errors.BadMessage("hello was already received on this session")
             # A resume is rare: finding the session's connection by a scan beats keeping an index.
-            live = next((c for c in self._connections if c.session.resume_token == token), None)
-            if live is not None and live.key == conn.key:
+            live = next(
+                (
+                    other
+                    for other in self._links.values()
+                    if other.conn.session.resume_token == token and other is not link
+                ),
+                None,
+            )
+            if live is not None and live.conn.key == fresh.key:
                 # The client saw its connection die before this server did (a half-open TCP
                 # connection on a mobile network): end that one, the session is parked.
                 live.ws.transport.abort()
                 await live.ended.wait()
-            parked = self._parked.get(token)
-            if parked is not None and parked.conn.key == conn.key:
-                resumed = parked.conn
-                resumed.resume(conn.ws, msg.received)  # may refuse: the session stays parked
-                del self._parked[token]
-                parked.expiry.cancel()
+            parked = self.parking.get(token)
+            now = time.monotonic()
+            if parked is not None and parked.key == fresh.key:
+                replay = parked.resume(msg.received, now)  # may refuse: it stays parked
+                self.parking.take(token)
+                resumed = parked
             else:
                 taken = None
                 if parked is None and self.store is not None:
-                    taken = await self._take_over(conn, token)
+                    taken = await self._take_over(fresh, token)
                 if taken is None:  # another credential's session is unknown too
-                    if token in self._expired:
+                    if self.parking.expired(token):
                         raise errors.ResumeExpired("the session expired before it was resumed")
                     raise errors.ResumeUnknown("no session to resume with this token")
+                replay = taken.resume(msg.received, now)
                 resumed = taken
-                resumed.resume(conn.ws, msg.received)
         except errors.RealtimeError as e:
             self._count_resume("refused")
-            conn.error(e)
-            return None
-        resumed.last_seen = time.monotonic()
-        resumed.ended.clear()
+            fresh.error(e)
+            return
+        self._conns.pop(fresh.session.id, None)
+        fresh.close()
+        link.conn = resumed
+        self._attach(link)
+        protocol = link.ws.protocol
+        if protocol.state is WsState.OPEN:
+            for frame, is_text, _ in replay:
+                if is_text:
+                    protocol.send_text(frame)
+                else:
+                    protocol.send_binary(frame)
+            link.ws.send_data()
         if self.draining:  # back on a server that is shutting down: it is told so too
-            notice = GoingAway("the server is shutting down", self.config.drain_seconds * 1000.0)
-            resumed.send_messages([notice], False)
+            resumed.going_away(self.config.drain_seconds * 1000.0, None)
         self._count_resume("resumed")
         log.info("event=resumed session=%s received=%d", resumed.session.id, msg.received)
-        return resumed
 
-    async def _take_over(self, conn: _Connection, token: str) -> _Connection | None:
-        """A session another server process held (or handed off, or checkpointed), resumed on
-        ``conn``; None if no process or store has it. Raises a typed refusal."""
+    async def _take_over(self, fresh: Connection, token: str) -> Connection | None:
+        """A session another server process held (or handed off, or checkpointed); None if no
+        process or store has it. Raises a typed refusal."""
         assert self.store is not None
-        got = await self.store.take(token, conn.key)
+        got = await self.store.take(token, fresh.key)
         if got is None:
             return None
         data, checkpoint = got
         entry = handoff.load(data, self.repository)
-        if entry.key != conn.key:
+        if entry.key != fresh.key:
             raise errors.ResumeUnknown("no session to resume with this token")
         session = entry.session
         session.limits, session.server = self.config.limits, SERVER_NAME
         if checkpoint:
             self._count_resume("from_checkpoint")
-        return _Connection.taken_over(
-            conn.ws, entry, self.config.max_outbox, self.traffic, checkpoint
+        return Connection.taken_over(
+            entry,
+            self.traffic,
+            self.config.max_outbox,
+            self.scheduler.drop_oldest,
+            time.monotonic(),
+            checkpoint,
         )
 
     def _count_resume(self, result: str) -> None:
         self.traffic.resumes[result] = self.traffic.resumes.get(result, 0) + 1
-
-    def _on_text(self, conn: _Connection, text: str) -> Hello | None:
-        """Handle a control message; a ``hello`` that asks to resume is returned to act on."""
-        session = conn.session
-        try:
-            msg = decode_text(text)
-            if not isinstance(msg, CLIENT_MESSAGES):
-                raise errors.BadMessage(f"{type(msg).__name__.lower()} is a server message")
-            if isinstance(msg, Hello):
-                if msg.resume is not None:
-                    return msg
-                if self.draining:
-                    raise errors.ShuttingDown("the server is shutting down: connect elsewhere")
-                reply: list[Message] = [session.hello(msg)]
-                conn.send_messages(reply, False)
-                conn.welcomed()
-                return None
-            elif isinstance(msg, Open):
-                reply = [session.open_stream(msg)]
-                log.info(
-                    "event=open session=%s stream=%d model=%s",
-                    session.id,
-                    msg.stream,
-                    session.streams[msg.stream].model.key,
-                )
-            elif isinstance(msg, Close):
-                reply = session.close_stream(msg)
-            elif isinstance(msg, Ping):
-                reply = [Pong(msg.id, msg.t, time.time() * 1000.0)]
-            conn.send_messages(reply, False)
-        except errors.RealtimeError as e:
-            conn.error(e)
-        return None
-
-    def _on_binary(self, conn: _Connection, data: bytes) -> None:
-        session = conn.session
-        try:
-            frame = decode_frame(data)
-            if not isinstance(frame, Chunk):
-                raise errors.BadFrame("result frames go from server to client only")
-            if self.draining:
-                session.refused(frame)
-                raise errors.ShuttingDown(
-                    "the server is shutting down", stream=frame.stream, seq=frame.seq
-                )
-            items = session.accept(frame, time.monotonic(), partial(self._make_room, conn))
-        except errors.RealtimeError as e:
-            conn.error(e)
-            return
-        if not items:  # an audio chunk that completed no model window: its result is due
-            stream = session.streams[frame.stream]
-            conn.send_messages(session.release(frame.stream), stream.results == "binary")
-        for item in items:
-            try:
-                fut = self.scheduler.submit(item)
-            except errors.ServingError as e:
-                self._deliver(conn, item, e)
-                continue
-            fut.add_done_callback(partial(self._on_outcome, conn, item))
-
-    def _make_room(self, conn: _Connection, stream: Stream) -> bool:
-        """Drop a live-media stream's oldest queued chunk for a newer one; False if none waits."""
-        dropped = self.scheduler.drop_oldest(stream)
-        for item in dropped:
-            why = "dropped for a newer chunk: the stream sends faster than it is served"
-            self._deliver(conn, item, errors.Dropped(why, stream=stream.id, seq=item.seq))
-        return bool(dropped)
-
-    def _on_outcome(
-        self, conn: _Connection, item: WorkItem, fut: asyncio.Future[Prediction]
-    ) -> None:
-        if fut.cancelled():
-            return
-        exc = fut.exception()
-        if exc is None:
-            self._deliver(conn, item, fut.result())
-        elif isinstance(exc, errors.ServingError):
-            self._deliver(conn, item, exc)
-        else:
-            log.error("event=internal_error session=%s error=%r", conn.session.id, exc)
-            self._deliver(
-                conn,
-                item,
-                errors.InferenceFailed(repr(exc)[:300], stream=item.stream.id, seq=item.seq),
-            )
-
-    def _deliver(
-        self, conn: _Connection, item: WorkItem, outcome: Prediction | errors.ServingError
-    ) -> None:
-        ms = (time.monotonic() - item.received) * 1000.0
-        self.traffic.outcome(item.stream.model.key, ms)
-        messages = conn.session.complete(item, outcome)
-        if messages:
-            conn.send_messages(messages, item.stream.results == "binary")
-        if not conn.session.inflight:
-            conn.quiet.set()
-            if conn.checkpoint_due:
-                self._checkpoint(conn)
-        if self.draining:
-            self._check_drained()
-
-
-@dataclass(slots=True)
-class _Parked:
-    """A session kept for its client to resume: where it came from, and when it expires."""
-
-    conn: _Connection
-    ip: str
-    expiry: asyncio.TimerHandle
-
-
-def _signature(folder: Path) -> tuple[tuple[int, int], ...]:
-    """Size and mtime of a version folder's files: a change means a copy is under way."""
-    out = []
-    for name in ("model.onnx", "model.toml"):
-        try:
-            st = (folder / name).stat()
-        except OSError:
-            out.append((-1, -1))
-        else:
-            out.append((st.st_size, st.st_mtime_ns))
-    return tuple(out)
-
-
-#: Static files served under /web/ (the browser client and the demo page), by suffix.
-CONTENT_TYPES = {
-    ".html": "text/html; charset=utf-8",
-    ".js": "text/javascript; charset=utf-8",
-    ".css": "text/css; charset=utf-8",
-    ".json": "application/json",
-    ".png": "image/png",
-    ".svg": "image/svg+xml",
-}
-WEB_DIR = Path(__file__).resolve().parents[1] / "web"
-#: Short URLs of the example pages: the demo, the WebXR page and the voice-controlled game.
-PAGES = {"/": "/web/index.html", "/xr": "/web/xr.html", "/game": "/web/game.html"}
-
-
-def load_static(root: Path = WEB_DIR) -> dict[str, tuple[bytes, str, str]]:
-    """Every servable file of ``root`` read once at start, by URL path: only these names are
-    ever served, so no request can reach outside ``root``."""
-    files: dict[str, tuple[bytes, str, str]] = {}
-    if not root.is_dir():
-        return files
-    for path in sorted(root.rglob("*")):
-        content_type = CONTENT_TYPES.get(path.suffix)
-        if content_type is None or not path.is_file() or path.name.startswith("."):
-            continue
-        body = path.read_bytes()
-        etag = '"' + hashlib.sha256(body).hexdigest()[:20] + '"'
-        files["/web/" + path.relative_to(root).as_posix()] = (body, content_type, etag)
-    return files
-
-
-def _response(
-    status: HTTPStatus, body: bytes, content_type: str, etag: str | None = None
-) -> Response:
-    headers = Headers(
-        [
-            ("Content-Type", content_type),
-            ("Content-Length", str(len(body))),
-            # Static files: cached, revalidated by ETag (a new server version changes them).
-            ("Cache-Control", "no-cache" if etag else "no-store"),
-            ("Server", SERVER_NAME),
-        ]
-    )
-    if etag:
-        headers["ETag"] = etag
-    return Response(status.value, status.phrase, headers, body)
 
 
 async def run(config: Config) -> None:

@@ -421,15 +421,16 @@ class Session:
         if data.dtype.kind == "f" and not math.isfinite(data.sum(dtype=np.float64)):
             raise errors.NonFiniteInput("chunk holds NaN or infinity", stream=sid, seq=seq)
         limits = self.limits
-        # Chunks whose outcome is known but waits for an earlier one's do not count, up to a
-        # hard bound: dropped chunks wait so behind a running batch.
+        # Chunks whose outcome is known but waits for an earlier one's do not count: dropped
+        # chunks wait so behind a running batch (a burst read at once can drop many while one
+        # batch runs); the session's bound on chunks in flight still holds them.
         in_stream = len(stream.pending) - len(stream.done)
         if (
             in_stream >= limits.max_inflight_per_stream
             or self.inflight >= limits.max_inflight_per_session
         ) and not (
             stream.overflow == "drop_oldest"
-            and len(stream.pending) < 4 * limits.max_inflight_per_stream
+            and self.inflight < limits.max_inflight_per_session
             and make_room is not None
             and make_room(stream)
         ):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import wave
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -13,8 +14,9 @@ import pytest
 from onnx import TensorProto, helper
 
 from realtime.config import Config
+from realtime.scheduler import Scheduler
 from realtime.server import Server
-from realtime.session import Limits
+from realtime.session import Limits, Outcome, Prediction, WorkItem
 from tests.chromium import Browser, find_chromium
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,3 +175,29 @@ def browser_factory(chromium: str, tmp_path: Path) -> Iterator[BrowserFactory]:
     yield make
     for browser in browsers:
         browser.close()
+
+
+class Outcomes:
+    """Scheduler outcomes as futures, for tests that await each submitted item's."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[int, asyncio.Future[Prediction]] = {}
+
+    def deliver(self, item: WorkItem, outcome: Outcome) -> None:
+        """The scheduler's ``deliver``: resolve the item's future."""
+        fut = self._waiting.pop(id(item))
+        if isinstance(outcome, Exception):
+            fut.set_exception(outcome)
+        else:
+            fut.set_result(outcome)
+
+    def submit(self, scheduler: Scheduler, item: WorkItem) -> asyncio.Future[Prediction]:
+        """Submit ``item``; the future of its outcome (raises what ``submit`` raises)."""
+        fut: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
+        self._waiting[id(item)] = fut
+        try:
+            scheduler.submit(item)
+        except BaseException:
+            del self._waiting[id(item)]
+            raise
+        return fut

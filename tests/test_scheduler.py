@@ -17,7 +17,7 @@ from realtime.models.spec import Model
 from realtime.protocol import Chunk, Event, Hello, Open, Result
 from realtime.scheduler import Scheduler
 from realtime.session import Limits, Outcome, Prediction, Session, WorkItem
-from tests.conftest import REPO, SHARED, needs_shared, read_clip
+from tests.conftest import REPO, SHARED, Outcomes, needs_shared, read_clip
 
 #: Room for every chunk of every stream to be queued at once: nothing is refused or late.
 ROOMY = Limits(max_streams=64, max_inflight_per_stream=100_000, max_inflight_per_session=100_000)
@@ -33,7 +33,8 @@ async def run_streams(
     any runs (the scheduler batches across streams); else each stream runs alone, one chunk at a
     time, as if it were the only client."""
     repo = ModelRepository(models)
-    scheduler = Scheduler(models, workers=2, max_queue=1_000_000)
+    outcomes = Outcomes()
+    scheduler = Scheduler(models, workers=2, max_queue=1_000_000, deliver=outcomes.deliver)
     model = repo.get(name)
     assert model is not None
     dtype = "float32" if model.kind == "audio" else model.input.dtype.name
@@ -57,9 +58,9 @@ async def run_streams(
         items = session.accept(chunk, time.monotonic())
         if not items:
             collect(i, session.release(i))
-        futures = [scheduler.submit(item) for item in items]
-        outcomes = await asyncio.gather(*futures, return_exceptions=True)
-        for item, outcome in zip(items, outcomes, strict=True):
+        futures = [outcomes.submit(scheduler, item) for item in items]
+        got = await asyncio.gather(*futures, return_exceptions=True)
+        for item, outcome in zip(items, got, strict=True):
             assert not isinstance(outcome, BaseException) or isinstance(
                 outcome, errors.ServingError
             ), outcome
@@ -185,7 +186,8 @@ async def test_a_failing_batch_gives_each_of_its_chunks_a_typed_error() -> None:
     pose.runner.run = explode  # type: ignore[method-assign]
     try:
         results: list[Outcome] = []
-        scheduler = Scheduler(models)
+        outcomes = Outcomes()
+        scheduler = Scheduler(models, deliver=outcomes.deliver)
         session = Session("s", ModelRepository(models), ROOMY, "test")
         session.hello(Hello(1))
         session.open_stream(Open(1, "pose", "tensor", "float32"))
@@ -194,7 +196,7 @@ async def test_a_failing_batch_gives_each_of_its_chunks_a_typed_error() -> None:
             for seq in range(5)
         ]
         for f in await asyncio.gather(
-            *(scheduler.submit(it) for it in items), return_exceptions=True
+            *(outcomes.submit(scheduler, it) for it in items), return_exceptions=True
         ):
             assert isinstance(f, errors.InferenceFailed) and "ORT says no" in str(f)
             results.append(f)
@@ -210,7 +212,8 @@ async def test_a_chunk_that_would_wait_past_its_deadline_is_refused_at_the_door(
     models = scan(tiny_models)
     double = ModelRepository(models).get("double")
     assert double is not None and double.max_batch == 32
-    scheduler = Scheduler(models, workers=1, clock=lambda: 0.0)  # time stands still
+    outcomes = Outcomes()
+    scheduler = Scheduler(models, workers=1, clock=lambda: 0.0, deliver=outcomes.deliver)
     session = Session("s", ModelRepository(models), ROOMY, "test")
     session.hello(Hello(1))
     session.open_stream(Open(1, "double", "tensor", "float32"))
@@ -222,7 +225,7 @@ async def test_a_chunk_that_would_wait_past_its_deadline_is_refused_at_the_door(
     for seq in range(200):
         item = WorkItem(stream, seq, 0.0, np.zeros(4, np.float32), 0.0, 0.010)
         try:
-            accepted.append(scheduler.submit(item))
+            accepted.append(outcomes.submit(scheduler, item))
         except errors.Overloaded as e:
             refused.append((seq, str(e)))
     assert len(accepted) == 192 and [s for s, _ in refused] == list(range(192, 200))

@@ -201,10 +201,11 @@ async def cut_a_node_client(
     assert proc.stdin is not None and proc.stdout is not None
     try:
         assert await asyncio.wait_for(proc.stdout.readline(), 30) == b"cut me\n"
-        (conn,) = server._connections
+        (conn,) = server.connections
         token = conn.session.resume_token
         assert token is not None
-        conn.ws.transport.abort()  # the network drops it: no close frame either way
+        # the network drops it: no close frame either way
+        server._links[conn.session.id].ws.transport.abort()
         if after_cut is not None:
             await after_cut(token)
         proc.stdin.write(b"go\n")
@@ -256,10 +257,10 @@ await until(7);
 
     async def let_go(token: str) -> None:
         for _ in range(500):  # the server parks it (bounded poll), then lets it go at once
-            if token in server._parked:
+            if token in server.parking:
                 break
             await asyncio.sleep(0.005)
-        server._expire(token)  # before the client's first retry (25-50 ms after the cut)
+        server.parking.expire(token)  # before the client's first retry (25-50 ms after the cut)
 
     report = await cut_a_node_client(server, body, let_go)
     got = report["got"]
