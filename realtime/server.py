@@ -804,6 +804,7 @@ class Server:
             fresh.error(e)
             return
         self._conns.pop(fresh.session.id, None)
+        self._links.pop(fresh.session.id, None)
         fresh.close()
         link.conn = resumed
         self._attach(link)

@@ -51,6 +51,7 @@ async def test_a_cut_connection_resumes_with_its_state_and_every_answer_once(
     scraped = generate_latest(server._metrics).decode()
     assert 'realtime_session_resumes_total{result="resumed"} 1.0' in scraped
     assert "realtime_sessions_parked 0.0" in scraped
+    assert "realtime_sessions 1.0" in scraped  # the resumed one; the socket's own is gone
     closed = await stream.close()
     assert (closed.results, closed.errors) == (40, 0)  # the server counted the same
     await client.close()
