@@ -266,6 +266,11 @@ class Server:
         """The sessions with a socket now."""
         return [link.conn for link in self._links.values()]
 
+    def cut(self, session_id: str) -> None:
+        """Drop a session's connection as a failing network would (no close frame): the
+        session is kept for its client to resume (tests, and operators moving clients)."""
+        self._links[session_id].ws.transport.abort()
+
     def _open_counts(self) -> tuple[int, int, int]:
         return (
             len(self._links),

@@ -35,8 +35,8 @@ async def test_the_bird_flies_at_the_height_of_the_sung_notes(
         status = await page.evaluate("document.getElementById('status').textContent")
 
         # The network drops the connection: the game resumes its session by itself.
-        (conn,) = server._connections
-        conn.ws.transport.abort()
+        (conn,) = server.connections
+        server.cut(conn.session.id)
         drawn = state["frames"]
         resumed = await page.wait_for(
             "game",

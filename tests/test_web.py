@@ -204,8 +204,7 @@ async def cut_a_node_client(
         (conn,) = server.connections
         token = conn.session.resume_token
         assert token is not None
-        # the network drops it: no close frame either way
-        server._links[conn.session.id].ws.transport.abort()
+        server.cut(conn.session.id)  # the network drops it: no close frame either way
         if after_cut is not None:
             await after_cut(token)
         proc.stdin.write(b"go\n")

@@ -65,8 +65,8 @@ async def test_the_xr_page_sends_an_emulated_headsets_poses_and_draws_their_pred
         )
 
         # The network drops the connection: the page resumes its session by itself.
-        (conn,) = server._connections
-        conn.ws.transport.abort()
+        (conn,) = server.connections
+        server.cut(conn.session.id)
         before = state["poseResults"]
         resumed = await page.wait_for(
             "xrDemo", lambda s: s["resumes"] >= 1 and s["poseResults"] > before + 60
