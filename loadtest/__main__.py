@@ -49,7 +49,9 @@ class ServerProcess:
     """One server under test, started on an ephemeral loopback port, pinned to ``cpus`` where
     given, and sampled (CPU seconds, RSS) every 0.1 s while it runs."""
 
-    def __init__(self, target: str, kinds: list[str], cpus: set[int] | None = None) -> None:
+    def __init__(
+        self, target: str, kinds: list[str], cpus: set[int] | None = None, nice: int = 0
+    ) -> None:
         self.proc = subprocess.Popen(
             server_command(target, kinds),
             cwd=REPO,
@@ -57,9 +59,11 @@ class ServerProcess:
             stderr=subprocess.DEVNULL,
             text=True,
         )
+        # Before the server has started a thread: its threads (ORT workers) inherit both.
         if cpus:
-            # Before the server has started a thread: its threads (ORT workers) inherit the mask.
             os.sched_setaffinity(self.proc.pid, cpus)
+        if nice:
+            os.setpriority(os.PRIO_PROCESS, self.proc.pid, nice)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         match = re.search(r"(ws://\S+)", line)
@@ -168,6 +172,7 @@ class Setup:
     server_cpus: set[int] | None = None
     load_cpus: set[int] | None = None
     results: str = "json"
+    nice: int = 0  # server's and clients' nice value: negative puts them ahead of other work
     settle_seconds: float = 15.0
     warmup_seconds: float = 1.0  # left out of the server CPU window (ramp-up)
 
@@ -178,7 +183,7 @@ def run_target(
     """Start one server, drive it with ``kinds`` (one client each) from ``setup.procs``
     processes, and return the merged records and the server's figures."""
     setup = setup or Setup()
-    server = ServerProcess(target, kinds, setup.server_cpus)
+    server = ServerProcess(target, kinds, setup.server_cpus, setup.nice)
     try:
         procs = max(1, min(setup.procs, len(kinds)))
         start = time.monotonic() + 1.5 + len(kinds) / 200  # time to connect everyone
@@ -193,6 +198,7 @@ def run_target(
                 results=setup.results,
                 settle_seconds=setup.settle_seconds,
                 cpus=setup.load_cpus,
+                nice=setup.nice,
             )
             for p in range(procs)
         ]
@@ -275,6 +281,7 @@ def setup_from(args: argparse.Namespace) -> Setup:
         server_cpus=server_cpus if args.server_cpus is None else cpus_arg(args.server_cpus),
         load_cpus=load_cpus if args.load_cpus is None else cpus_arg(args.load_cpus),
         results=args.results,
+        nice=args.nice,
     )
 
 
@@ -295,6 +302,13 @@ def add_setup_flags(parser: argparse.ArgumentParser) -> None:
         "--load-cpus", help="CPUs the clients run on, e.g. 1 (default: the others; any: free)"
     )
     parser.add_argument("--results", choices=["json", "binary"], default="json")
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="nice value of server and clients (e.g. -10 on a machine shared with other work; "
+        "needs root; the same for every target)",
+    )
 
 
 def run_summary(

@@ -57,6 +57,7 @@ class Plan:
     results: str = "json"  # what realtime streams ask for: "json" or "binary" results
     settle_seconds: float = 15.0  # the longest wait for late answers after the last send
     cpus: set[int] | None = None  # CPUs the client process is pinned to (None: any)
+    nice: int = 0  # the client process's nice value (negative: ahead of other work)
 
 
 @dataclass
@@ -215,6 +216,13 @@ def run_process(plan: Plan) -> Records:
     """Entry point of one client process."""
     import uvloop
 
+    place_process(plan)
+    return uvloop.run(_run(plan))
+
+
+def place_process(plan: Plan) -> None:
+    """Pin this client process to ``plan.cpus`` and give it ``plan.nice``, where asked."""
     if plan.cpus:
         os.sched_setaffinity(0, plan.cpus)
-    return uvloop.run(_run(plan))
+    if plan.nice:
+        os.setpriority(os.PRIO_PROCESS, 0, plan.nice)

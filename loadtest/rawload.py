@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import orjson
 
-from loadtest.clients import KINDS, OK, PENDING, UNUSED, Plan, Records, payloads
+from loadtest.clients import KINDS, OK, PENDING, UNUSED, Plan, Records, payloads, place_process
 from loadtest.rawws import (
     OP_BINARY,
     OP_TEXT,
@@ -294,11 +294,10 @@ class _Run:
 
 
 def run_process(plan: Plan) -> Records:
-    """Entry point of one raw client process (pinned to ``plan.cpus`` where given)."""
+    """Entry point of one raw client process (placed as ``plan`` says)."""
     import uvloop
 
-    if plan.cpus:
-        os.sched_setaffinity(0, plan.cpus)
+    place_process(plan)
 
     async def main() -> Records:
         return await _Run(plan).run()

@@ -88,3 +88,29 @@ def test_readme_figures_lists_every_performance_command() -> None:
     assert len(listed) == 4
     assert sum(c.startswith("python -m loadtest.scheduler_bench") for c in listed) == 1
     assert all("--out docs/perf/" in c for c in listed)
+
+
+def test_the_side_by_side_table(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [
+            *(sys.executable, "-m", "loadtest.table", "--out", str(tmp_path)),
+            *("--points", "audio=2", "--targets", "echo", "--seconds", "1"),
+            *("--capacity-steps-audio", "2", "--capacity-seconds", "1"),
+            *("--server-cpus", "any", "--load-cpus", "any"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = orjson.loads((tmp_path / "report.json").read_bytes())
+    (point,) = report["points"]
+    echo = point["runs"]["echo"]
+    assert (point["kind"], point["clients"], echo["offered"]) == ("audio", 2, 100)
+    assert echo["lost"] == 0 and echo["server"]["cpu_us_per_chunk"] > 0
+    assert [s["clients"] for s in report["capacity"]["audio"]["targets"]["echo"]["steps"]] == [2]
+    table = (tmp_path / "table.md").read_text()
+    assert "| speech_activity (20 ms chunks), 2 clients (100 chunks/s) |" in table
+    for name in report["plots"]:
+        assert (tmp_path / name).stat().st_size > 0

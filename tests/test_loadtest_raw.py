@@ -159,3 +159,12 @@ def test_refused_clients_are_counted() -> None:
     s = report.summarize(report.merge([rec]), 1.0, 100.0)
     assert s["refused"] == 1 and s["errors"] == {"refused:http_429": 2} and s["lost"] == 0
     assert s["within_50ms"] == 0.0
+
+
+def test_the_framing_bench_runs_every_case() -> None:
+    from loadtest.framing_bench import cases
+
+    ran = cases(3)
+    assert len(ran) == 5
+    for run in ran.values():
+        run()
