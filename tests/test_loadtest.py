@@ -43,7 +43,9 @@ def test_all_three_targets_and_the_capacity_search(tmp_path: Path) -> None:
         assert run["lost"] == 0 and run["refused"] == 0 and run["early_answers"] == 0, run
         assert set(run["errors"]) <= {"overloaded", "deadline_exceeded"}, run
         assert run["server"]["cpu_cores_mean"] is not None
-        assert run["server"]["cpu_us_per_chunk"] > 0
+        # None only if nothing was answered in the steady window (a stalled busy machine)
+        per_chunk = run["server"]["cpu_us_per_chunk"]
+        assert per_chunk is None or per_chunk > 0, run["server"]
     assert runs["realtime"]["split_ms"]["inference"]["p50"] is not None
     assert set(report["ratios"]) == {  # type: ignore[arg-type]
         "p99 naive / realtime",
