@@ -38,7 +38,7 @@ from typing import Any
 import orjson
 
 from loadtest import rawload, report
-from loadtest.clients import Plan, Records, run_process
+from loadtest.clients import Plan, Records, all_ready, keep_barrier, run_process
 
 REPO = Path(__file__).resolve().parents[1]
 DEADLINE_MS = 100.0  # the built-in speech model's deadline
@@ -186,25 +186,30 @@ def run_target(
     server = ServerProcess(target, kinds, setup.server_cpus, setup.nice)
     try:
         procs = max(1, min(setup.procs, len(kinds)))
-        start = time.monotonic() + 1.5 + len(kinds) / 200  # time to connect everyone
-        plans = [
-            Plan(
-                server.url,
-                target,
-                kinds[p::procs],
-                p * 100_000,
-                start,
-                seconds,
-                results=setup.results,
-                settle_seconds=setup.settle_seconds,
-                cpus=setup.load_cpus,
-                nice=setup.nice,
-            )
-            for p in range(procs)
-        ]
         entry = rawload.run_process if setup.client == "raw" else run_process
-        with multiprocessing.get_context("spawn").Pool(procs) as pool:
-            rec = report.merge(pool.map(entry, plans))
+        ctx = multiprocessing.get_context("spawn")
+        barrier = ctx.Barrier(procs)
+        with ctx.Pool(procs, initializer=keep_barrier, initargs=(barrier,)) as pool:
+            # Every client process started and imported before the start time is set: on a
+            # busy machine that alone can take longer than the allowance to connect.
+            pool.map(all_ready, range(procs), chunksize=1)
+            start = time.monotonic() + 1.0 + len(kinds) / 200  # time to connect everyone
+            plans = [
+                Plan(
+                    server.url,
+                    target,
+                    kinds[p::procs],
+                    p * 100_000,
+                    start,
+                    seconds,
+                    results=setup.results,
+                    settle_seconds=setup.settle_seconds,
+                    cpus=setup.load_cpus,
+                    nice=setup.nice,
+                )
+                for p in range(procs)
+            ]
+            rec = report.merge(pool.map(entry, plans, chunksize=1))
         warm = min(setup.warmup_seconds, seconds / 4)
         return rec, server.stats(start + warm, start + seconds, rec)
     finally:

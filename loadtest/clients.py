@@ -220,6 +220,20 @@ def run_process(plan: Plan) -> Records:
     return uvloop.run(_run(plan))
 
 
+_barrier: Any = None
+
+
+def keep_barrier(barrier: Any) -> None:
+    """Pool initializer: keep the barrier that ``all_ready`` waits on."""
+    global _barrier
+    _barrier = barrier
+
+
+def all_ready(_: int) -> None:
+    """One task per pool process: returns once every process of the pool has started."""
+    _barrier.wait(timeout=120)
+
+
 def place_process(plan: Plan) -> None:
     """Pin this client process to ``plan.cpus`` and give it ``plan.nice``, where asked."""
     if plan.cpus:

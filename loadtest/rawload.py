@@ -22,6 +22,7 @@ import contextlib
 import heapq
 import os
 import struct
+import sys
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -263,6 +264,14 @@ class _Run:
             self.clients.append(client)
         gate = asyncio.Semaphore(CONNECTS_AT_ONCE)
         await asyncio.gather(*(self._connect(c, gate) for c in self.clients))
+        late = time.monotonic() - plan.start
+        if late > 0:
+            print(
+                f"loadtest: {len(self.clients)} clients connected {late:.2f} s after the start: "
+                "their first chunks are late from their due time (send_lag_ms)",
+                file=sys.stderr,
+                flush=True,
+            )
         for c in self.clients:
             if c.conn is None and c.outcome[0] == PENDING:
                 self.pending -= c.n  # never connected: its chunks stay pending (lost)
