@@ -134,8 +134,9 @@ def server_command(target: str, kinds: list[str]) -> list[str]:
             # One process: its CPU is the one /proc/PID/stat tells (a supervisor's children are
             # not in it).
             *(sys.executable, "-m", "realtime", "serve", "--port", "0", "--processes", "1"),
-            # Every simulated client comes from 127.0.0.1.
-            *("--max-sessions-per-ip", "100000"),
+            # Every simulated client comes from 127.0.0.1: no per-address bounds.
+            *("--max-sessions-per-ip", "100000", "--max-connections", "100000"),
+            *("--max-rate-per-ip", "10000000", str(2**40)),
             *(("--models", str(REPO / "examples" / "models")) if "vad" in kinds else ()),
         ]
     if target == "naive":

@@ -54,7 +54,11 @@ def free_port() -> int:
 def serve(*args: str) -> tuple[subprocess.Popen[str], str]:
     """A `realtime serve` on loopback; its process and URL once it listens."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "realtime", "serve", "--max-sessions-per-ip", "100000", *args],
+        [
+            *(sys.executable, "-m", "realtime", "serve", "--max-sessions-per-ip", "100000"),
+            *("--max-connections", "100000", "--max-rate-per-ip", "10000000", str(2**40)),
+            *args,
+        ],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

@@ -67,7 +67,8 @@ class Rechunker:
         self._dtype = np.dtype(np.float32) if out_dtype is None else out_dtype
         self._resampler = _resampler(in_rate, out_rate)
         # [0, fill) holds the context of the next window, then samples not yet in a window.
-        self._buf = np.zeros(2 * self.window + 4096, self._dtype)
+        self._size = 2 * self.window + 4096  # what the buffer shrinks back to after a long chunk
+        self._buf = np.zeros(self._size, self._dtype)
         self._fill = context
         self._scratch = np.empty(0, np.float32)
         self._next = 0  # model samples of the segment that already opened a window
@@ -81,7 +82,13 @@ class Rechunker:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("_size", 2 * self.window + 4096)  # handed off by an older one
         self._resampler = _resampler(self.in_rate, self.out_rate)
+
+    def decoded(self, n: int) -> int:
+        """Model-rate samples that ``n`` more client samples bring, with those pending: what
+        a chunk of ``n`` costs, known from its header before it is decoded or resampled."""
+        return self.pending + -(-n * self.out_rate // self.in_rate)
 
     @property
     def pending(self) -> int:
@@ -116,6 +123,10 @@ class Rechunker:
             self._next = 0
             if self._resampler is not None:
                 self._resampler.clear()
+        if self._buf.shape[0] > self._size:  # a long chunk grew it: give the memory back
+            self._buf = self._buf[: max(self._size, self._fill)].copy()
+        if self._scratch.shape[0] > self._size:
+            self._scratch = np.empty(0, np.float32)
         return Windows(windows, np.array(times, np.float64), segment_end)
 
     def _to_float(self, data: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:

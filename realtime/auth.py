@@ -14,19 +14,24 @@ Keys file::
     secret_env = "REALTIME_KEY_WEB"     # or: secret = "..." (at least 32 characters)
     models = ["speech_activity", "pose"] # optional: every model
     max_sessions = 200                   # optional: sessions open at once with this key
+    max_messages_per_second = 10000      # optional: all its sessions together
+    max_bytes_per_second = 67108864      # optional: all its sessions together
+    metrics = true                       # optional: may read GET /metrics
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import orjson
 
@@ -53,6 +58,11 @@ class ApiKey:
     secret: bytes
     models: frozenset[str] | None = None  # None: every model
     max_sessions: int = 100
+    #: Inbound rate of all the key's sessions together (each also has its own).
+    max_messages_per_second: int = 10_000
+    max_bytes_per_second: int = 64 * 1024 * 1024
+    #: May read ``GET /metrics`` (every key's traffic) with this key's secret.
+    metrics: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,10 +116,22 @@ def _key_from_table(table: Any, path: Path, environ: Mapping[str, str]) -> ApiKe
         isinstance(models, list) and all(isinstance(m, str) for m in models)
     ):
         raise ConfigError(f"{path}: key {table['id']}: models must be a list of names")
-    max_sessions = table.get("max_sessions", 100)
-    if not isinstance(max_sessions, int) or max_sessions < 1:
-        raise ConfigError(f"{path}: key {table['id']}: max_sessions must be a positive integer")
-    return _key(table["id"], secret, models, max_sessions, str(path))
+    counts: dict[str, int] = {}
+    for name in ("max_sessions", "max_messages_per_second", "max_bytes_per_second"):
+        value = table.get(name, ApiKey.__dataclass_fields__[name].default)
+        if type(value) is not int or value < 1:
+            raise ConfigError(f"{path}: key {table['id']}: {name} must be a positive integer")
+        counts[name] = value
+    metrics = table.get("metrics", False)
+    if not isinstance(metrics, bool):
+        raise ConfigError(f"{path}: key {table['id']}: metrics must be true or false")
+    key = _key(table["id"], secret, models, counts.pop("max_sessions"), str(path))
+    return replace(
+        key,
+        metrics=metrics,
+        max_messages_per_second=counts["max_messages_per_second"],
+        max_bytes_per_second=counts["max_bytes_per_second"],
+    )
 
 
 def _key(key_id: str, secret: Any, models: Any, max_sessions: int, where: str) -> ApiKey:
@@ -146,11 +168,13 @@ def verify_token(token: str, keys: Mapping[str, ApiKey], now: float) -> Grant:
     if not isinstance(claims, dict):
         raise AuthFailed(401, "malformed token")
     key = keys.get(str(claims.get("k")))
+    # One answer for an unknown key and a bad signature: a refusal must not tell which key
+    # ids exist.
     if key is None:
-        raise AuthFailed(401, "unknown key")
+        raise AuthFailed(401, "invalid token")
     expected = hmac.new(key.secret, payload.encode(), hashlib.sha256).digest()
     if not hmac.compare_digest(expected, given):
-        raise AuthFailed(401, "bad token signature")
+        raise AuthFailed(401, "invalid token")
     expires = claims.get("exp")
     if not isinstance(expires, (int, float)) or now >= expires:
         raise AuthFailed(401, "token expired")
@@ -167,3 +191,42 @@ def verify_key(secret: str, keys: Mapping[str, ApiKey]) -> Grant:
         if hmac.compare_digest(key.secret, secret.encode()):
             return Grant(key.id, key.models, None)
     raise AuthFailed(401, "unknown API key")
+
+
+def credential(
+    target: str, headers: Mapping[str, str], keys: Mapping[str, ApiKey], now: float
+) -> Grant:
+    """The grant of the credential a request carries (``?token=``, ``Authorization: Bearer``
+    with a token, or ``X-Api-Key``); raise :class:`AuthFailed` (401) if it has none or a bad one."""
+    query = parse_qs(urlsplit(target).query)
+    bearer = headers.get("Authorization", "")
+    if "token" in query:
+        return verify_token(query["token"][0], keys, now)
+    if bearer.startswith("Bearer "):  # a token, or a key's secret (as Prometheus sends one)
+        given = bearer[7:].strip()
+        try:
+            return verify_token(given, keys, now)
+        except AuthFailed:
+            with contextlib.suppress(AuthFailed):
+                return verify_key(given, keys)
+            raise
+    if "X-Api-Key" in headers:
+        return verify_key(headers["X-Api-Key"], keys)
+    raise AuthFailed(401, "no credential: give ?token=, Authorization: Bearer or X-Api-Key")
+
+
+def check_origin(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> None:
+    """Refuse (403) a browser page the server does not serve: with an allow-list, an origin
+    not on it; without one, an origin whose host is not the request's ``Host`` (a page of the
+    server itself, as Jupyter does). No ``Origin``: not a browser, nothing to check here."""
+    if origin is None:
+        return
+    if allowed:
+        if origin not in allowed:
+            raise AuthFailed(403, f"origin {origin[:200]} is not allowed")
+        return
+    if host is None or urlsplit(origin).netloc.lower() != host.lower():
+        raise AuthFailed(
+            403,
+            f"origin {origin[:200]} is not this server's: give --allow-origin to let its pages in",
+        )

@@ -104,6 +104,22 @@ def _parser() -> argparse.ArgumentParser:
         "proxy on the same host, where every client is 127.0.0.1)",
     )
     s.add_argument(
+        "--max-rate-per-ip",
+        type=int,
+        nargs=2,
+        metavar=("MESSAGES", "BYTES"),
+        default=(Limits().max_messages_per_second_per_ip, Limits().max_bytes_per_second_per_ip),
+        help="messages and bytes a second from all the sessions of one address together "
+        "(default %(default)s; raise it where many clients share an address)",
+    )
+    s.add_argument(
+        "--max-connections",
+        type=int,
+        default=Config().max_connections,
+        help="sessions connected at once in all; past it HTTP 503 server_busy (default "
+        "%(default)s)",
+    )
+    s.add_argument(
         "--resume-seconds",
         type=float,
         default=Limits().resume_seconds,
@@ -378,8 +394,11 @@ def main(argv: list[str] | None = None) -> int:
                 certfile=args.certfile,
                 keyfile=args.keyfile,
                 insecure_no_auth=args.insecure_no_auth,
+                max_connections=args.max_connections,
                 limits=Limits(
                     max_sessions_per_ip=args.max_sessions_per_ip,
+                    max_messages_per_second_per_ip=args.max_rate_per_ip[0],
+                    max_bytes_per_second_per_ip=args.max_rate_per_ip[1],
                     resume_seconds=args.resume_seconds,
                 ),
             )

@@ -38,6 +38,8 @@ class Config:
     intra_op_threads: int = 1
     #: Chunks waiting per model version before new ones are refused with ``overloaded``.
     max_queue: int = 4096
+    #: Sessions connected at once in all; past it a handshake gets HTTP 503 (server_busy).
+    max_connections: int = 1024
     #: Results waiting to be written to one client before it is disconnected as too slow.
     max_outbox: int = 4096
     #: Seconds one batch may run; past it its items fail (inference_failed) and its worker is

@@ -73,6 +73,7 @@ class State(Enum):
 TRANSITIONS: Final[dict[tuple[State, str], State]] = {
     (State.AWAITING_HELLO, "hello"): State.OPEN,
     (State.AWAITING_HELLO, "resume"): State.OPEN,  # a taken-over session's first socket
+    (State.AWAITING_HELLO, "lost"): State.PARKED,  # a taken-over one whose resume was refused
     (State.OPEN, "lost"): State.PARKED,
     (State.PARKED, "resume"): State.OPEN,
     (State.OPEN, "hand_off"): State.HANDED_OFF,
@@ -206,19 +207,24 @@ class Connection:
         conn._kept_bytes = sum(len(frame) for frame, _, _ in entry.kept)
         return conn
 
-    def resume(self, received: int, now: float) -> list[Frame]:
-        """Take a new socket: the resumed welcome, then every kept frame after the ``received``
-        first ones, to write at once (before :meth:`data_to_send`); a typed
-        ``results_dropped`` goes first in the outbox if some were no longer kept. Raises (and
-        stays as it was) if ``received`` is more than was sent."""
+    def resume(
+        self, received: int, now: float, allows: Callable[[str], bool] | None = None
+    ) -> list[Frame]:
+        """Take a new socket, and the grant ``allows`` of the credential it came with: the
+        resumed welcome, then every kept frame after the ``received`` first ones, to write at
+        once (before :meth:`data_to_send`); a typed ``results_dropped`` goes first in the outbox
+        if some were no longer kept. Raises (and stays as it was) if ``received`` is more than
+        was sent, or the credential may not use an open stream's model."""
         start = self.first + received
         if self.from_checkpoint:  # the lost process sent more than its checkpoint knows of
             start = min(start, self.written)
-            self.from_checkpoint = False
         if start > self.written:
             raise errors.BadMessage(
                 f"hello.received is {received}, this session sent {self.written - self.first}"
             )
+        self.session.check_grant(allows)
+        self.session.allows = allows
+        self.from_checkpoint = False
         self._move("resume")
         self.last_seen = now
         oldest = self.written - len(self._kept)
@@ -237,20 +243,21 @@ class Connection:
 
     # --- input -------------------------------------------------------------------------------
 
-    def throttle(self, size: int, now: float) -> float:
+    def throttle(self, size: int, now: float, shared: float = 0.0) -> float:
         """Count one received message of ``size`` bytes against the session's rates; the seconds
-        to stop reading from this client (0: go on). Past its rate the client is told once a
-        second with a typed ``rate_limited``."""
+        to stop reading from this client (0: go on), at least ``shared`` (what its address's and
+        key's rates ask, realtime.quotas). Past a rate the client is told once a second with a
+        typed ``rate_limited``."""
         self.last_seen = now
-        pause = max(self._messages.take(1, now), self._volume.take(size, now))
+        pause = max(self._messages.take(1, now), self._volume.take(size, now), shared)
         if pause and now - self._told_rate >= 1.0:
             self._told_rate = now
             limits = self.session.limits
             self.error(
                 errors.RateLimited(
                     f"over {limits.max_messages_per_second} messages or "
-                    f"{limits.max_bytes_per_second} bytes a second: reading paused "
-                    f"{1000 * pause:.0f} ms"
+                    f"{limits.max_bytes_per_second} bytes a second, or its address's or key's "
+                    f"rate: reading paused {1000 * pause:.0f} ms"
                 )
             )
         return pause
@@ -263,7 +270,7 @@ class Connection:
         traffic.bytes_in += len(text)
         session = self.session
         try:
-            self._check_size(len(text))
+            self._check_size(len(text), self.session.limits.max_text_bytes)
             msg = decode_text(text)
             if not isinstance(msg, CLIENT_MESSAGES):
                 raise errors.BadMessage(f"{type(msg).__name__.lower()} is a server message")
@@ -315,8 +322,8 @@ class Connection:
             self.queue(session.release(frame.stream), stream.results == "binary")
         return items
 
-    def _check_size(self, size: int) -> None:
-        limit = self.session.limits.max_message_bytes
+    def _check_size(self, size: int, limit: int | None = None) -> None:
+        limit = self.session.limits.max_message_bytes if limit is None else limit
         if size > limit:
             raise errors.MessageTooBig(f"{size} bytes, at most {limit}")
 

@@ -213,6 +213,26 @@ class RateLimited(RealtimeError):
     retryable = True
 
 
+class ServerBusy(RealtimeError):
+    """The server is at capacity and refuses a new session (or stream): try again after
+    ``retry_after_ms``, or elsewhere. At the handshake it is an HTTP 503 with this code in its
+    JSON body."""
+
+    code = "server_busy"
+    retryable = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_ms: float,
+        stream: int | None = None,
+        seq: int | None = None,
+    ) -> None:
+        super().__init__(message, stream=stream, seq=seq)
+        self.retry_after_ms = retry_after_ms
+
+
 # --- Start-up (never on the wire) ---------------------------------------------------------
 
 

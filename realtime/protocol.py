@@ -31,6 +31,10 @@ FRAME_RESULT: Final = 2
 #: Chunk flag: the client marks the end of a segment (an utterance, a phrase) with this chunk.
 FLAG_END_OF_SEGMENT: Final = 1
 _U32_MAX: Final = 2**32 - 1
+#: Items an array's non-zero dims may multiply to. A dim of 0 makes a frame's payload empty
+#: whatever the others are, so the length check alone would pass dims that overflow numpy.
+MAX_ITEMS: Final = 2**32
+_IDS: Final = struct.Struct("<II")  # stream and seq, at offset 4 of the header
 
 #: Wire dtype codes. Stable: a code is never reused for another dtype.
 DTYPE_CODES: Final[dict[str, int]] = {
@@ -130,14 +134,26 @@ def encode_frame(frame: Chunk | ResultFrame) -> bytes:
 
 
 def decode_frame(buf: bytes | bytearray | memoryview) -> Chunk | ResultFrame:
-    """Parse one binary message; the array is a zero-copy view of ``buf``."""
+    """Parse one binary message; the array is a zero-copy view of ``buf``. Any malformed frame
+    raises :class:`BadFrame`, with the stream and seq when the header got that far."""
     if len(buf) < HEADER_SIZE:
-        raise BadFrame(f"binary frame of {len(buf)} bytes is shorter than the 32-byte header")
+        stream = seq = None
+        if len(buf) >= 12:
+            stream, seq = _IDS.unpack_from(buf, 4)
+        raise BadFrame(
+            f"binary frame of {len(buf)} bytes is shorter than the 32-byte header",
+            stream=stream,
+            seq=seq,
+        )
     (version, kind, code, ndim, stream, seq, flags, index, count, t, extra0, extra1) = (
         HEADER.unpack_from(buf)
     )
     if version != PROTOCOL_VERSION:
-        raise BadFrame(f"frame version {version}, this server speaks {PROTOCOL_VERSION}")
+        raise BadFrame(
+            f"frame version {version}, this server speaks {PROTOCOL_VERSION}",
+            stream=stream,
+            seq=seq,
+        )
     dtype = _DTYPES.get(code)
     if dtype is None:
         raise BadFrame(f"unknown dtype code {code}", stream=stream, seq=seq)
@@ -147,6 +163,10 @@ def decode_frame(buf: bytes | bytearray | memoryview) -> Chunk | ResultFrame:
     if len(buf) < offset:
         raise BadFrame("frame ends inside its dims", stream=stream, seq=seq)
     shape = _DIMS[ndim].unpack_from(buf, HEADER_SIZE)
+    if math.prod(d or 1 for d in shape) > MAX_ITEMS:
+        raise BadFrame(
+            f"shape {list(shape)} has more than {MAX_ITEMS} items", stream=stream, seq=seq
+        )
     count_items = math.prod(shape)
     if len(buf) - offset != count_items * dtype.itemsize:
         raise BadFrame(
@@ -157,12 +177,19 @@ def decode_frame(buf: bytes | bytearray | memoryview) -> Chunk | ResultFrame:
         )
     if not math.isfinite(t):
         raise BadFrame("timestamp is not finite", stream=stream, seq=seq)
-    data = np.frombuffer(buf, dtype=dtype, count=count_items, offset=offset).reshape(shape)
     if kind == FRAME_CHUNK:
-        return Chunk(stream, seq, t, data, deadline_ms=extra0, flags=flags)
+        return Chunk(stream, seq, t, _view(buf, dtype, shape, offset), extra0, flags)
     if kind == FRAME_RESULT:
+        data = _view(buf, dtype, shape, offset)
         return ResultFrame(stream, seq, t, data, index, count, extra0, extra1)
     raise BadFrame(f"unknown frame type {kind}", stream=stream, seq=seq)
+
+
+def _view(
+    buf: bytes | bytearray | memoryview, dtype: np.dtype[Any], shape: tuple[int, ...], at: int
+) -> np.ndarray[Any, Any]:
+    """The payload as an array of ``shape`` (checked against the payload's length already)."""
+    return np.frombuffer(buf, dtype=dtype, count=math.prod(shape), offset=at).reshape(shape)
 
 
 # --- Text messages -------------------------------------------------------------------------
@@ -340,11 +367,14 @@ class Error:
     stream: int | None = None
     seq: int | None = None
     retryable: bool = False
+    #: When to try again (``server_busy``).
+    retry_after_ms: float | None = None
 
     @classmethod
     def of(cls, exc: RealtimeError) -> Error:
         """The wire form of an error from the error tree."""
-        return cls(exc.code, exc.message, exc.stream, exc.seq, exc.retryable)
+        retry = getattr(exc, "retry_after_ms", None)
+        return cls(exc.code, exc.message, exc.stream, exc.seq, exc.retryable, retry)
 
 
 Message: TypeAlias = (
@@ -542,6 +572,7 @@ def _parse(d: dict[str, Any]) -> Message:
             None if stream is None else _int(d, "stream"),
             None if seq is None else _int(d, "seq"),
             retryable,
+            None if d.get("retry_after_ms") is None else _num(d, "retry_after_ms"),
         )
     raise BadMessage(f"unknown message type {kind!r}")
 
@@ -650,6 +681,8 @@ def _as_dict(msg: Message) -> dict[str, Any]:
             d["stream"] = msg.stream
         if msg.seq is not None:
             d["seq"] = msg.seq
+        if msg.retry_after_ms is not None:
+            d["retry_after_ms"] = msg.retry_after_ms
         return d
     raise TypeError(f"not a protocol message: {msg!r}")
 

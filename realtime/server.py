@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
+import math
 import os
 import secrets
 import ssl
@@ -24,7 +26,6 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -36,13 +37,14 @@ from websockets.protocol import Event
 from websockets.protocol import State as WsState
 
 from realtime import __version__, errors, handoff, store
-from realtime.auth import AuthFailed, Grant, verify_key, verify_token
+from realtime.auth import AuthFailed, Grant, check_origin, credential
 from realtime.config import Config, is_loopback
 from realtime.connection import Connection, State
 from realtime.metrics import Metrics, Traffic, merge_expositions
 from realtime.models.repository import BUILTIN_DIR, ModelRepository, scan
 from realtime.models.spec import Model, RuntimeOptions
 from realtime.parking import Parking
+from realtime.quotas import Quotas
 from realtime.reload import Reloader
 from realtime.routes import SERVER_NAME, Routes, load_static, response
 from realtime.scheduler import Scheduler
@@ -243,8 +245,7 @@ class Server:
         self._grants: weakref.WeakKeyDictionary[ServerConnection, Grant] = (
             weakref.WeakKeyDictionary()
         )
-        self._sessions_by_key: dict[str, int] = {}
-        self._sessions_by_ip: dict[str, int] = {}
+        self._quotas = Quotas(config.limits, config.keys, config.max_connections)
         #: Sessions whose connection was lost, until they resume or expire.
         self.parking = Parking(config.limits.resume_seconds, self._expired)
 
@@ -403,7 +404,7 @@ class Server:
         chunks in flight are answered first (up to the batch time limit; past it they fail
         typed), then it leaves this process. None if not held here with this key."""
         live = next(
-            (link for link in self._links.values() if link.conn.session.resume_token == token),
+            (link for link in self._links.values() if _same(link.conn.session.resume_token, token)),
             None,
         )
         if live is not None and live.conn.key == key:  # its client saw the connection die first
@@ -510,48 +511,47 @@ class Server:
                 log.info("event=refused status=%d reason=%s", e.status, e.reason.replace(" ", "_"))
                 refusal = orjson.dumps({"error": e.reason})
                 return response(HTTPStatus(e.status), refusal, "application/json")
+            except errors.ServerBusy as e:
+                log.info("event=refused status=503 reason=server_busy")
+                return _busy(e)
             return None
+        path = request.path.split("?", 1)[0]
+        if path in ("/metrics", "/v1/models") and self.config.keys:
+            return self._http_with_keys(path, request)
         peers = self.config.peer_dir is not None and self.store is not None
-        if peers and request.path.split("?", 1)[0] == "/metrics":
+        if peers and path == "/metrics":
             return self._all_metrics()
         return self._routes.respond(request)
 
-    def _admit(self, ws: ServerConnection, request: Request) -> None:
-        """Check a WebSocket handshake: origin, credential, sessions per key and per address."""
-        config = self.config
-        origin = request.headers.get("Origin")
-        if config.allowed_origins and origin is not None and origin not in config.allowed_origins:
-            raise AuthFailed(403, f"origin {origin} is not allowed")
-        ip = ws.remote_address[0] if ws.remote_address else "?"
-        if self._sessions_by_ip.get(ip, 0) >= config.limits.max_sessions_per_ip:
-            raise AuthFailed(
-                429, f"at most {config.limits.max_sessions_per_ip} sessions per address"
-            )
-        if not config.keys:
-            return
-        query = parse_qs(urlsplit(request.path).query)
-        bearer = request.headers.get("Authorization", "")
-        if "token" in query:
-            grant = verify_token(query["token"][0], config.keys, time.time())
-        elif bearer.startswith("Bearer "):
-            grant = verify_token(bearer[7:].strip(), config.keys, time.time())
-        elif "X-Api-Key" in request.headers:
-            grant = verify_key(request.headers["X-Api-Key"], config.keys)
-        else:
-            raise AuthFailed(401, "no credential: give ?token=, Authorization: Bearer or X-Api-Key")
-        if self._sessions_by_key.get(grant.key, 0) >= config.keys[grant.key].max_sessions:
-            raise AuthFailed(
-                429, f"key {grant.key} has its {config.keys[grant.key].max_sessions} sessions open"
-            )
-        self._grants[ws] = grant
+    def _http_with_keys(self, path: str, request: Request) -> Response | Awaitable[Response]:
+        """With keys, ``/metrics`` (every key's traffic) answers a key marked ``metrics``, and
+        ``/v1/models`` any credential, listing only the models it may use."""
+        keys = self.config.keys
+        try:
+            grant = credential(request.path, request.headers, keys, time.time())
+            if path == "/metrics" and not (grant.expires is None and keys[grant.key].metrics):
+                raise AuthFailed(403, "this credential may not read metrics")
+        except AuthFailed as e:
+            refusal = orjson.dumps({"error": e.reason})
+            return response(HTTPStatus(e.status), refusal, "application/json")
+        if path == "/metrics":
+            if self.config.peer_dir is not None and self.store is not None:
+                return self._all_metrics()
+            return response(HTTPStatus.OK, generate_latest(self._metrics), CONTENT_TYPE_LATEST)
+        models = [m for m in self.repository.catalog() if grant.allows(m["name"])]
+        return response(HTTPStatus.OK, orjson.dumps({"models": models}), "application/json")
 
-    def _release(self, ip: str, key: str | None) -> None:
-        """A session ended: its place in the per-address and per-key counts is free."""
-        self._sessions_by_ip[ip] -= 1
-        if not self._sessions_by_ip[ip]:
-            del self._sessions_by_ip[ip]
-        if key is not None:
-            self._sessions_by_key[key] -= 1
+    def _admit(self, ws: ServerConnection, request: Request) -> None:
+        """Check a WebSocket handshake: origin, the server's connections, the address's
+        sessions, then the credential and its key's sessions (realtime.quotas)."""
+        config = self.config
+        headers = request.headers
+        check_origin(headers.get("Origin"), headers.get("Host"), config.allowed_origins)
+        self._quotas.check_address(ws.remote_address[0] if ws.remote_address else "?")
+        if config.keys:
+            grant = credential(request.path, headers, config.keys, time.time())
+            self._quotas.check_key(grant.key)
+            self._grants[ws] = grant
 
     # --- WebSocket ---------------------------------------------------------------------------
 
@@ -578,9 +578,7 @@ class Server:
         grant = self._grants.pop(ws, None)
         ip = ws.remote_address[0] if ws.remote_address else "?"
         key = None if grant is None else grant.key
-        self._sessions_by_ip[ip] = self._sessions_by_ip.get(ip, 0) + 1
-        if key is not None:
-            self._sessions_by_key[key] = self._sessions_by_key.get(key, 0) + 1
+        self._quotas.enter(ip, key, time.monotonic())
         conn = self._new_connection(grant, key)
         link = _Link(ws, conn, ip, key)
         self._attach(link)
@@ -614,17 +612,9 @@ class Server:
             and conn.state is State.OPEN
             and conn.close_code is None
         )
-        self._release(link.ip, link.key)
+        self._quotas.leave(link.ip, link.key)
         if parked:
-            conn.lost()
-            keys = self.config.keys
-            bound = (
-                keys[conn.key].max_sessions
-                if conn.key is not None
-                else self.config.limits.max_sessions_per_ip
-            )
-            self._count_resume("parked")
-            self.parking.park(conn, link.ip, bound)
+            self._park(conn, link.ip)
         elif conn.state is not State.HANDED_OFF:
             self._forget(conn)
             conn.close()
@@ -639,6 +629,19 @@ class Server:
         )
         if self.draining:
             self._check_drained()
+
+    def _park(self, conn: Connection, ip: str) -> None:
+        """Keep a session whose socket was lost (or whose resume here was refused) for its
+        client, within its key's (or address's) bound of kept sessions."""
+        conn.lost()
+        keys = self.config.keys
+        key = conn.key
+        bound = (
+            keys[key].max_sessions if key is not None else self.config.limits.max_sessions_per_ip
+        )
+        self._count_resume("parked")
+        self._conns[conn.session.id] = conn
+        self.parking.park(conn, ip, bound)
 
     def _expired(self, conn: Connection) -> None:
         """A parked session's time is up: it ends."""
@@ -684,7 +687,8 @@ class Server:
                 link.faulted = True  # one log line per connection, whatever the client sends
                 log.exception("event=internal_error session=%s", conn.session.id)
             conn.error(errors.InternalError(f"the server failed on this message: {e!r}"[:300]))
-        pause = conn.throttle(len(data), now)
+        size = len(data)
+        pause = conn.throttle(size, now, self._quotas.charge(link.ip, link.key, size, now))
         if pause:
             link.ws.hold(pause)
         if not link.flush_due and conn.has_output:
@@ -779,7 +783,7 @@ class Server:
                 (
                     other
                     for other in self._links.values()
-                    if other.conn.session.resume_token == token and other is not link
+                    if _same(other.conn.session.resume_token, token) and other is not link
                 ),
                 None,
             )
@@ -791,18 +795,23 @@ class Server:
             parked = self.parking.get(token)
             now = time.monotonic()
             if parked is not None and parked.key == fresh.key:
-                replay = parked.resume(msg.received, now)  # may refuse: it stays parked
+                # May refuse (a wrong count, a credential not allowed its streams): kept.
+                replay = parked.resume(msg.received, now, fresh.session.allows)
                 self.parking.take(token)
                 resumed = parked
             else:
                 taken = None
                 if parked is None and self.store is not None:
-                    taken = await self._take_over(fresh, token)
+                    taken = await self._take_over(fresh, token, link.ip)
                 if taken is None:  # another credential's session is unknown too
                     if self.parking.expired(token):
                         raise errors.ResumeExpired("the session expired before it was resumed")
                     raise errors.ResumeUnknown("no session to resume with this token")
-                replay = taken.resume(msg.received, now)
+                try:
+                    replay = taken.resume(msg.received, now, fresh.session.allows)
+                except errors.RealtimeError:
+                    self._keep_refused(taken, link.ip)
+                    raise
                 resumed = taken
         except errors.RealtimeError as e:
             self._count_resume("refused")
@@ -826,7 +835,7 @@ class Server:
         self._count_resume("resumed")
         log.info("event=resumed session=%s received=%d", resumed.session.id, msg.received)
 
-    async def _take_over(self, fresh: Connection, token: str) -> Connection | None:
+    async def _take_over(self, fresh: Connection, token: str, ip: str) -> Connection | None:
         """A session another server process held (or handed off, or checkpointed); None if no
         process or store has it. Raises a typed refusal."""
         assert self.store is not None
@@ -835,13 +844,9 @@ class Server:
             return None
         data, checkpoint = got
         entry = handoff.load(data, self.repository)
-        if entry.key != fresh.key:
-            raise errors.ResumeUnknown("no session to resume with this token")
         session = entry.session
         session.limits, session.server = self.config.limits, SERVER_NAME
-        if checkpoint:
-            self._count_resume("from_checkpoint")
-        return Connection.taken_over(
+        taken = Connection.taken_over(
             entry,
             self.traffic,
             self.config.max_outbox,
@@ -849,9 +854,36 @@ class Server:
             time.monotonic(),
             checkpoint,
         )
+        if entry.key != fresh.key:  # a hand-off file names no key: it was taken all the same
+            self._keep_refused(taken, ip)
+            raise errors.ResumeUnknown("no session to resume with this token")
+        if checkpoint:
+            self._count_resume("from_checkpoint")
+        return taken
+
+    def _keep_refused(self, taken: Connection, ip: str) -> None:
+        """A session taken from the store for a resume that was then refused (a wrong
+        ``received``, another key): kept here, parked, for its rightful client, as a session
+        parked here stays parked (other processes find it here as any parked one)."""
+        self._park(taken, ip)
+        if self.store is not None and self.store.checkpoint_seconds > 0:
+            self._checkpoint(taken)  # this process holds it now
 
     def _count_resume(self, result: str) -> None:
         self.traffic.resumes[result] = self.traffic.resumes.get(result, 0) + 1
+
+
+def _same(secret: str | None, given: str) -> bool:
+    """Whether a client's resume token is this session's, compared in constant time."""
+    return secret is not None and hmac.compare_digest(secret.encode(), given.encode())
+
+
+def _busy(e: errors.ServerBusy) -> Response:
+    """A handshake refused at capacity: HTTP 503 with the typed error as its JSON body."""
+    body = {"error": e.message, "code": e.code, "retry_after_ms": e.retry_after_ms}
+    refusal = response(HTTPStatus.SERVICE_UNAVAILABLE, orjson.dumps(body), "application/json")
+    refusal.headers["Retry-After"] = str(math.ceil(e.retry_after_ms / 1000))
+    return refusal
 
 
 async def run(config: Config) -> None:

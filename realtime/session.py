@@ -45,11 +45,21 @@ class Limits:
     """Per-session limits the server enforces and announces in its welcome."""
 
     max_message_bytes: int = 4 * 1024 * 1024
+    #: Text (JSON control) messages are small; a large one would hold the loop while parsed.
+    max_text_bytes: int = 64 * 1024
     max_streams: int = 64
     max_inflight_per_stream: int = 64
     max_inflight_per_session: int = 512
+    #: Audio: seconds of model-rate audio one chunk may bring (a low-rate 8-bit chunk grows 16
+    #: times when resampled to 16 kHz float32); at least two model windows.
+    max_audio_chunk_seconds: float = 5.0
+    #: Audio: seconds of model-rate audio a stream may have in chunks without an answer.
+    max_audio_inflight_seconds: float = 30.0
     #: Sessions open at once from one client address (HTTP 429 at the handshake above it).
     max_sessions_per_ip: int = 256
+    #: Inbound rate of all the sessions of one client address together (as a session's own).
+    max_messages_per_second_per_ip: int = 10_000
+    max_bytes_per_second_per_ip: int = 64 * 1024 * 1024
     #: A session that sends nothing for this long is closed (4001).
     idle_seconds: float = 300.0
     #: Inbound rate per session; above it the server stops reading from the client for a while
@@ -67,9 +77,12 @@ class Limits:
         """The limits as the welcome message lists them."""
         return {
             "max_message_bytes": self.max_message_bytes,
+            "max_text_bytes": self.max_text_bytes,
             "max_streams": self.max_streams,
             "max_inflight_per_stream": self.max_inflight_per_stream,
             "max_inflight_per_session": self.max_inflight_per_session,
+            "max_audio_chunk_seconds": self.max_audio_chunk_seconds,
+            "max_audio_inflight_seconds": self.max_audio_inflight_seconds,
             "max_messages_per_second": self.max_messages_per_second,
             "max_bytes_per_second": self.max_bytes_per_second,
             "resume_seconds": self.resume_seconds,
@@ -121,7 +134,7 @@ class Stream:
     dtype: np.dtype[Any]
     deadline_ms: float
     results: ResultMode
-    options: dict[str, Any]
+    options: dict[str, float]  # open.options, parsed (events.stream_options)
     overflow: Overflow
     #: Recurrent state per ``model.states`` (batch size 1); the scheduler updates it in place.
     state: list[np.ndarray[Any, Any]]
@@ -137,6 +150,8 @@ class Stream:
     done: dict[int, Ready] = field(default_factory=dict)
     #: This stream's post-processors (the model's ``[[postprocess]]``), fed in stream order.
     chain: list[events.PostProcessor] = field(default_factory=list)
+    #: Audio: model-rate samples of accepted chunks not answered yet (bounded per stream).
+    audio_inflight: int = 0
     #: Client time (ms) of the end of the last window released, to end a stream's segment.
     last_end: float | None = None
     hop_ms: float = 0.0  # audio: ms between two model windows
@@ -220,10 +235,21 @@ class Session:
             self.id,
             self.server,
             self.limits.as_wire(),
-            self.repository.catalog(),
+            [m for m in self.repository.catalog() if self.allows is None or self.allows(m["name"])],
             resume_token=self.resume_token,
             resumed=resumed,
         )
+
+    def check_grant(self, allows: Callable[[str], bool] | None) -> None:
+        """Refuse to resume this session with a credential that may not use one of its open
+        streams' models (a resumed session takes the grant of the credential resuming it)."""
+        for stream in self.streams.values():
+            if allows is not None and not allows(stream.model.name):
+                raise errors.ModelForbidden(
+                    f"this credential may not use model {stream.model.name!r} of stream "
+                    f"{stream.id}: resume with one that may",
+                    stream=stream.id,
+                )
 
     def _require_open(self) -> None:
         if self.phase is not Phase.OPEN:
@@ -284,6 +310,10 @@ class Session:
         deadline = model.deadline_ms if msg.deadline_ms is None else msg.deadline_ms
         if not 0 < deadline <= 60_000:
             raise errors.BadMessage("deadline_ms must be in (0, 60000]", stream=sid)
+        try:  # only what the post-processors read is kept, parsed: not the client's object
+            options = events.stream_options(msg.options, model.postprocess)
+        except events.ConfigError as e:
+            raise errors.BadMessage(str(e), stream=sid) from None
         self.streams[sid] = Stream(
             session=self.id,
             id=sid,
@@ -291,11 +321,11 @@ class Session:
             dtype=dtype,
             deadline_ms=deadline,
             results=msg.results,
-            options=msg.options,
+            options=options,
             overflow=msg.overflow or ("reject" if model.kind == "tensor" else "drop_oldest"),
             state=[s.initial.copy() for s in model.states],
             rechunker=_rechunker(model, msg) if model.kind == "audio" else None,
-            chain=[make(msg.options) for make in model.postprocess],
+            chain=[make(options) for make in model.postprocess],
             hop_ms=model.timebase.hop_ms,
         )
         audio = model.kind == "audio"
@@ -359,6 +389,7 @@ class Session:
                     exc = errors.ShuttingDown(why, stream=stream.id, seq=seq)
                     stream.done[seq] = Ready(0.0, exc, None)
             out += self._release(stream)
+            stream.audio_inflight = 0  # every chunk of it is answered now
         return out
 
     def disconnect(self) -> None:
@@ -421,6 +452,8 @@ class Session:
         if data.dtype.kind == "f" and not math.isfinite(data.sum(dtype=np.float64)):
             raise errors.NonFiniteInput("chunk holds NaN or infinity", stream=sid, seq=seq)
         limits = self.limits
+        if stream.rechunker is not None:
+            self._check_audio(stream, data.shape[0], seq)
         # Chunks whose outcome is known but waits for an earlier one's do not count: dropped
         # chunks wait so behind a running batch (a burst read at once can drop many while one
         # batch runs); the session's bound on chunks in flight still holds them.
@@ -451,6 +484,7 @@ class Session:
             return [WorkItem(stream, seq, chunk.t, data, now, deadline, end)]
         windows = stream.rechunker.push(data, chunk.t, end)
         k = len(windows.data)
+        stream.audio_inflight += len(windows.t) * stream.rechunker.chunk
         gather = Gather(seq, chunk.t, windows.t, windows.segment_end, [None] * k, k)
         if k == 0:
             stream.done[seq] = Ready(chunk.t, _stack(stream, []), windows.t, windows.segment_end)
@@ -470,6 +504,31 @@ class Session:
             )
             for i, w in enumerate(windows.data)
         ]
+
+    def _check_audio(self, stream: Stream, n: int, seq: int) -> None:
+        """Refuse an audio chunk of ``n`` client samples that would bring more model-rate
+        audio than one chunk (``message_too_big``) or the stream's chunks in flight
+        (``overloaded``) may hold: from its length alone, before any of it is decoded."""
+        rechunker = stream.rechunker
+        assert rechunker is not None
+        decoded = rechunker.decoded(n)
+        rate, limits = rechunker.out_rate, self.limits
+        per_chunk = max(round(limits.max_audio_chunk_seconds * rate), 2 * rechunker.window)
+        if decoded > per_chunk:
+            raise errors.MessageTooBig(
+                f"{n} samples at {rechunker.in_rate} Hz are {decoded / rate:.1f} s at the "
+                f"model's {rate} Hz; a chunk may bring at most {per_chunk / rate:.1f} s",
+                stream=stream.id,
+                seq=seq,
+            )
+        per_stream = max(round(limits.max_audio_inflight_seconds * rate), per_chunk)
+        if stream.audio_inflight + decoded > per_stream:
+            raise errors.Overloaded(
+                f"stream {stream.id} has {stream.audio_inflight / rate:.1f} s of audio in "
+                f"flight, at most {per_stream / rate:.1f} s; wait for results",
+                stream=stream.id,
+                seq=seq,
+            )
 
     # --- outcomes ---------------------------------------------------------------------------
 
@@ -521,6 +580,8 @@ class Session:
             seq = pending.popleft()
             self.inflight -= 1
             entry = done.pop(seq)
+            if entry.windows is not None and stream.rechunker is not None:
+                stream.audio_inflight -= len(entry.windows) * stream.rechunker.chunk
             ready = entry.outcome
             if isinstance(ready, Prediction):
                 stream.results_sent += 1

@@ -106,3 +106,13 @@ def test_a_chunk_completing_no_window_gets_none() -> None:
     assert r.push(np.zeros(100, np.int16), 0.0).data == []
     assert r.push(np.zeros(0, np.int16), 6.25).data == []
     assert r.pending == 100
+
+
+def test_a_long_chunk_costs_what_its_header_says_and_its_memory_is_given_back() -> None:
+    r = Rechunker(1000, "uint8", 16000, 320, 0)
+    assert r.decoded(1000) == 16000  # known before decoding: 16 model samples per byte
+    small = r._buf.nbytes
+    windows = r.push(np.full(5000, 128, np.uint8), 0.0)  # 80 000 samples at 16 kHz
+    assert len(windows.data) >= 200  # 250 less the resampling filter's delay
+    assert r._buf.nbytes == small and r._scratch.nbytes <= small
+    assert r.decoded(0) == r.pending < 320

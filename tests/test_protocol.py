@@ -239,6 +239,8 @@ def _header(**kw: Any) -> bytes:
         (_header() + struct.pack("<I", 4) + b"\0" * 4 + b"\0" * 15, "payload of 15 bytes"),
         (_header(kind=7) + struct.pack("<I", 0) + b"\0" * 4, "unknown frame type 7"),
         (_header(t=float("nan")) + struct.pack("<I", 0) + b"\0" * 4, "timestamp is not finite"),
+        # dims multiplying to 0 pass the length check, but overflow numpy (issue 18)
+        (_header(ndim=3) + struct.pack("<3I", 0, 2**32 - 1, 2**32 - 1) + b"\0" * 4, "more than"),
     ],
 )
 def test_malformed_frames_name_the_problem(buf: bytes, fragment: str) -> None:
@@ -262,3 +264,35 @@ def test_malformed_frames_name_the_problem(buf: bytes, fragment: str) -> None:
 def test_malformed_text_names_the_problem(text: str, exc: type[Exception], fragment: str) -> None:
     with pytest.raises(exc, match=fragment):
         decode_text(text)
+
+
+@given(
+    ndim=st.integers(0, 8),
+    dims=st.lists(st.sampled_from([0, 1, 2, 2**16, 2**31, 2**32 - 1]), min_size=8, max_size=8),
+    dtype=st.integers(0, 12),
+    payload=st.integers(0, 64),
+)
+@settings(max_examples=500, deadline=None)
+def test_header_fields_at_their_limits_raise_only_bad_frame(
+    ndim: int, dims: list[int], dtype: int, payload: int
+) -> None:
+    buf = _header(ndim=ndim, dtype=dtype, stream=2**32 - 1, seq=2**32 - 1)
+    buf += struct.pack(f"<{ndim}I", *dims[:ndim]).ljust((4 * ndim + 7) & ~7, b"\0")
+    try:
+        decode_frame(buf + b"\0" * payload)
+    except errors.BadFrame as e:
+        assert (e.stream, e.seq) == (2**32 - 1, 2**32 - 1)
+
+
+@pytest.mark.parametrize(
+    "buf",
+    [
+        _header(stream=5, seq=6)[:12],
+        _header(version=2, stream=5, seq=6) + b"\0" * 8,
+        _header(kind=7, stream=5, seq=6) + struct.pack("<I", 0) + b"\0" * 4,
+    ],
+)
+def test_bad_frames_name_stream_and_seq_once_the_header_holds_them(buf: bytes) -> None:
+    with pytest.raises(errors.BadFrame) as caught:
+        decode_frame(buf)
+    assert (caught.value.stream, caught.value.seq) == (5, 6)

@@ -198,7 +198,8 @@ class Raw:
 GOOD = np.ones(4, np.float32)
 BAD_TEXT: list[tuple[str, Any, str]] = [
     ("invalid JSON", "{not json", "bad_message"),
-    ("deeply nested JSON", "[" * 100_000 + "]" * 100_000, "bad_message"),
+    ("deeply nested JSON", "[" * 30_000 + "]" * 30_000, "bad_message"),
+    ("a text message over max_text_bytes", " " * 70_000, "message_too_big"),
     ("not an object", "[1,2,3]", "bad_message"),
     ("unknown type", {"type": "teleport"}, "bad_message"),
     (

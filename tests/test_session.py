@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from realtime import errors
-from realtime.models.repository import ModelRepository, scan
+from realtime.models.repository import BUILTIN_DIR, ModelRepository, scan
 from realtime.protocol import Chunk, Hello, Open, Overflow
 from realtime.session import Limits, Prediction, Session, Stream, WorkItem
 
 
-def session(tiny_models: Path, **limits: int) -> Session:
+def session(tiny_models: Path, **limits: Any) -> Session:
     s = Session("s1", ModelRepository(scan(tiny_models)), Limits(**limits), "test")
     s.hello(Hello(1))
     return s
@@ -120,3 +121,38 @@ def test_a_chunk_refused_while_shutting_down_is_not_asked_for_again_on_resume(
     assert stream.received == 1 and stream.last_seq == 0
     resumed = s.welcome(replay_from=0).resumed
     assert resumed is not None and resumed["streams"][0]["received"] == 1
+
+
+def test_open_options_are_checked_against_the_post_processors_and_kept_parsed(
+    tiny_models: Path,
+) -> None:
+    s = session(tiny_models)
+    with pytest.raises(errors.BadMessage, match=r"unknown options 'partial_ms'.*reads: none"):
+        s.open_stream(Open(1, "double", "tensor", "float32", options={"partial_ms": 5}))
+    repository = ModelRepository(scan(BUILTIN_DIR))
+    s = Session("s2", repository, Limits(), "test")
+    s.hello(Hello(1))
+    opened = dict(stream=1, model="speech_activity", kind="audio", dtype="int16")
+    with pytest.raises(errors.BadMessage, match=r"unknown options 'x'; .*reads: partial_ms"):
+        s.open_stream(Open(**opened, options={"x": 1}))  # type: ignore[arg-type]
+    with pytest.raises(errors.BadMessage, match=r"options.partial_ms must be a number in \[0,"):
+        s.open_stream(Open(**opened, options={"partial_ms": "soon"}))  # type: ignore[arg-type]
+    s.open_stream(Open(**opened, options={"partial_ms": 500}))  # type: ignore[arg-type]
+    assert s.streams[1].options == {"partial_ms": 500.0}
+
+
+def test_an_audio_chunk_is_bounded_by_what_it_decodes_to(tiny_models: Path) -> None:
+    """``window`` runs at 8 kHz: a 1 kHz 8-bit chunk brings 8 times its length."""
+    s = session(tiny_models, max_audio_chunk_seconds=1.0, max_audio_inflight_seconds=2.0)
+    s.open_stream(Open(1, "window", "audio", "uint8", sample_rate=1000))
+    with pytest.raises(errors.MessageTooBig, match=r"a chunk may bring at most 1\.0 s"):
+        s.accept(Chunk(1, 0, 0.0, np.zeros(1001, np.uint8)), 0.0)
+    items = s.accept(
+        Chunk(1, 1, 0.0, np.zeros(1000, np.uint8)), 0.0
+    )  # 1 s, less the filter's delay
+    s.accept(Chunk(1, 2, 0.0, np.zeros(900, np.uint8)), 0.0)
+    with pytest.raises(errors.Overloaded, match="s of audio in flight"):
+        s.accept(Chunk(1, 3, 0.0, np.zeros(500, np.uint8)), 0.0)
+    for item in items:  # the first chunk is answered: its audio no longer counts
+        s.complete(item, Prediction([np.zeros(20, np.float32)], 0.0, 0.0, 1))
+    s.accept(Chunk(1, 4, 0.0, np.zeros(500, np.uint8)), 0.0)

@@ -10,7 +10,7 @@ closes a segment on ``speech_end``, for instance). Nothing here knows about sock
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -71,8 +71,43 @@ class PostProcessor(Protocol):
         ...
 
 
-#: A validated ``[[postprocess]]`` table: makes a fresh processor for each stream's options.
-Factory = Callable[[Mapping[str, Any]], PostProcessor]
+#: Each an option a post-processor reads from ``open.options``, with its bounds.
+OptionBounds = Mapping[str, tuple[float, float]]
+
+
+@dataclass(frozen=True, slots=True)
+class Factory:
+    """A validated ``[[postprocess]]`` table: makes a fresh processor for each stream, given
+    the stream's options as :func:`stream_options` parsed them; ``options`` names the ones it
+    reads, with their bounds."""
+
+    make: Callable[[Mapping[str, float]], PostProcessor]
+    options: OptionBounds = field(default_factory=dict)
+
+    def __call__(self, options: Mapping[str, float]) -> PostProcessor:
+        """One stream's processor."""
+        return self.make(options)
+
+
+def stream_options(given: Mapping[str, Any], chain: Sequence[Factory]) -> dict[str, float]:
+    """A stream's ``open.options`` checked against what its post-processors read: only known
+    keys, each a number within its bounds; the parsed values (nothing else of what the client
+    sent is kept). Raises :class:`ConfigError`."""
+    known: dict[str, tuple[float, float]] = {}
+    for factory in chain:
+        known.update(factory.options)
+    unknown = [k for k in given if k not in known]
+    if unknown:
+        reads = ", ".join(sorted(known)) or "none"
+        named = ", ".join(repr(k[:40]) for k in unknown[:5])
+        raise ConfigError(f"unknown options {named}; this model's post-processing reads: {reads}")
+    parsed: dict[str, float] = {}
+    for key, value in given.items():
+        lo, hi = known[key]
+        if not isinstance(value, int | float) or isinstance(value, bool) or not lo <= value <= hi:
+            raise ConfigError(f"options.{key} must be a number in [{lo:g}, {hi:g}]")
+        parsed[key] = float(value)
+    return parsed
 
 
 @dataclass(frozen=True, slots=True)

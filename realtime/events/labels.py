@@ -51,7 +51,7 @@ def factory(table: Mapping[str, Any], outputs: list[OutputInfo], timebase: Timeb
         o.number("debounce_ms", 200.0, 0.0, 60_000.0),
         softmax,
     )
-    return lambda options: LabelTracker(config)
+    return Factory(lambda options: LabelTracker(config))
 
 
 class LabelTracker:

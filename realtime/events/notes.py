@@ -104,7 +104,7 @@ def factory(table: Mapping[str, Any], outputs: list[OutputInfo], timebase: Timeb
         )
     else:
         raise ConfigError('postprocess notes: layout must be "activations" or "midi"')
-    return lambda options: NoteTracker(config)
+    return Factory(lambda options: NoteTracker(config))
 
 
 class NoteTracker:

@@ -57,13 +57,10 @@ def factory(table: Mapping[str, Any], outputs: list[OutputInfo], timebase: Timeb
         timebase.hop_ms,
     )
 
-    def make(options: Mapping[str, Any]) -> Segments:
-        partial = options.get("partial_ms", config.partial_ms)
-        if not isinstance(partial, int | float) or isinstance(partial, bool) or partial < 0:
-            partial = config.partial_ms  # open options are the client's: ignore a bad one
-        return Segments(config, float(partial))
+    def make(options: Mapping[str, float]) -> Segments:
+        return Segments(config, options.get("partial_ms", config.partial_ms))
 
-    return make
+    return Factory(make, {"partial_ms": (0.0, 600_000.0)})
 
 
 class Segments:

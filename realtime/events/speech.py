@@ -60,7 +60,7 @@ def factory(table: Mapping[str, Any], outputs: list[OutputInfo], timebase: Timeb
         index=o.integer("index", 0),
         window_ms=timebase.hop_ms,
     )
-    return lambda options: SpeechActivity(config)
+    return Factory(lambda options: SpeechActivity(config))
 
 
 class SpeechActivity:
