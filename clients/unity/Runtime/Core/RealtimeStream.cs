@@ -74,11 +74,44 @@ namespace Realtime
             return SendArray(Realtime.DType.Float64, data, offset, count, t, shape, endOfSegment, deadlineMs);
         }
 
-        uint SendArray(DType dtype, Array data, int offset, int count, double t, int[] shape, bool endOfSegment, uint deadlineMs)
+        /// <summary>Send int8 values.</summary>
+        public uint Send(sbyte[] data, int offset, int count, double t, int[] shape = null, bool endOfSegment = false, uint deadlineMs = 0)
+        {
+            return SendArray(Realtime.DType.Int8, data, offset, count, t, shape, endOfSegment, deadlineMs);
+        }
+
+        /// <summary>Send uint16 values.</summary>
+        public uint Send(ushort[] data, int offset, int count, double t, int[] shape = null, bool endOfSegment = false, uint deadlineMs = 0)
+        {
+            return SendArray(Realtime.DType.UInt16, data, offset, count, t, shape, endOfSegment, deadlineMs);
+        }
+
+        /// <summary>Send int64 values.</summary>
+        public uint Send(long[] data, int offset, int count, double t, int[] shape = null, bool endOfSegment = false, uint deadlineMs = 0)
+        {
+            return SendArray(Realtime.DType.Int64, data, offset, count, t, shape, endOfSegment, deadlineMs);
+        }
+
+        /// <summary>Send booleans (one byte each).</summary>
+        public uint Send(bool[] data, int offset, int count, double t, int[] shape = null, bool endOfSegment = false, uint deadlineMs = 0)
+        {
+            return SendArray(Realtime.DType.Bool, data, offset, count, t, shape, endOfSegment, deadlineMs);
+        }
+
+        /// <summary>Send raw little-endian bytes as <see cref="DType"/> values (float16, or any
+        /// dtype already encoded): <paramref name="count"/> is in values, not bytes.</summary>
+        public uint SendBytes(byte[] data, int byteOffset, int count, double t, int[] shape = null, bool endOfSegment = false, uint deadlineMs = 0)
+        {
+            return SendArray(DType, data, byteOffset, count, t, shape, endOfSegment, deadlineMs, true);
+        }
+
+        uint SendArray(DType dtype, Array data, int offset, int count, double t, int[] shape, bool endOfSegment, uint deadlineMs, bool raw = false)
         {
             if (dtype != DType)
                 throw new RealtimeException(ErrorCode.DtypeMismatch, "stream " + Id + " sends " + Wire.Name(DType) + ", not " + Wire.Name(dtype), false, Id);
-            if (offset < 0 || count < 0 || offset + count > data.Length) throw new ArgumentOutOfRangeException("count");
+            int item = Wire.ItemSize(dtype);
+            int srcItem = raw ? 1 : item;  // a raw byte source is indexed in bytes
+            if (offset < 0 || count < 0 || (long)offset + (long)count * item / srcItem > data.Length) throw new ArgumentOutOfRangeException("count");
             if (double.IsNaN(t) || double.IsInfinity(t)) throw new ArgumentException("t must be finite");
             int ndim;
             if (shape == null)
@@ -94,7 +127,6 @@ namespace Realtime
                 for (int i = 0; i < ndim; i++) n *= shape[i];
                 if (n != count) throw new ArgumentException("shape holds " + n + " items, count is " + count);
             }
-            int item = Wire.ItemSize(dtype);
             int size = Wire.FrameSize(ndim, count * item);
             byte[] buf = Client.Pool.Rent(size);
             uint seq;
@@ -103,7 +135,7 @@ namespace Realtime
                 seq = NextSeq++;
                 int payload = Wire.WriteChunkHeader(buf, dtype, shape, ndim, Id, seq, t,
                                                     endOfSegment ? Wire.FlagEndOfSegment : (ushort)0, deadlineMs);
-                Buffer.BlockCopy(data, offset * item, buf, payload, count * item);  // little-endian, as every Unity target
+                Buffer.BlockCopy(data, offset * srcItem, buf, payload, count * item);  // little-endian, as every Unity target
                 Client.SendChunk(this, seq, new PooledFrame(buf, size));
             }
             return seq;

@@ -74,8 +74,15 @@ namespace Realtime.Unity
         {
             if (!_started) return;
             Microphone.End(string.IsNullOrEmpty(device) ? null : device);
-            _sender.Flush(true);  // the server closes an open utterance now
             _started = false;
+            try
+            {
+                _sender.Flush(true);  // the server closes an open utterance now
+            }
+            catch (RealtimeDisconnectedException)
+            {
+                // the connection was closed first (scene unload): nothing left to tell
+            }
         }
     }
 }
