@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ import soxr
 from realtime import errors
 from tests.conftest import REPO, SHARED, read_clip
 from tests.test_cli import Served
+from tests.test_resume import free_port
 
 PACKAGE = REPO / "clients" / "unity"
 MCS, MONO = shutil.which("mcs"), shutil.which("mono")
@@ -240,3 +242,42 @@ def test_webgl_jslib_is_valid_javascript(tmp_path: Path) -> None:
         )
     )
     assert declared and declared <= names  # every DllImport has its JavaScript
+
+
+@needs_mono
+def test_a_restart_hands_the_session_to_the_next_process(
+    built: dict[str, Path], tmp_path: Path
+) -> None:
+    # --resume-dir: SIGTERM once the client has answers in hand and chunks in flight; it
+    # follows going_away's resume token and resumes on the next process, same port, by itself.
+    args = ("--port", str(free_port()), "--resume-dir", str(tmp_path / "sessions"))
+    first = Served(*args)
+    second: Served | None = None
+    check = subprocess.Popen(
+        [MONO or "mono", str(built["exe"]), first.url, "handoff"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert check.stdout is not None
+        ready = json.loads(check.stdout.readline())
+        assert ready["check"] == "handoff_ready", ready
+        first.proc.send_signal(signal.SIGTERM)
+        _, err = first.proc.communicate(timeout=60)
+        assert first.proc.returncode == 0 and "event=handed_off sessions=1" in err, err
+        second = Served(*args)
+        out, err = check.communicate(timeout=120)
+    finally:
+        for proc in (check, first.proc, *(() if second is None else (second.proc,))):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    lines = {line["check"]: line for line in map(json.loads, out.splitlines())}
+    assert "crash" not in lines and "done" in lines, out + err
+    handoff = lines["handoff"]
+    assert handoff["had_token"] and handoff["resumes"] == 1
+    assert handoff["seqs"] == list(range(40)) and handoff["errors"] == []
+    assert handoff["max_diff_vs_uncut"] < 1e-6
+    assert handoff["states"][-2:] == ["Resuming", "Online"]  # (the first connect's may lead)
+    assert handoff["states"].count("Resuming") == 1

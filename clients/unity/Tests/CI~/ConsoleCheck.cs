@@ -58,6 +58,7 @@ static class ConsoleCheck
     {
         _mainThread = Thread.CurrentThread.ManagedThreadId;
         string url = args[0];
+        if (args[1] == "handoff") return Handoff(url);
         var relay = new Relay(new Uri(url).Port);
         string relayed = "ws://127.0.0.1:" + relay.Port + "/";
         try
@@ -307,6 +308,58 @@ static class ConsoleCheck
             .Key("resumes").Value((long)client.Resumes).Key("seqs").Value(got.Seqs).Key("errors").Value(got.Errors)
             .Key("max_diff_vs_uncut").Value(MaxDiff(got, reference)).Key("states").Value(states)
             .Key("closed_results").Value(closed.Results).Key("closed_errors").Value(closed.Errors));
+    }
+
+    // --- a restart that hands the session to the next server process ------------------------
+
+    /// <summary>The test sends SIGTERM to a server started with --resume-dir once this prints
+    /// "handoff_ready", then starts the next process on the same port: the client follows the
+    /// going_away's resume token and resumes there by itself.</summary>
+    static int Handoff(string url)
+    {
+        try
+        {
+            var client = Wait(RealtimeClient.ConnectAsync(url));
+            Pumped.Add(client);
+            var states = new List<object>();
+            client.OnStateChanged += st => states.Add(st.ToString());
+            var s = Wait(client.OpenAsync(new OpenOptions { Model = "pose", Shape = PoseShape, DeadlineMs = Patient }));
+            var got = Listen(s);
+            for (int k = 0; k < 20; k++)
+            {
+                var frame = PoseFrame(k);
+                s.Send(frame, 0, frame.Length, k * 12.5, PoseShape);
+            }
+            PumpUntil(() => Count(got) >= 10);
+            Emit(Line("handoff_ready"));
+            PumpUntil(() => client.GoingAway != null, 60000);
+            for (int k = 20; k < PoseFrames; k++)
+            {
+                var frame = PoseFrame(k);
+                s.Send(frame, 0, frame.Length, k * 12.5, PoseShape);  // held until the session moved
+            }
+            PumpUntil(() => Count(got) >= PoseFrames, 60000);
+            // The filter went on as if nothing happened: the same outputs as an uncut stream.
+            var again = Wait(client.OpenAsync(new OpenOptions { Model = "pose", Shape = PoseShape, DeadlineMs = Patient }));
+            var reference = Listen(again);
+            for (int k = 0; k < PoseFrames; k++)
+            {
+                var frame = PoseFrame(k);
+                again.Send(frame, 0, frame.Length, k * 12.5, PoseShape);
+            }
+            PumpUntil(() => Count(reference) >= PoseFrames);
+            Emit(Line("handoff").Key("had_token").Value(client.GoingAway["resume_token"].IsString)
+                .Key("resumes").Value((long)client.Resumes).Key("seqs").Value(got.Seqs).Key("errors").Value(got.Errors)
+                .Key("max_diff_vs_uncut").Value(MaxDiff(got, reference)).Key("states").Value(states));
+            client.Close();
+            Emit(Line("done").Key("state").Value(client.State.ToString()));
+            return 0;
+        }
+        catch (Exception e)
+        {
+            Emit(Line("crash").Key("error").Value(e.ToString()));
+            return 1;
+        }
     }
 
     // --- typed errors ------------------------------------------------------------------------
