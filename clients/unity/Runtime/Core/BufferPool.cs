@@ -22,6 +22,7 @@ namespace Realtime
         readonly Stack<byte[]>[] _classes = new Stack<byte[]>[MaxShift + 1];
         readonly int _keepPerClass;
         int _created;
+        long _createdBytes;
 
         /// <summary>The pool shared by every client of the process.</summary>
         public static readonly BufferPool Shared = new BufferPool(256);
@@ -50,11 +51,15 @@ namespace Realtime
                 if (stack.Count > 0) return stack.Pop();
             }
             System.Threading.Interlocked.Increment(ref _created);
+            System.Threading.Interlocked.Add(ref _createdBytes, 1L << c);
             return new byte[1 << c];
         }
 
         /// <summary>Buffers this pool had to allocate so far (steady streaming stops adding to it).</summary>
         public int Created { get { return System.Threading.Volatile.Read(ref _created); } }
+
+        /// <summary>Bytes of the buffers counted in <see cref="Created"/>.</summary>
+        public long CreatedBytes { get { return System.Threading.Interlocked.Read(ref _createdBytes); } }
 
         /// <summary>Give a buffer back (buffers not from <see cref="Rent"/> are dropped).</summary>
         public void Return(byte[] buffer)

@@ -42,38 +42,50 @@ namespace Realtime
             lock (_queue) _queue.Enqueue(d);
         }
 
-        /// <summary>Run every queued delivery, in order; returns how many ran. Not re-entrant: a
-        /// callback that pumps again does nothing.</summary>
+        /// <summary>Run every queued delivery, in order; returns how many ran. One pump at a
+        /// time: a call while another pumps (a callback pumping again, or a second thread)
+        /// returns 0 at once, and what it posted is run by the pump in progress.</summary>
         public int Pump()
         {
-            if (System.Threading.Interlocked.Exchange(ref _pumping, 1) == 1) return 0;
             int total = 0;
-            try
+            while (System.Threading.Interlocked.Exchange(ref _pumping, 1) == 0)
             {
-                while (true)
+                try
                 {
-                    int n;
-                    lock (_queue)
-                    {
-                        n = _queue.Count;
-                        if (n == 0) break;
-                        if (_batch.Length < n) _batch = new Delivery[Math.Max(n, 2 * _batch.Length)];
-                        for (int i = 0; i < n; i++) _batch[i] = _queue.Dequeue();
-                    }
-                    for (int i = 0; i < n; i++)
-                    {
-                        var d = _batch[i];
-                        _batch[i] = default(Delivery);
-                        _run(d);
-                    }
-                    total += n;
+                    total += Drain();
                 }
-            }
-            finally
-            {
-                System.Threading.Volatile.Write(ref _pumping, 0);
+                finally
+                {
+                    System.Threading.Volatile.Write(ref _pumping, 0);
+                }
+                // A delivery posted after the drain's last look, by a caller that found us
+                // pumping, would wait for the next pump: look again now that we stopped.
+                lock (_queue) if (_queue.Count == 0) break;
             }
             return total;
+        }
+
+        int Drain()
+        {
+            int total = 0;
+            while (true)
+            {
+                int n;
+                lock (_queue)
+                {
+                    n = _queue.Count;
+                    if (n == 0) return total;
+                    if (_batch.Length < n) _batch = new Delivery[Math.Max(n, 2 * _batch.Length)];
+                    for (int i = 0; i < n; i++) _batch[i] = _queue.Dequeue();
+                }
+                for (int i = 0; i < n; i++)
+                {
+                    var d = _batch[i];
+                    _batch[i] = default(Delivery);
+                    _run(d);
+                }
+                total += n;
+            }
         }
     }
 }

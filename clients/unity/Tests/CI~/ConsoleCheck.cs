@@ -144,14 +144,19 @@ static class ConsoleCheck
         var pacer = new Pacer();
         double worstLateMs = 0;
         int created = BufferPool.Shared.Created;
+        long sendPathGarbage = 0;  // allocated by downmix, resampling, chunking and Send
         for (int b = 0; b < blocks; b++)
         {
             double due = 1000.0 * b * Block / Rate;  // a Stopwatch schedule, not Task.Delay
             pacer.WaitUntil(due);
             worstLateMs = Math.Max(worstLateMs, pacer.ElapsedMs - due);
             int n = Math.Min(Block, frames - b * Block);
+            long before = GC.GetAllocatedBytesForCurrentThread(), pooled = BufferPool.Shared.CreatedBytes;
             to16.Write(samples, b * Block * Channels, n);
             at48.Write(samples, b * Block * Channels, n);
+            // What this thread allocated beyond new pool buffers (the pool grows to the peak
+            // number of unanswered chunks, then stops).
+            if (b >= 50) sendPathGarbage += GC.GetAllocatedBytesForCurrentThread() - before - (BufferPool.Shared.CreatedBytes - pooled);
             client.Pump();
             if (b == 50) created = BufferPool.Shared.Created;  // steady state from here
         }
@@ -168,7 +173,8 @@ static class ConsoleCheck
                 .Key("closed_results").Value(c.Closed != null ? c.Closed.Results : -1).Key("off_main_thread").Value(c.OffMainThread));
         }
         Emit(Line("pacing").Key("blocks").Value((long)blocks).Key("duration_ms").Value(pacer.ElapsedMs)
-            .Key("worst_late_ms").Value(worstLateMs).Key("buffers_created_in_steady_state").Value((long)createdInSteadyState));
+            .Key("worst_late_ms").Value(worstLateMs).Key("buffers_created_in_steady_state").Value((long)createdInSteadyState)
+            .Key("send_path_garbage_bytes").Value(sendPathGarbage).Key("chunks_measured").Value(2L * (blocks - 50)));
     }
 
     static bool InOrder(List<long> seqs)
