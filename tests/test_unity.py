@@ -43,7 +43,9 @@ TRUTH_MS = [(1010.0, 2990.0), (4930.0, 6710.0)]  # ../shared/data/README.md grou
 def mcs(
     out: Path, sources: list[Path], *refs: Path, target: str = "library", define: str = ""
 ) -> None:
-    args = [MCS or "mcs", f"-target:{target}", "-warnaserror+", f"-out:{out}"]
+    # -noconfig: only the assemblies Debian's mono-mcs brings (no mono-devel defaults).
+    args = [MCS or "mcs", "-noconfig", "-r:System.dll", "-r:System.Core.dll"]
+    args += [f"-target:{target}", "-warnaserror+", f"-out:{out}"]
     args += [f"-r:{r}" for r in refs] + ([f"-define:{define}"] if define else [])
     r = subprocess.run([*args, *map(str, sources)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
