@@ -177,6 +177,39 @@ def test_bad_opens_and_chunks_raise_typed_errors(run: dict[str, list[dict[str, A
 
 
 @needs_mono
+def test_json_reader_and_writer_under_a_comma_decimal_culture(
+    run: dict[str, list[dict[str, Any]]],
+) -> None:
+    (line,) = run["json"]
+    assert line["culture_writes"] == "0,5"  # the whole check runs in de-DE...
+    originals = [  # ...and what goes on the wire is still JSON with decimal points
+        {
+            "type": "result",
+            "outputs": {"y": {"dtype": "float32", "shape": [2], "data": [None, 1.5e-7]}},
+        },
+        {
+            "shape": [None],
+            "s": 'café "q" \n',
+            "n": -0.25,
+            "big": 2**53 - 1,
+            "t": True,
+            "f": False,
+            "z": None,
+        },
+        [1, 2.0, -300, {"a": []}],
+    ]
+    assert [json.loads(doc) for doc in line["reparsed"]] == originals
+    assert json.loads(line["written"]) == {
+        "id": 7,
+        "t": 0.5,
+        "nan": None,
+        "whole": 1020,
+        "s": "tab\there",
+    }
+    assert '"id":7,' in line["written"] and '"whole":1020,' in line["written"]  # no 7.0: ids
+
+
+@needs_mono
 def test_error_codes_are_the_documented_ones(run: dict[str, list[dict[str, Any]]]) -> None:
     doc = (REPO / "docs" / "protocol.md").read_text()
     table = doc[doc.index("## Error codes") : doc.index("## Connection close codes")]

@@ -13,6 +13,7 @@ using System.Net;
 using System.Net.Sockets;
 using System.Threading;
 using System.Threading.Tasks;
+using System.Globalization;
 using Realtime;
 
 static class ConsoleCheck
@@ -57,6 +58,9 @@ static class ConsoleCheck
     static int Main(string[] args)
     {
         _mainThread = Thread.CurrentThread.ManagedThreadId;
+        // A culture that writes 0,5: every number on the wire must still be 0.5.
+        Thread.CurrentThread.CurrentCulture = new System.Globalization.CultureInfo("de-DE");
+        CultureInfo.DefaultThreadCurrentCulture = Thread.CurrentThread.CurrentCulture;
         string url = args[0];
         if (args[1] == "handoff") return Handoff(url);
         var relay = new Relay(new Uri(url).Port);
@@ -64,6 +68,7 @@ static class ConsoleCheck
         try
         {
             Codes();
+            Json();
             var client = Wait(RealtimeClient.ConnectAsync(relayed, new RealtimeClientOptions { ClientName = "unity-ci-check" }));
             Pumped.Add(client);
             Emit(Line("welcome").Key("session").Value(client.Welcome["session"].AsString())
@@ -95,6 +100,25 @@ static class ConsoleCheck
         var names = new List<object>();
         foreach (var m in client.Models.Items) names.Add(m["name"].AsString());
         return names;
+    }
+
+    /// <summary>The JSON reader and writer on documents Unity's JsonUtility cannot read.</summary>
+    static void Json()
+    {
+        var docs = new List<object>();
+        foreach (var text in new[]
+        {
+            "{\"type\":\"result\",\"outputs\":{\"y\":{\"dtype\":\"float32\",\"shape\":[2],\"data\":[null,1.5e-7]}}}",
+            "{\"shape\":[null],\"s\":\"caf\\u00e9 \\\"q\\\" \\n\",\"n\":-0.25,\"big\":9007199254740991,\"t\":true,\"f\":false,\"z\":null}",
+            "[1, 2.0, -3e2, {\"a\": []}]",
+        })
+        {
+            docs.Add(JsonValue.Parse(text).ToString());
+        }
+        var written = new JsonWriter().BeginObject().Key("id").Value(7L).Key("t").Value(0.5).Key("nan").Value(double.NaN)
+            .Key("whole").Value(1020.0).Key("s").Value("tab\there").EndObject().ToString();
+        string culture = (0.5).ToString();
+        Emit(Line("json").Key("reparsed").Value(docs).Key("written").Value(written).Key("culture_writes").Value(culture));
     }
 
     static void Codes()
