@@ -225,8 +225,9 @@ def test_ping_and_pooled_chunk_buffers(run: dict[str, list[dict[str, Any]]]) -> 
     assert ping["rtt_ms"] > 0
     (pool,) = run["pool"]
     # Every chunk buffer came back to the pool once answered, and far fewer were made than
-    # the ~880 chunks sent.
-    assert pool["idle"] == pool["created"] and pool["created"] < 200
+    # the ~920 chunks sent (about 100 here; a stalled server makes the pool grow to the peak
+    # of unanswered chunks, hence the slack).
+    assert pool["idle"] == pool["created"] and pool["created"] < 450
     (done,) = run["done"]
     assert done["state"] == "Closed"
 
