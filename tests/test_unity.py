@@ -210,6 +210,17 @@ def test_json_reader_and_writer_under_a_comma_decimal_culture(
 
 
 @needs_mono
+def test_client_resampler_keeps_a_tone_in_gain_and_time(
+    run: dict[str, list[dict[str, Any]]],
+) -> None:
+    # 1 s of a 1 kHz tone at 48 and 44.1 kHz, fed in 937-sample blocks: 16000 samples out, each
+    # within 1e-3 of the tone sampled at 16 kHz (no gain change, no delay).
+    assert {line["from"] for line in run["resampler"]} == {48000, 44100}
+    for line in run["resampler"]:
+        assert line["produced"] == 16000 and line["max_error"] < 1e-3, line
+
+
+@needs_mono
 def test_error_codes_are_the_documented_ones(run: dict[str, list[dict[str, Any]]]) -> None:
     doc = (REPO / "docs" / "protocol.md").read_text()
     table = doc[doc.index("## Error codes") : doc.index("## Connection close codes")]
