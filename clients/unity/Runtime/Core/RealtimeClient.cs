@@ -625,6 +625,20 @@ namespace Realtime
         /// as the server keeps the session (welcome.limits.resume_seconds).</summary>
         async void ResumeLoop()
         {
+            try
+            {
+                await Resume().ConfigureAwait(false);
+            }
+            catch (Exception e)
+            {
+                // A bug here must not take the app down (an async void throws on the thread pool).
+                End(null, 1006, "resuming failed: " + e.Message);
+            }
+            if (_options.Callbacks == CallbackThread.Worker) _dispatcher.Pump();
+        }
+
+        async Task Resume()
+        {
             double giveUp = RealtimeClock.NowMs() + 1000.0 * Welcome["limits"]["resume_seconds"].AsDouble(30.0);
             int delay = 50;
             while (true)
@@ -658,7 +672,6 @@ namespace Realtime
                 await _transports.Delay((int)(delay * jitter)).ConfigureAwait(false);
                 delay = Math.Min(2 * delay, 2000);
             }
-            if (_options.Callbacks == CallbackThread.Worker) _dispatcher.Pump();
         }
 
         /// <summary>The session is over: fail what waits, release kept chunks, tell the app.</summary>
