@@ -132,10 +132,10 @@ def test_48k_stereo_speech_at_real_time_pace_gives_speech_events_within_60_ms(
         assert not line["off_main_thread"]  # delivered by Pump, on the "main" thread
     (pacing,) = run["pacing"]
     assert pacing["blocks"] == 380  # 8.10 s of 48 kHz audio in 1024-frame blocks
-    # No garbage per chunk on the send path (downmix, resample, chunk, frame, queue): one
-    # object per chunk would be at least 24 bytes each; what is seen is the bounded growth of
-    # the dictionaries that keep unanswered chunks.
-    assert pacing["send_path_garbage_bytes"] < 16 * pacing["chunks_measured"], pacing
+    # No garbage per chunk on the send path (downmix, resample, chunk, frame, queue): nearly
+    # every 1024-frame block (two chunks) allocates nothing beyond new pool buffers; the rare
+    # exceptions are the send queue and the maps of unanswered chunks growing (slow server).
+    assert pacing["blocks_without_garbage"] >= 0.9 * pacing["blocks_measured"], pacing
 
 
 @needs_mono

@@ -27,7 +27,7 @@ namespace Realtime
         internal readonly string OpenText;
         internal uint NextSeq;
         /// <summary>Frames sent and not answered yet, by seq (kept to send again after a resume).</summary>
-        internal readonly Dictionary<uint, PooledFrame> Unanswered = new Dictionary<uint, PooledFrame>();
+        internal readonly Dictionary<uint, PooledFrame> Unanswered = new Dictionary<uint, PooledFrame>(64);  // the server's default max_inflight_per_stream: no growth while streaming
         internal readonly Dictionary<uint, ResultFrame[]> Partial = new Dictionary<uint, ResultFrame[]>();
         readonly int[] _shape1 = new int[1];
 

@@ -196,6 +196,7 @@ static class ConsoleCheck
         double worstLateMs = 0;
         int created = BufferPool.Shared.Created;
         long sendPathGarbage = 0;  // allocated by downmix, resampling, chunking and Send
+        int blocksWithoutGarbage = 0;
         for (int b = 0; b < blocks; b++)
         {
             double due = 1000.0 * b * Block / Rate;  // a Stopwatch schedule, not Task.Delay
@@ -203,11 +204,19 @@ static class ConsoleCheck
             worstLateMs = Math.Max(worstLateMs, pacer.ElapsedMs - due);
             int n = Math.Min(Block, frames - b * Block);
             long before = GC.GetAllocatedBytesForCurrentThread(), pooled = BufferPool.Shared.CreatedBytes;
+            int newBuffers = BufferPool.Shared.Created;
             to16.Write(samples, b * Block * Channels, n);
             at48.Write(samples, b * Block * Channels, n);
             // What this thread allocated beyond new pool buffers (the pool grows to the peak
             // number of unanswered chunks, then stops).
-            if (b >= 50) sendPathGarbage += GC.GetAllocatedBytesForCurrentThread() - before - (BufferPool.Shared.CreatedBytes - pooled);
+            if (b >= 50)
+            {
+                // (an array's own header, up to 64 bytes, comes with each new pool buffer)
+                long garbage = GC.GetAllocatedBytesForCurrentThread() - before - (BufferPool.Shared.CreatedBytes - pooled)
+                               - 64 * (BufferPool.Shared.Created - newBuffers);
+                sendPathGarbage += garbage;
+                if (garbage <= 0) blocksWithoutGarbage++;
+            }
             client.Pump();
             if (b == 50) created = BufferPool.Shared.Created;  // steady state from here
         }
@@ -225,7 +234,8 @@ static class ConsoleCheck
         }
         Emit(Line("pacing").Key("blocks").Value((long)blocks).Key("duration_ms").Value(pacer.ElapsedMs)
             .Key("worst_late_ms").Value(worstLateMs).Key("buffers_created_in_steady_state").Value((long)createdInSteadyState)
-            .Key("send_path_garbage_bytes").Value(sendPathGarbage).Key("chunks_measured").Value(2L * (blocks - 50)));
+            .Key("send_path_garbage_bytes").Value(sendPathGarbage).Key("chunks_measured").Value(2L * (blocks - 50))
+            .Key("blocks_measured").Value((long)(blocks - 50)).Key("blocks_without_garbage").Value((long)blocksWithoutGarbage));
     }
 
     static bool InOrder(List<long> seqs)
