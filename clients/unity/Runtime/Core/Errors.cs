@@ -36,6 +36,7 @@ namespace Realtime
         InternalError,
         ResumeUnknown,
         ResumeExpired,
+        ServerBusy,
     }
 
     /// <summary>Conversion between <see cref="ErrorCode"/> and its snake_case wire form.</summary>
@@ -96,6 +97,8 @@ namespace Realtime
         public readonly long? Seq;
         /// <summary>The message for people (the exception's Message is "code: message").</summary>
         public readonly string Detail;
+        /// <summary>server_busy: how long to wait before trying again (ms), if the server said.</summary>
+        public double? RetryAfterMs;
 
         public RealtimeException(string wireCode, string message, bool retryable = false, long? stream = null, long? seq = null)
             : base(wireCode + ": " + message)
@@ -113,10 +116,12 @@ namespace Realtime
 
         internal static RealtimeException FromMessage(JsonValue m)
         {
-            return new RealtimeException(
+            var e = new RealtimeException(
                 m["code"].AsString("internal_error"), m["message"].AsString(""), m["retryable"].AsBool(),
                 m["stream"].IsNumber ? m["stream"].AsLong() : (long?)null,
                 m["seq"].IsNumber ? m["seq"].AsLong() : (long?)null);
+            if (m["retry_after_ms"].IsNumber) e.RetryAfterMs = m["retry_after_ms"].AsDouble();
+            return e;
         }
     }
 
