@@ -62,7 +62,8 @@ class Rechunker:
         self.chunk = chunk
         self.context = context
         self.window = chunk + context
-        self._scale = AUDIO_DTYPES[in_dtype]
+        #: A float32 scalar: integer PCM times it is float32 at once (no float64 detour).
+        self._scale = np.float32(AUDIO_DTYPES[in_dtype])
         self._unsigned = in_dtype == "uint8"
         self._dtype = np.dtype(np.float32) if out_dtype is None else out_dtype
         self._resampler = _resampler(in_rate, out_rate)
@@ -136,7 +137,7 @@ class Rechunker:
         if self._scratch.shape[0] < n:
             self._scratch = np.empty(max(n, 2 * self._scratch.shape[0]), np.float32)
         out = self._scratch[:n]
-        np.multiply(data, self._scale, out=out, casting="unsafe")
+        np.multiply(data, self._scale, out=out)
         if self._unsigned:
             out -= 1.0
         return out
@@ -157,7 +158,7 @@ class Rechunker:
         if data.dtype == self._dtype:
             out[:] = data
             return
-        np.multiply(data, self._scale, out=out, casting="unsafe")
+        np.multiply(data, self._scale, out=out, casting="same_kind")
         if self._unsigned:
             out -= 1.0
 

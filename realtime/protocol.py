@@ -594,8 +594,37 @@ def _wire_array(a: np.ndarray[Any, Any]) -> dict[str, Any]:
 
 
 def _as_dict(msg: Message) -> dict[str, Any]:
+    d: dict[str, Any]
+    # The per-chunk messages first: a result, its events, an error.
+    if type(msg) is Result:
+        d = {
+            "type": "result",
+            "stream": msg.stream,
+            "seq": msg.seq,
+            "t": msg.t,
+            "outputs": {name: _wire_array(a) for name, a in msg.outputs.items()},
+            "timing": {
+                "queue_ms": msg.timing.queue_ms,
+                "infer_ms": msg.timing.infer_ms,
+                "batch": msg.timing.batch,
+            },
+        }
+        if msg.windows is not None:
+            d["windows"] = msg.windows
+        return d
+    if type(msg) is Event:
+        return {**msg.data, "type": "event", "stream": msg.stream, "event": msg.event, "t": msg.t}
+    if type(msg) is Error:
+        d = {"type": "error", "code": msg.code, "message": msg.message, "retryable": msg.retryable}
+        if msg.stream is not None:
+            d["stream"] = msg.stream
+        if msg.seq is not None:
+            d["seq"] = msg.seq
+        if msg.retry_after_ms is not None:
+            d["retry_after_ms"] = msg.retry_after_ms
+        return d
     if isinstance(msg, Hello):
-        d: dict[str, Any] = {"type": "hello", "protocol": msg.protocol, "client": msg.client}
+        d = {"type": "hello", "protocol": msg.protocol, "client": msg.client}
         if msg.resume is not None:
             d["resume"] = msg.resume
             d["received"] = msg.received
@@ -656,33 +685,6 @@ def _as_dict(msg: Message) -> dict[str, Any]:
         d = {"type": "going_away", "reason": msg.reason, "drain_ms": msg.drain_ms}
         if msg.resume_token is not None:
             d["resume_token"] = msg.resume_token
-        return d
-    if isinstance(msg, Result):
-        d = {
-            "type": "result",
-            "stream": msg.stream,
-            "seq": msg.seq,
-            "t": msg.t,
-            "outputs": {name: _wire_array(a) for name, a in msg.outputs.items()},
-            "timing": {
-                "queue_ms": msg.timing.queue_ms,
-                "infer_ms": msg.timing.infer_ms,
-                "batch": msg.timing.batch,
-            },
-        }
-        if msg.windows is not None:
-            d["windows"] = msg.windows
-        return d
-    if isinstance(msg, Event):
-        return {**msg.data, "type": "event", "stream": msg.stream, "event": msg.event, "t": msg.t}
-    if isinstance(msg, Error):
-        d = {"type": "error", "code": msg.code, "message": msg.message, "retryable": msg.retryable}
-        if msg.stream is not None:
-            d["stream"] = msg.stream
-        if msg.seq is not None:
-            d["seq"] = msg.seq
-        if msg.retry_after_ms is not None:
-            d["retry_after_ms"] = msg.retry_after_ms
         return d
     raise TypeError(f"not a protocol message: {msg!r}")
 

@@ -155,6 +155,8 @@ class Stream:
     #: Client time (ms) of the end of the last window released, to end a stream's segment.
     last_end: float | None = None
     hop_ms: float = 0.0  # audio: ms between two model windows
+    #: One model input's shape as a window is cut (audio; None: windows are already it).
+    window_shape: tuple[int, ...] | None = None
     closing: bool = False
     #: False once the client is gone or the stream closed: the scheduler skips its items.
     live: bool = True
@@ -327,6 +329,7 @@ class Session:
             rechunker=_rechunker(model, msg) if model.kind == "audio" else None,
             chain=[make(options) for make in model.postprocess],
             hop_ms=model.timebase.hop_ms,
+            window_shape=_window_shape(model),
         )
         audio = model.kind == "audio"
         return Opened(
@@ -419,7 +422,8 @@ class Session:
         stream calls ``make_room`` (the scheduler drops its oldest queued chunk, which gets a
         ``dropped`` error) and the new chunk is accepted; otherwise it is refused (``overloaded``).
         """
-        self._require_open()
+        if self.phase is not Phase.OPEN:
+            raise errors.HelloRequired("send hello before anything else")
         sid, seq = chunk.stream, chunk.seq
         stream = self.streams.get(sid)
         if stream is None or stream.closing:
@@ -441,8 +445,10 @@ class Session:
             )
         model = stream.model
         expected = model.chunk_shape
-        if data.ndim != len(expected) or any(
-            e is not None and n != e for n, e in zip(data.shape, expected, strict=True)
+        if (
+            data.ndim != 1
+            if stream.rechunker is not None  # audio: any number of samples
+            else data.shape != expected
         ):
             raise errors.ShapeMismatch(
                 f"chunk shaped {list(data.shape)}, {model.key} takes {list(expected)}",
@@ -489,16 +495,17 @@ class Session:
         if k == 0:
             stream.done[seq] = Ready(chunk.t, _stack(stream, []), windows.t, windows.segment_end)
             return []
-        shape = [-1 if d is None else d for d in model.item_shape]
+        shape = stream.window_shape
+        end_at = k - 1 if end else -1
         return [
             WorkItem(
                 stream,
                 seq,
                 float(windows.t[i]),
-                w.reshape(shape),
+                w if shape is None else w.reshape(shape),
                 now,
                 deadline,
-                end and i == k - 1,
+                i == end_at,
                 gather,
                 i,
             )
@@ -611,6 +618,13 @@ class Session:
 
 
 _NO_WINDOWS: np.ndarray[Any, Any] = np.empty(0, np.float64)
+
+
+def _window_shape(model: Model) -> tuple[int, ...] | None:
+    """The shape an audio window is given before it is batched (None: it has it already)."""
+    if model.kind != "audio" or len(model.item_shape) == 1:
+        return None
+    return tuple(-1 if d is None else d for d in model.item_shape)
 
 
 def _rechunker(model: Model, msg: Open) -> Rechunker:

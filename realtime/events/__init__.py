@@ -149,10 +149,14 @@ def build(table: Mapping[str, Any], outputs: list[OutputInfo], timebase: Timebas
 
 def run_chain(chain: list[PostProcessor], batch: Batch) -> list[Emitted]:
     """Feed a batch through a chain; every processor's events, sorted by time (stable)."""
-    events: list[Emitted] = []
-    for p in chain:
-        events += p.process(Batch(batch.t, batch.outputs, list(events), batch.segment_end))
-    events.sort(key=lambda e: e.t)
+    if len(chain) == 1:  # the common case: no batch to rebuild, one processor's events
+        events = chain[0].process(batch)
+    else:
+        events = []
+        for p in chain:
+            events += p.process(Batch(batch.t, batch.outputs, list(events), batch.segment_end))
+    if len(events) > 1:
+        events.sort(key=lambda e: e.t)
     return events
 
 
