@@ -357,7 +357,10 @@ class Connection:
         self.queue(self.session.abandon(why), False)
 
     def queue(self, messages: list[Message], binary_results: bool) -> None:
-        """Queue messages in order, results as binary frames where the stream asked for them."""
+        """Queue messages in order, results as binary frames where the stream asked for them
+        (nothing more once the connection is to be closed for reading too slowly)."""
+        if self.close_code is not None:
+            return
         outbox = self._outbox
         for msg in messages:
             if binary_results and type(msg) is Result:
