@@ -168,6 +168,10 @@ def redis_traffic(clients: int, seconds: float, procs: int) -> dict[str, Any]:
                 "bytes_in_per_stream_per_s": round(got / clients / span, 1),
                 "commands_per_stream_per_s": round(commands / clients / span, 2),
                 "within_50ms": s["within_deadline"],
+                "p99_ms": s["latency_ms"]["p99"],
+                "lost": s["lost"],
+                "errors": s["errors"],
+                "connect_failures": s["connect_failures"],
             }
         finally:
             db.terminate()

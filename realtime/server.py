@@ -60,7 +60,7 @@ CLOSE_IDLE = 4001
 BURST = 4
 #: Frames a checkpoint keeps to send again (the newest): what a connection lost when its process
 #: died may not have delivered. A bound on Redis traffic per session (docs/deploy.md).
-CHECKPOINT_FRAME_BYTES = 16 * 1024
+CHECKPOINT_FRAME_BYTES = 4 * 1024
 
 
 def load_models(config: Config) -> list[Model]:
