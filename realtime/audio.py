@@ -77,13 +77,23 @@ class Rechunker:
         self._client_samples = 0  # client samples of this segment so far
 
     def __getstate__(self) -> dict[str, Any]:
-        """Everything but the resampler, which cannot be pickled: a session handed to another
+        """What the stream holds, not its buffers' spare room (a checkpoint is written every
+        second), nor the resampler, which cannot be pickled: a session handed to another
         server restarts its filter (a few ms of filter history are lost at the hand-off)."""
-        return {k: v for k, v in self.__dict__.items() if k != "_resampler"}
+        state = {
+            k: v for k, v in self.__dict__.items() if k not in ("_resampler", "_buf", "_scratch")
+        }
+        state["_held"] = self._buf[: self._fill].copy()
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        held = state.pop("_held", None)  # None: handed off by an older one, buffers and all
         self.__dict__.update(state)
         self.__dict__.setdefault("_size", 2 * self.window + 4096)  # handed off by an older one
+        if held is not None:
+            self._buf = np.zeros(max(self._size, held.shape[0]), self._dtype)
+            self._buf[: held.shape[0]] = held
+            self._scratch = np.empty(0, np.float32)
         self._resampler = _resampler(self.in_rate, self.out_rate)
 
     def decoded(self, n: int) -> int:

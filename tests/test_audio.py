@@ -116,3 +116,20 @@ def test_a_long_chunk_costs_what_its_header_says_and_its_memory_is_given_back() 
     assert len(windows.data) >= 200  # 250 less the resampling filter's delay
     assert r._buf.nbytes == small and r._scratch.nbytes <= small
     assert r.decoded(0) == r.pending < 320
+
+
+def test_a_pickled_rechunker_goes_on_as_if_never_moved_and_pickles_small() -> None:
+    """A session's checkpoint holds its streams' re-chunkers: only the samples they hold."""
+    import pickle
+
+    whole = Rechunker(16000, "int16", 16000, 512, 64)
+    moved = Rechunker(16000, "int16", 16000, 512, 64)
+    a, _, _ = _feed(whole, _PCM, [300], 16000)
+    b, _, _ = _feed(moved, _PCM[:2100], [300], 16000)
+    data = pickle.dumps(moved)
+    assert len(data) < 4 * (512 + 64) + 1000  # not its buffers' spare room
+    moved = pickle.loads(data)
+    c, _, _ = _feed(moved, _PCM[2100:], [300], 16000, t0=1000.0 * 2100 / 16000)
+    assert len(a) == len(b) + len(c)
+    for x, y in zip(a, b + c, strict=True):
+        np.testing.assert_array_equal(x, y)

@@ -65,13 +65,16 @@ class Fleet:
             "Ready to accept connections",
         )
         self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
+        models = folder / "models"  # silero VAD alone: basic_pitch's warm-up is long
+        models.mkdir()
+        (models / "silero_vad").symlink_to(MODELS / "silero_vad")
         self.ports = [free_port() for _ in range(3)]
         self.servers: dict[int, subprocess.Popen[str]] = {}
         for port in self.ports:
             self.servers[port] = self._popen(
                 [
                     *(sys.executable, "-m", "realtime", "serve", "--processes", "1"),
-                    *("--port", str(port), "--redis", self.redis_url, "--models", str(MODELS)),
+                    *("--port", str(port), "--redis", self.redis_url, "--models", str(models)),
                     *("--max-sessions-per-ip", "10000"),
                 ],
                 log=folder / f"server-{port}.log",
