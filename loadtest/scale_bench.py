@@ -167,6 +167,7 @@ def redis_traffic(clients: int, seconds: float, procs: int) -> dict[str, Any]:
                 "seconds": round(span, 1),
                 "bytes_in_per_stream_per_s": round(got / clients / span, 1),
                 "commands_per_stream_per_s": round(commands / clients / span, 2),
+                "bytes_per_command": round(got / max(commands, 1)),
                 "within_50ms": s["within_deadline"],
                 "p99_ms": s["latency_ms"]["p99"],
                 "lost": s["lost"],
@@ -270,7 +271,7 @@ def main() -> None:
     parser.add_argument("--steps", default="25,50,75,100,125,150,175,200,250,300")
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--procs", type=int, default=2, help="client processes (default 2)")
-    parser.add_argument("--redis-clients", type=int, default=50)
+    parser.add_argument("--redis-clients", type=int, default=20)
     parser.add_argument("--out", type=Path, default=REPO / "loadtest" / "results" / "scale.json")
     args = parser.parse_args()
     result: dict[str, Any] = {
