@@ -50,10 +50,16 @@ class ServerProcess:
     given, and sampled (CPU seconds, RSS) every 0.1 s while it runs."""
 
     def __init__(
-        self, target: str, kinds: list[str], cpus: set[int] | None = None, nice: int = 0
+        self,
+        target: str,
+        kinds: list[str],
+        cpus: set[int] | None = None,
+        nice: int = 0,
+        processes: int = 1,
+        args: tuple[str, ...] = (),
     ) -> None:
         self.proc = subprocess.Popen(
-            server_command(target, kinds),
+            [*server_command(target, kinds, processes), *args],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -71,6 +77,8 @@ class ServerProcess:
             self.proc.kill()
             raise SystemExit(f"{target} did not start: {line!r}")
         self.url = match.group(1)
+        #: The server's processes: itself, or a supervisor's children (all listen by now).
+        self.pids = [self.proc.pid, *(_children(self.proc.pid) if processes > 1 else ())]
         self.samples: list[tuple[float, float, float]] = []  # (t, cpu seconds, rss MB)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -79,12 +87,14 @@ class ServerProcess:
     def _sample(self) -> None:
         tick = os.sysconf("SC_CLK_TCK")
         page_mb = os.sysconf("SC_PAGE_SIZE") / 2**20
-        pid = self.proc.pid
         while not self._stop.is_set():
             try:
-                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                cpu = (int(stat[11]) + int(stat[12])) / tick  # utime + stime, every thread
-                self.samples.append((time.monotonic(), cpu, int(stat[21]) * page_mb))
+                cpu = rss = 0.0
+                for pid in self.pids:
+                    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                    cpu += (int(stat[11]) + int(stat[12])) / tick  # utime + stime, every thread
+                    rss += int(stat[21]) * page_mb
+                self.samples.append((time.monotonic(), cpu, rss))
             except (OSError, IndexError):
                 return
             self._stop.wait(0.1)
@@ -126,14 +136,28 @@ class ServerProcess:
             self.proc.wait()
 
 
-def server_command(target: str, kinds: list[str]) -> list[str]:
+def _children(pid: int) -> list[int]:
+    """The pids of a process's children, from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def server_command(target: str, kinds: list[str], processes: int = 1) -> list[str]:
     """How to start ``target`` for clients of ``kinds``: silero VAD (kind ``vad``) needs the
-    example models on realtime, and the naive server's silero handler."""
+    example models on realtime, and the naive server's silero handler. ``processes``: realtime's
+    ``--processes`` (its CPU is then its children's, which ServerProcess adds up)."""
     if target == "realtime":
         return [
-            # One process: its CPU is the one /proc/PID/stat tells (a supervisor's children are
-            # not in it).
-            *(sys.executable, "-m", "realtime", "serve", "--port", "0", "--processes", "1"),
+            *(sys.executable, "-m", "realtime", "serve", "--port", "0"),
+            *("--processes", str(processes)),
             # Every simulated client comes from 127.0.0.1: no per-address bounds.
             *("--max-sessions-per-ip", "100000", "--max-connections", "100000"),
             *("--max-rate-per-ip", "10000000", str(2**40)),
@@ -176,6 +200,8 @@ class Setup:
     nice: int = 0  # server's and clients' nice value: negative puts them ahead of other work
     settle_seconds: float = 15.0
     warmup_seconds: float = 1.0  # left out of the server CPU window (ramp-up)
+    processes: int = 1  # realtime's --processes
+    server_args: tuple[str, ...] = ()  # more realtime flags (e.g. --redis URL)
 
 
 def run_target(
@@ -184,7 +210,9 @@ def run_target(
     """Start one server, drive it with ``kinds`` (one client each) from ``setup.procs``
     processes, and return the merged records and the server's figures."""
     setup = setup or Setup()
-    server = ServerProcess(target, kinds, setup.server_cpus, setup.nice)
+    server = ServerProcess(
+        target, kinds, setup.server_cpus, setup.nice, setup.processes, setup.server_args
+    )
     try:
         procs = max(1, min(setup.procs, len(kinds)))
         entry = rawload.run_process if setup.client == "raw" else run_process

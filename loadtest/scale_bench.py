@@ -4,8 +4,10 @@ long a client waits when the process serving it is killed.
 Not a test: a benchmark (run it under ``flock /work/bench.lock``). Everything on loopback:
 
 - capacity: the most real-time audio clients (20 ms of 16 kHz audio every 20 ms each, to the
-  built-in speech model) a ``realtime serve --processes P`` answers >= 99 % within 50 ms of each
-  chunk's due time, with nothing lost or refused, for P = 1 and 2 in the same run;
+  built-in speech model, from the raw client of :mod:`loadtest.rawload`) a
+  ``realtime serve --processes P`` answers >= 99 % within 50 ms of each chunk's due time
+  (``python -m loadtest --capacity``'s search), for P = 1 and 2 in the same run, server and
+  load unpinned (two processes need both cores);
 - Redis: ``--redis`` with the default checkpoints, N audio clients: bytes and commands Redis
   received, per stream per second (``INFO stats`` before and after);
 - kill to answer: three ``--redis`` processes behind HAProxy (deploy/haproxy.cfg); a pose client
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing
 import os
 import re
 import shutil
@@ -37,11 +38,11 @@ import numpy as np
 import orjson
 
 from loadtest import report
-from loadtest.clients import Plan, run_process
+from loadtest.__main__ import Setup, run_target
+from loadtest.__main__ import capacity as search
 
 REPO = Path(__file__).resolve().parents[1]
 WITHIN_MS = 50.0
-SHARE = 0.99
 
 
 def free_port() -> int:
@@ -81,54 +82,24 @@ def stop(proc: subprocess.Popen[str]) -> None:
         proc.wait()
 
 
-def drive(url: str, clients: int, seconds: float, procs: int, kind: str = "audio") -> Any:
-    """Run ``clients`` real-time clients against ``url`` from ``procs`` processes."""
-    procs = max(1, min(procs, clients))
-    start = time.monotonic() + 1.0 + clients / 500
-    kinds = [kind] * clients
-    plans = [
-        Plan(url, "realtime", kinds[p::procs], p * 100_000, start, seconds) for p in range(procs)
-    ]
-    with multiprocessing.get_context("spawn").Pool(procs) as pool:
-        return report.merge(pool.map(run_process, plans))
+def setup(processes: int, *args: str) -> Setup:
+    """The raw client (loadtest.rawload), server and load unpinned: two server processes need
+    both cores, so one process is measured the same way."""
+    return Setup(processes=processes, server_args=args)
 
 
-def capacity(processes: int, steps: list[int], seconds: float, procs: int) -> dict[str, Any]:
-    """The most audio clients answered >= 99 % within 50 ms, nothing lost or refused."""
-    rows = []
-    best = 0
-    for n in steps:
-        proc, url = serve("--port", "0", "--processes", str(processes))
-        try:
-            rec = drive(url, n, seconds, procs)
-        finally:
-            stop(proc)
-        s = report.summarize(rec, seconds, WITHIN_MS)
-        ok = (
-            s["within_deadline"] >= SHARE
-            and s["lost"] == 0
-            and not s["errors"]
-            and s["connect_failures"] == 0
-        )
-        rows.append(
-            {
-                "clients": n,
-                "within_50ms": s["within_deadline"],
-                "p99_ms": s["latency_ms"]["p99"],
-                "lost": s["lost"],
-                "errors": s["errors"],
-                "client_cpu_cores": s["client_cpu_cores"],
-                "ok": ok,
-            }
-        )
-        print(f"  --processes {processes}: {rows[-1]}", flush=True)
-        if not ok:
-            break
-        best = n
-    return {"processes": processes, "clients": best, "steps": rows}
+def capacity(steps: list[int], seconds: float) -> dict[str, Any]:
+    """Per --processes, the most audio clients answered >= 99 % within 50 ms."""
+    found = {}
+    for p in (1, 2):
+        print(f"--processes {p}", flush=True)
+        found[f"processes={p}"] = search(["realtime"], "audio", steps, seconds, setup(p))[
+            "targets"
+        ]["realtime"]
+    return found
 
 
-def redis_traffic(clients: int, seconds: float, procs: int) -> dict[str, Any]:
+def redis_traffic(clients: int, seconds: float) -> dict[str, Any]:
     """What Redis receives per stream per second with the default checkpoints."""
     import redis
 
@@ -149,16 +120,13 @@ def redis_traffic(clients: int, seconds: float, procs: int) -> dict[str, Any]:
                     break
                 except redis.ConnectionError:
                     time.sleep(0.01)
-            proc, url = serve(
-                "--port", "0", "--processes", "1", "--redis", f"redis://127.0.0.1:{port}"
+            before = client.info("stats")
+            url = f"redis://127.0.0.1:{port}"
+            rec, server = run_target(
+                "realtime", ["audio"] * clients, seconds, setup(1, "--redis", url)
             )
-            try:
-                before = client.info("stats")
-                rec = drive(url, clients, seconds, procs)
-                after = client.info("stats")
-            finally:
-                stop(proc)
-            span = seconds + 1.0 + clients / 500  # the run, and its connect time
+            after = client.info("stats")
+            span = seconds + 1.5 + clients / 200  # the run, and its connect time
             got = after["total_net_input_bytes"] - before["total_net_input_bytes"]
             commands = after["total_commands_processed"] - before["total_commands_processed"]
             s = report.summarize(rec, seconds, WITHIN_MS)
@@ -168,11 +136,11 @@ def redis_traffic(clients: int, seconds: float, procs: int) -> dict[str, Any]:
                 "bytes_in_per_stream_per_s": round(got / clients / span, 1),
                 "commands_per_stream_per_s": round(commands / clients / span, 2),
                 "bytes_per_command": round(got / max(commands, 1)),
-                "within_50ms": s["within_deadline"],
+                "within_50ms": s["within_50ms"],
                 "p99_ms": s["latency_ms"]["p99"],
                 "lost": s["lost"],
                 "errors": s["errors"],
-                "connect_failures": s["connect_failures"],
+                "server_cpu_cores": server["cpu_cores_mean"],
             }
         finally:
             db.terminate()
@@ -270,7 +238,6 @@ def main() -> None:
     parser.add_argument("--only", choices=["capacity", "redis", "kill"])
     parser.add_argument("--steps", default="25,50,75,100,125,150,175,200,250,300")
     parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--procs", type=int, default=2, help="client processes (default 2)")
     parser.add_argument("--redis-clients", type=int, default=20)
     parser.add_argument("--out", type=Path, default=REPO / "loadtest" / "results" / "scale.json")
     args = parser.parse_args()
@@ -281,9 +248,9 @@ def main() -> None:
     }
     steps = [int(s) for s in args.steps.split(",")]
     if args.only in (None, "capacity"):
-        result["capacity"] = [capacity(p, steps, args.seconds, args.procs) for p in (1, 2)]
+        result["capacity"] = capacity(steps, args.seconds)
     if args.only in (None, "redis"):
-        result["redis"] = redis_traffic(args.redis_clients, args.seconds, args.procs)
+        result["redis"] = redis_traffic(args.redis_clients, args.seconds)
         print(f"  redis: {result['redis']}", flush=True)
     if args.only in (None, "kill"):
         result["kill"] = asyncio.run(kill_to_answer(2))
