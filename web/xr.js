@@ -87,6 +87,10 @@ function animatedHand(side, ms) {
 
 const canvas = $("scene");
 const gl = canvas.getContext("webgl", { xrCompatible: true, antialias: true, alpha: true });
+if (!gl) {
+  $("mode").textContent = "no WebGL in this browser";
+  throw new Error("no WebGL");
+}
 const program = (() => {
   const vs = `attribute vec3 aPos; attribute vec3 aNormal; attribute vec2 aUv;
     uniform mat4 uMvp; uniform mat4 uModel; varying vec3 vNormal; varying vec2 vUv;
