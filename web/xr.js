@@ -10,7 +10,7 @@ import { connectShowingState, microphoneTo } from "./connect.js";
 
 const $ = (id) => document.getElementById(id);
 const TRACKED = [0.3, 0.6, 1.0, 1.0];
-const PREDICTED = [1.0, 0.6, 0.18, 0.9];
+const PREDICTED = [1.0, 0.6, 0.18, 1.0];
 const FLOOR_Y = -1.6; // the 'local' space has its origin at the head: the floor is below it
 
 // What the page does, for people (the HUD) and for tests (window.xrDemo).
@@ -98,7 +98,7 @@ const program = (() => {
   const fs = `precision mediump float; uniform vec4 uColor; uniform sampler2D uTex; uniform float uTextured; uniform float uLit;
     varying vec3 vNormal; varying vec2 vUv;
     void main() {
-      float light = mix(1.0, 0.5 + 0.5 * max(dot(normalize(vNormal), normalize(vec3(0.3, 0.8, 0.6))), 0.0), uLit);
+      float light = mix(1.0, 0.6 + 0.4 * max(dot(normalize(vNormal), normalize(vec3(0.3, 0.8, 0.6))), 0.0), uLit);
       vec4 c = uTextured > 0.5 ? texture2D(uTex, vUv) : uColor;
       gl_FragColor = vec4(c.rgb * light, c.a * uColor.a);
     }`;
