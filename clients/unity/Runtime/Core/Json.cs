@@ -86,9 +86,13 @@ namespace Realtime
             return Kind == JsonKind.Number ? _number : Kind == JsonKind.Null ? double.NaN : fallback;
         }
 
+        /// <summary>The number as a long (truncated), or the fallback.</summary>
         public long AsLong(long fallback = 0) { return Kind == JsonKind.Number ? (long)_number : fallback; }
+        /// <summary>The number as an int (truncated), or the fallback.</summary>
         public int AsInt(int fallback = 0) { return Kind == JsonKind.Number ? (int)_number : fallback; }
+        /// <summary>The boolean, or the fallback.</summary>
         public bool AsBool(bool fallback = false) { return Kind == JsonKind.Bool ? _bool : fallback; }
+        /// <summary>The string, or the fallback.</summary>
         public string AsString(string fallback = null) { return Kind == JsonKind.String ? _string : fallback; }
 
         /// <summary>Parse one JSON document; throws FormatException on malformed text.</summary>
@@ -290,8 +294,10 @@ namespace Realtime
         readonly StringBuilder _sb = new StringBuilder(128);
         bool _needComma;
 
+        /// <summary>Start an object; write members with <see cref="Key"/> then a value.</summary>
         public JsonWriter BeginObject() { Separate(); _sb.Append('{'); _needComma = false; return this; }
         public JsonWriter EndObject() { _sb.Append('}'); _needComma = true; return this; }
+        /// <summary>Start an array.</summary>
         public JsonWriter BeginArray() { Separate(); _sb.Append('['); _needComma = false; return this; }
         public JsonWriter EndArray() { _sb.Append(']'); _needComma = true; return this; }
 
@@ -305,8 +311,10 @@ namespace Realtime
             return this;
         }
 
+        /// <summary>An integer, written without a fraction (ids, seqs, counts).</summary>
         public JsonWriter Value(long n) { Separate(); _sb.Append(n.ToString(CultureInfo.InvariantCulture)); _needComma = true; return this; }
 
+        /// <summary>A number in the invariant culture, round-trip precision; NaN and infinities as null.</summary>
         public JsonWriter Value(double d)
         {
             Separate();
@@ -316,8 +324,10 @@ namespace Realtime
             return this;
         }
 
+        /// <summary>true or false.</summary>
         public JsonWriter Value(bool b) { Separate(); _sb.Append(b ? "true" : "false"); _needComma = true; return this; }
 
+        /// <summary>A string, escaped (null as null).</summary>
         public JsonWriter Value(string s)
         {
             Separate();
@@ -327,6 +337,7 @@ namespace Realtime
             return this;
         }
 
+        /// <summary>null.</summary>
         public JsonWriter Null() { Separate(); _sb.Append("null"); _needComma = true; return this; }
 
         /// <summary>Write a parsed value back (integral numbers without a fraction).</summary>

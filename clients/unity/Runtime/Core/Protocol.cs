@@ -31,6 +31,7 @@ namespace Realtime
         /// <summary>Chunk flag bit 0: this chunk ends a segment (an utterance, a phrase).</summary>
         public const ushort FlagEndOfSegment = 1;
 
+        /// <summary>Bytes per value of a dtype.</summary>
         public static int ItemSize(DType d)
         {
             switch (d)
@@ -42,6 +43,7 @@ namespace Realtime
             }
         }
 
+        /// <summary>The wire name of a dtype ("float32", ...).</summary>
         public static string Name(DType d)
         {
             switch (d)
@@ -59,6 +61,7 @@ namespace Realtime
             }
         }
 
+        /// <summary>The dtype of a wire name; false if the name is not one.</summary>
         public static bool TryParseDType(string name, out DType d)
         {
             for (byte code = 1; code <= 10; code++)
@@ -69,6 +72,7 @@ namespace Realtime
             return false;
         }
 
+        /// <summary>The wire name of a stream kind ("audio", "video", "tensor").</summary>
         public static string Name(StreamKind k) { return k == StreamKind.Audio ? "audio" : k == StreamKind.Video ? "video" : "tensor"; }
 
         /// <summary>Bytes taken by <paramref name="ndim"/> u32 dims, padded so the payload is 8-byte aligned.</summary>
@@ -103,10 +107,7 @@ namespace Realtime
             return end;
         }
 
-        /// <summary>Overwrite the seq of a frame already written.</summary>
-        public static void SetSeq(byte[] frame, uint seq) { PutU32(frame, 8, seq); }
-
-        public static void PutU32(byte[] b, int o, uint v)
+        internal static void PutU32(byte[] b, int o, uint v)
         {
             b[o] = (byte)v; b[o + 1] = (byte)(v >> 8); b[o + 2] = (byte)(v >> 16); b[o + 3] = (byte)(v >> 24);
         }
@@ -117,7 +118,7 @@ namespace Realtime
             PutU32(b, o + 4, (uint)(v >> 32));
         }
 
-        public static uint GetU32(byte[] b, int o)
+        internal static uint GetU32(byte[] b, int o)
         {
             return (uint)(b[o] | (b[o + 1] << 8) | (b[o + 2] << 16) | (b[o + 3] << 24));
         }
@@ -201,6 +202,7 @@ namespace Realtime
         [System.Runtime.InteropServices.FieldOffset(0)] uint _bits;
         [System.Runtime.InteropServices.FieldOffset(0)] float _value;
 
+        /// <summary>The float whose IEEE 754 bits these are.</summary>
         public static float ToSingle(uint bits)
         {
             var u = new SingleBits();
