@@ -38,7 +38,14 @@ from typing import Any
 import orjson
 
 from loadtest import rawload, report
-from loadtest.clients import Plan, Records, all_ready, keep_barrier, run_process
+from loadtest.clients import (
+    Plan,
+    Records,
+    all_ready,
+    keep_barrier,
+    run_process,
+    set_nice,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEADLINE_MS = 100.0  # the built-in speech model's deadline
@@ -64,12 +71,13 @@ class ServerProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
+            start_new_session=bool(nice),  # its own autogroup, to which the nice applies
         )
         # Before the server has started a thread: its threads (ORT workers) inherit both.
         if cpus:
             os.sched_setaffinity(self.proc.pid, cpus)
         if nice:
-            os.setpriority(os.PRIO_PROCESS, self.proc.pid, nice)
+            set_nice(self.proc.pid, nice)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         match = re.search(r"(ws://\S+)", line)
@@ -340,8 +348,8 @@ def add_setup_flags(parser: argparse.ArgumentParser) -> None:
         "--nice",
         type=int,
         default=0,
-        help="nice value of server and clients (e.g. -10 on a machine shared with other work; "
-        "needs root; the same for every target)",
+        help="nice value of server and clients, each in its own session and autogroup "
+        "(e.g. -10 on a machine shared with other work; needs root; the same for every target)",
     )
 
 

@@ -239,4 +239,18 @@ def place_process(plan: Plan) -> None:
     if plan.cpus:
         os.sched_setaffinity(0, plan.cpus)
     if plan.nice:
-        os.setpriority(os.PRIO_PROCESS, 0, plan.nice)
+        with contextlib.suppress(OSError):
+            os.setsid()  # its own session, so its own autogroup (see set_nice)
+        set_nice(0, plan.nice)
+
+
+def set_nice(pid: int, nice: int) -> None:
+    """Give process ``pid`` (0: this one) the nice value ``nice``. Where the kernel groups
+    processes by session (sched_autogroup), nice only orders processes inside their group and
+    groups share the CPU equally, so the group of a session leader gets the same nice."""
+    os.setpriority(os.PRIO_PROCESS, pid, nice)
+    if pid == 0:
+        pid = os.getpid()
+    if os.getsid(pid) == pid:
+        with contextlib.suppress(OSError):
+            Path(f"/proc/{pid}/autogroup").write_text(str(nice))
