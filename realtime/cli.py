@@ -409,6 +409,10 @@ def main(argv: list[str] | None = None) -> int:
                 given = sys.argv[1:] if argv is None else argv
                 child = [*given[given.index("serve") + 1 :], "--workers", str(workers)]
                 return serve(child, processes, args.host, args.port)
+            if args.peer_dir is not None:  # a supervisor's child: it drains if the parent dies
+                from realtime.supervisor import stop_with_parent
+
+                stop_with_parent()
             _run(run(config))
             return 0
         code: int = _run(

@@ -119,3 +119,24 @@ async def _twenty_reconnects(url: str) -> None:
     closed = await stream.close()
     assert (closed.results, closed.errors) == (200, 0)
     await client.close()
+
+
+async def test_children_drain_and_exit_when_the_parent_is_killed(tiny_models: Path) -> None:
+    served = Served("--no-builtin", "--models", str(tiny_models), processes=2)
+    kids = children(served.proc.pid)
+    assert len(kids) == 2
+    served.proc.kill()  # SIGKILL: the parent cannot forward anything
+    served.proc.wait()
+    for _ in range(1500):  # bounded poll: each child got SIGTERM from the kernel and drains
+        if not any(map(running, kids)):
+            break
+        await asyncio.sleep(0.02)
+    assert not any(map(running, kids))
+
+
+def running(pid: int) -> bool:
+    """Whether a process exists and has not exited (a zombie waiting for init has)."""
+    try:
+        return (Path(f"/proc/{pid}") / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
