@@ -127,11 +127,15 @@ async def test_children_drain_and_exit_when_the_parent_is_killed(tiny_models: Pa
     assert len(kids) == 2
     served.proc.kill()  # SIGKILL: the parent cannot forward anything
     served.proc.wait()
-    for _ in range(1500):  # bounded poll: each child got SIGTERM from the kernel and drains
-        if not any(map(running, kids)):
-            break
-        await asyncio.sleep(0.02)
-    assert not any(map(running, kids))
+    try:
+        for _ in range(1500):  # bounded poll: each child got SIGTERM from the kernel and drains
+            if not any(map(running, kids)):
+                break
+            await asyncio.sleep(0.02)
+        assert not any(map(running, kids))
+    finally:
+        for pid in filter(running, kids):  # the test failed: leave no server behind
+            os.kill(pid, signal.SIGKILL)
 
 
 def running(pid: int) -> bool:
