@@ -29,6 +29,7 @@ from realtime import errors
 from tests.conftest import REPO, SHARED, read_clip
 from tests.test_cli import Served
 from tests.test_resume import free_port
+from tests.test_web import node_websocket_flags
 
 PACKAGE = REPO / "clients" / "unity"
 MCS, MONO = shutil.which("mcs"), shutil.which("mono")
@@ -332,3 +333,35 @@ def test_a_restart_hands_the_session_to_the_next_process(
     assert handoff["max_diff_vs_uncut"] < 1e-6
     assert handoff["states"][-2:] == ["Resuming", "Online"]  # (the first connect's may lead)
     assert handoff["states"].count("Resuming") == 1
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
+def test_webgl_jslib_talks_to_a_real_server(tmp_path: Path) -> None:
+    # The .jslib's JavaScript run as a WebGL build would run it (Node's WebSocket, a stand-in
+    # heap), driven as WebGLTransport.cs drives it, against a real server.
+    flags = node_websocket_flags()
+    if flags is None:
+        pytest.skip("this Node.js has no WebSocket (Node 20.10+ with a flag, 22+ built in)")
+    source = (PACKAGE / "Runtime" / "Plugins" / "WebGL" / "RealtimeWebSocket.jslib").read_text()
+    js = re.sub(r"\{\{\{ makeDynCall\('\w+', '([\w.]+)'\) \}\}\}", r"(\1)", source)
+    script = tmp_path / "harness.js"
+    harness = (PACKAGE / "Tests" / "CI~" / "JslibHarness.js").read_text()
+    script.write_text(harness.replace("// %JSLIB%", js))
+    server = Served()
+    try:
+        r = subprocess.run(
+            ["node", *flags, str(script), server.url], capture_output=True, text=True, timeout=60
+        )
+    finally:
+        server.proc.kill()
+        server.proc.wait()
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = json.loads(r.stdout.splitlines()[-1])
+    assert out["seen"] == ["open", "welcome", "opened", "timer 7", "close 1000 done"], out
+    # Binary results: one frame per output (smoothed, predicted), seq 0; a stream's first
+    # pose passes through the filter unchanged.
+    assert [(f["type"], f["seq"], f["index"], f["count"]) for f in out["frames"]] == [
+        (2, 0, 0, 2),
+        (2, 0, 1, 2),
+    ]
+    assert out["frames"][1]["first"] == [0, 0, 0, 0, 0, 0, 1]
