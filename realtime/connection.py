@@ -307,7 +307,11 @@ class Connection:
             self._check_size(len(data))
             frame = decode_frame(data)
             if type(frame) is not Chunk:
-                raise errors.BadFrame("result frames go from server to client only")
+                raise errors.BadFrame(
+                    "result frames go from server to client only",
+                    stream=frame.stream,
+                    seq=frame.seq,
+                )
             if draining:
                 session.refused(frame)
                 raise errors.ShuttingDown(

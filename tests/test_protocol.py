@@ -249,6 +249,25 @@ def test_malformed_frames_name_the_problem(buf: bytes, fragment: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("buf", "ids"),
+    [
+        (b"\x01\x01\x01\x01" + struct.pack("<I", 7), (None, None)),  # ends inside the seq
+        (_header(stream=7, seq=9)[:12], (7, 9)),  # truncated after the seq
+        (_header(stream=7, seq=9)[:31], (7, 9)),
+        (_header(version=2, stream=7, seq=9) + b"\0" * 8, (7, 9)),
+        (_header(dtype=99, stream=7, seq=9) + b"\0" * 8, (7, 9)),
+        (_header(kind=7, stream=7, seq=9) + struct.pack("<I", 0) + b"\0" * 4, (7, 9)),
+    ],
+)
+def test_bad_frames_name_their_stream_and_seq_when_the_header_got_that_far(
+    buf: bytes, ids: tuple[int | None, int | None]
+) -> None:
+    with pytest.raises(errors.BadFrame) as refused:
+        decode_frame(buf)
+    assert (refused.value.stream, refused.value.seq) == ids
+
+
+@pytest.mark.parametrize(
     ("text", "exc", "fragment"),
     [
         ("{", errors.BadMessage, "invalid JSON"),
