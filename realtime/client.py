@@ -53,6 +53,8 @@ def raise_error(err: Error) -> errors.RealtimeError:
     """The error-tree exception for an error message (unknown codes become RealtimeError)."""
     cls = _CODES.get(err.code, errors.RealtimeError)
     exc = cls(err.message, stream=err.stream, seq=err.seq)
+    if isinstance(exc, errors.Overloaded) and err.reason in ("inflight", "queue"):
+        exc.reason = "inflight" if err.reason == "inflight" else "queue"
     return exc
 
 

@@ -312,8 +312,7 @@ class Connection:
                     stream=frame.stream,
                     seq=frame.seq,
                 )
-            if draining:
-                session.refused(frame)
+            if draining:  # counted as received by self.error (Session.refused)
                 raise errors.ShuttingDown(
                     "the server is shutting down", stream=frame.stream, seq=frame.seq
                 )
@@ -348,7 +347,8 @@ class Connection:
     # --- output ------------------------------------------------------------------------------
 
     def error(self, exc: errors.RealtimeError) -> None:
-        """Queue a typed error."""
+        """Queue a typed error sent at once (a refusal; counted on its stream for ``closed``)."""
+        self.session.refused(exc)
         self.queue([Error.of(exc)], False)
 
     def going_away(self, drain_ms: float, resume_token: str | None) -> None:

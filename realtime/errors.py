@@ -7,7 +7,7 @@ again later can succeed. Callers catch :class:`RealtimeError`; tests assert the 
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal, TypeAlias
 
 
 class RealtimeError(Exception):
@@ -173,10 +173,27 @@ class DeadlineExceeded(ServingError):
     code = "deadline_exceeded"
 
 
+#: Why a chunk was refused with ``overloaded`` (the error's ``reason`` on the wire).
+OverloadReason: TypeAlias = Literal["inflight", "queue"]
+
+
 class Overloaded(ServingError):
-    """The stream or session has too many chunks in flight; the chunk was not accepted."""
+    """The chunk was refused for load; ``reason`` says whose: ``inflight`` (the stream or the
+    session has its limit of chunks in flight: wait for results) or ``queue`` (the model's
+    queue is full, or too long for the chunk's deadline: the server is busy)."""
 
     code = "overloaded"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        stream: int | None = None,
+        seq: int | None = None,
+        reason: OverloadReason | None = None,
+    ) -> None:
+        super().__init__(message, stream=stream, seq=seq)
+        self.reason: OverloadReason | None = reason
 
 
 class ResultsDropped(ServingError):

@@ -16,7 +16,7 @@ from typing import Any, Final, Literal, TypeAlias
 import numpy as np
 import orjson
 
-from realtime.errors import BadFrame, BadMessage, RealtimeError, UnsupportedVersion
+from realtime.errors import BadFrame, BadMessage, Overloaded, RealtimeError, UnsupportedVersion
 
 PROTOCOL_VERSION: Final = 1
 
@@ -369,12 +369,15 @@ class Error:
     retryable: bool = False
     #: When to try again (``server_busy``).
     retry_after_ms: float | None = None
+    #: ``overloaded`` only: ``inflight`` or ``queue`` (see :class:`realtime.errors.Overloaded`).
+    reason: str | None = None
 
     @classmethod
     def of(cls, exc: RealtimeError) -> Error:
         """The wire form of an error from the error tree."""
         retry = getattr(exc, "retry_after_ms", None)
-        return cls(exc.code, exc.message, exc.stream, exc.seq, exc.retryable, retry)
+        reason = exc.reason if isinstance(exc, Overloaded) else None
+        return cls(exc.code, exc.message, exc.stream, exc.seq, exc.retryable, retry, reason)
 
 
 Message: TypeAlias = (
@@ -573,6 +576,7 @@ def _parse(d: dict[str, Any]) -> Message:
             None if seq is None else _int(d, "seq"),
             retryable,
             None if d.get("retry_after_ms") is None else _num(d, "retry_after_ms"),
+            _opt_str(d, "reason"),
         )
     raise BadMessage(f"unknown message type {kind!r}")
 
@@ -622,6 +626,8 @@ def _as_dict(msg: Message) -> dict[str, Any]:
             d["seq"] = msg.seq
         if msg.retry_after_ms is not None:
             d["retry_after_ms"] = msg.retry_after_ms
+        if msg.reason is not None:
+            d["reason"] = msg.reason
         return d
     if isinstance(msg, Hello):
         d = {"type": "hello", "protocol": msg.protocol, "client": msg.client}

@@ -205,7 +205,10 @@ class ModelQueue:
         if depth >= self._max_queue:
             self.stats.rejected += 1
             raise errors.Overloaded(
-                f"{self.model.key} has {depth} chunks queued", stream=item.stream.id, seq=item.seq
+                f"{self.model.key} has {depth} chunks queued",
+                stream=item.stream.id,
+                seq=item.seq,
+                reason="queue",
             )
         full = self.model.max_batch
         if depth >= full:
@@ -220,6 +223,7 @@ class ModelQueue:
                     "work: this one would miss its deadline",
                     stream=item.stream.id,
                     seq=item.seq,
+                    reason="queue",
                 )
         self._queue.push(Entry(item, None))
         self.stats.submitted += 1

@@ -395,6 +395,17 @@ class Session:
             stream.audio_inflight = 0  # every chunk of it is answered now
         return out
 
+    def refused(self, exc: errors.RealtimeError) -> None:
+        """Note an error sent at once (a refusal) on the open stream it names, if any: a
+        stream's ``closed`` counts every error that carried its id while it was open, and a
+        refused chunk (the server shutting down, a bad frame) still counts as received, so a
+        client that resumes the session does not send it again (its answer is replayed)."""
+        stream = None if exc.stream is None else self.streams.get(exc.stream)
+        if stream is not None:
+            stream.errors_sent += 1
+            if exc.seq is not None and exc.seq > stream.received:
+                stream.received = exc.seq
+
     def disconnect(self) -> None:
         """The client is gone: its queued items are skipped and nothing more is sent."""
         for stream in self.streams.values():
@@ -403,13 +414,6 @@ class Session:
         self.inflight = 0
 
     # --- chunks -----------------------------------------------------------------------------
-
-    def refused(self, chunk: Chunk) -> None:
-        """A chunk refused before its checks (the server is shutting down) still counts as
-        received: a client that resumes the session does not send it again."""
-        stream = self.streams.get(chunk.stream)
-        if stream is not None and chunk.seq > stream.received:
-            stream.received = chunk.seq
 
     def accept(
         self, chunk: Chunk, now: float, make_room: Callable[[Stream], bool] | None = None
@@ -458,8 +462,13 @@ class Session:
         if data.dtype.kind == "f" and not math.isfinite(data.sum(dtype=np.float64)):
             raise errors.NonFiniteInput("chunk holds NaN or infinity", stream=sid, seq=seq)
         limits = self.limits
+        end = bool(chunk.flags & FLAG_END_OF_SEGMENT)
         if stream.rechunker is not None:
-            self._check_audio(stream, data.shape[0], seq)
+            try:
+                self._check_audio(stream, data.shape[0], seq)
+            except errors.Overloaded:  # its audio keeps its place: a gap, not a shift
+                stream.rechunker.push(data, chunk.t, end)
+                raise
         # Chunks whose outcome is known but waits for an earlier one's do not count: dropped
         # chunks wait so behind a running batch (a burst read at once can drop many while one
         # batch runs); the session's bound on chunks in flight still holds them.
@@ -478,14 +487,18 @@ class Session:
                 if in_stream >= limits.max_inflight_per_stream
                 else f"session has {self.inflight}"
             )
+            if stream.rechunker is not None:  # its audio keeps its place: a gap, not a shift
+                stream.rechunker.push(data, chunk.t, end)
             raise errors.Overloaded(
-                f"{where} chunks in flight; wait for results", stream=sid, seq=seq
+                f"{where} chunks in flight; wait for results",
+                stream=sid,
+                seq=seq,
+                reason="inflight",
             )
         stream.last_seq = seq
         stream.pending.append(seq)
         self.inflight += 1
         deadline = now + (chunk.deadline_ms or stream.deadline_ms) / 1000.0
-        end = bool(chunk.flags & FLAG_END_OF_SEGMENT)
         if stream.rechunker is None:
             return [WorkItem(stream, seq, chunk.t, data, now, deadline, end)]
         windows = stream.rechunker.push(data, chunk.t, end)
@@ -535,6 +548,7 @@ class Session:
                 f"flight, at most {per_stream / rate:.1f} s; wait for results",
                 stream=stream.id,
                 seq=seq,
+                reason="inflight",
             )
 
     # --- outcomes ---------------------------------------------------------------------------

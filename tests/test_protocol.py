@@ -125,7 +125,16 @@ messages = st.one_of(
             max_size=3,
         ),
     ),
-    st.builds(Error, names, st.text(max_size=200), st.none() | ids, st.none() | ids, st.booleans()),
+    st.builds(
+        Error,
+        names,
+        st.text(max_size=200),
+        st.none() | ids,
+        st.none() | ids,
+        st.booleans(),
+        st.none() | finite,
+        st.none() | st.sampled_from(["inflight", "queue"]),
+    ),
 )
 
 

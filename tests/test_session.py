@@ -10,7 +10,7 @@ import pytest
 
 from realtime import errors
 from realtime.models.repository import BUILTIN_DIR, ModelRepository, scan
-from realtime.protocol import Chunk, Hello, Open, Overflow
+from realtime.protocol import Chunk, Close, Closed, Hello, Open, Overflow
 from realtime.session import Limits, Prediction, Session, Stream, WorkItem
 
 
@@ -116,8 +116,9 @@ def test_a_chunk_refused_while_shutting_down_is_not_asked_for_again_on_resume(
     s = session(tiny_models)
     stream = open_double(s)
     s.accept(chunk(1, 0), 0.0)
-    s.refused(chunk(1, 1))  # refused unchecked (going_away): it is answered, typed
-    s.refused(chunk(9, 5))  # a stream that is not open: nothing to note
+    # refused unchecked (going_away): it is answered, typed
+    s.refused(errors.ShuttingDown("shutting down", stream=1, seq=1))
+    s.refused(errors.ShuttingDown("shutting down", stream=9, seq=5))  # not open: nothing to note
     assert stream.received == 1 and stream.last_seq == 0
     resumed = s.welcome(replay_from=0).resumed
     assert resumed is not None and resumed["streams"][0]["received"] == 1
@@ -156,3 +157,35 @@ def test_an_audio_chunk_is_bounded_by_what_it_decodes_to(tiny_models: Path) -> N
     for item in items:  # the first chunk is answered: its audio no longer counts
         s.complete(item, Prediction([np.zeros(20, np.float32)], 0.0, 0.0, 1))
     s.accept(Chunk(1, 4, 0.0, np.zeros(500, np.uint8)), 0.0)
+
+
+def test_closed_counts_refusals_sent_while_the_stream_was_open(tiny_models: Path) -> None:
+    s = session(tiny_models)
+    open_double(s)
+    (item,) = s.accept(chunk(1, 0), 0.0)
+    for exc in [
+        errors.ShapeMismatch("x", stream=1, seq=1),
+        errors.BadFrame("x", stream=1, seq=2),
+        errors.BadFrame("no stream"),  # names no stream: no stream's count
+        errors.ShapeMismatch("x", stream=2, seq=0),  # not open: nobody's
+    ]:
+        s.refused(exc)
+    s.close_stream(Close(1))
+    s.refused(errors.StreamNotOpen("closing", stream=1, seq=3))
+    out = s.complete(item, Prediction([np.zeros(4, np.float32)], 0.0, 0.0, 1))
+    assert out[-1] == Closed(1, 1, 3)
+    s.refused(errors.StreamNotOpen("closed", stream=1, seq=4))  # after closed: not counted
+
+
+def test_an_audio_chunk_refused_for_load_keeps_its_place_in_time(tiny_models: Path) -> None:
+    s = session(tiny_models, max_inflight_per_stream=1)
+    s.open_stream(Open(1, "window", "audio", "int16", sample_rate=8000))
+    ramp = np.arange(48, dtype=np.int16)
+    (first,) = s.accept(Chunk(1, 0, 100.0, ramp[:16]), 0.0)
+    with pytest.raises(errors.Overloaded) as refused:
+        s.accept(Chunk(1, 1, 102.0, ramp[16:32]), 0.0)
+    assert refused.value.reason == "inflight"
+    s.complete(first, Prediction([np.zeros(20, np.float32)], 0.0, 0.0, 1))
+    (third,) = s.accept(Chunk(1, 2, 104.0, ramp[32:]), 0.0)
+    assert third.t == 104.0  # 32 samples at 8 kHz after the first: a gap, not a shift
+    np.testing.assert_array_equal(third.inputs * 32768, ramp[28:48])  # its context is real audio

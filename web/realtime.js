@@ -98,6 +98,7 @@ export class RealtimeError extends Error {
     this.stream = msg.stream;
     this.seq = msg.seq;
     this.retryable = msg.retryable;
+    this.reason = msg.reason; // overloaded: "inflight" or "queue"
   }
 }
 

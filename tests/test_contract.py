@@ -1,0 +1,187 @@
+"""docs/protocol.md read as a client author reads it, checked against a real server on loopback:
+what ``closed`` counts, the two kinds of ``overloaded``, audio time across refusals."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from realtime.protocol import Chunk, ResultFrame, encode_frame
+from realtime.server import Server
+from realtime.session import Limits
+from tests.conftest import WINDOW_TOML, ServerFactory, double_graph, window_graph, write_model
+from tests.test_server import Raw
+
+
+@pytest.fixture
+def held() -> Iterator[list[threading.Event]]:
+    """Gates to hold models' runs with (see :func:`hold`); all opened at the end of the test."""
+    gates: list[threading.Event] = []
+    yield gates
+    for g in gates:
+        g.set()
+
+
+def hold(server: Server, name: str, gates: list[threading.Event]) -> threading.Event:
+    """Make every run of model ``name`` wait until the returned gate is opened: its chunks stay
+    in flight (one batch running, the rest queued) for as long as the test needs."""
+    model = server.repository.get(name, None)
+    assert model is not None
+    gate = threading.Event()
+    gates.append(gate)
+    run = model.runner.run
+
+    def held_run(feeds: dict[str, Any]) -> Any:
+        gate.wait(30)
+        return run(feeds)
+
+    model.runner.run = held_run  # type: ignore[method-assign]
+    return gate
+
+
+async def test_closed_counts_every_result_and_error_the_stream_got(
+    start_server: ServerFactory, tmp_path: Path, held: list[threading.Event]
+) -> None:
+    """A client's own tally of the messages that carried its stream id, from ``opened`` to
+    ``closed``, equals what ``closed`` reports, on a stream that got refusals of every kind."""
+    root = tmp_path / "models"
+    write_model(root, "double", double_graph(), "max_delay_ms = 0\n")
+    server: Server = await start_server(
+        (root,), builtin=False, workers=1, max_queue=2, limits=Limits(max_inflight_per_session=5)
+    )
+    gate = hold(server, "double", held)
+    raw = await Raw.connect(server.url)
+    assert (await raw.open(1, shape=[4]))["type"] == "opened"
+    good = np.ones(4, np.float32)
+    for seq in range(6):
+        # 0 runs (held), 1 and 2 fill the model's queue of 2, 3 and 4 are refused by the queue
+        # (accepted by the session: they keep their place), 5 meets the session's 5 in flight.
+        await raw.chunk(1, seq, good)
+    await raw.chunk(1, 6, np.ones(5, np.float32))  # shape_mismatch
+    await raw.chunk(1, 7, np.array([1, np.nan, 0, 0], np.float32))  # non_finite_input
+    await raw.chunk(1, 8, np.ones(4, np.float64))  # dtype_mismatch
+    await raw.chunk(1, 2, good)  # bad_sequence
+    header = encode_frame(Chunk(1, 9, 0.0, good))
+    await raw.ws.send(header[:20])  # bad_frame: truncated, but stream and seq are there
+    await raw.ws.send(b"\x02" + header[1:])  # bad_frame: a version this server does not speak
+    await raw.ws.send(encode_frame(ResultFrame(1, 10, 0.0, good, 0, 1, 0, 0)))  # bad_frame
+    await raw.ws.send(b"\x01\x01\x01")  # bad_frame naming no stream: not the stream's
+    await raw.text({"type": "open", "stream": 1, "model": "double", "kind": "tensor",
+                    "dtype": "float32"})  # fmt: skip
+    await raw.text({"type": "close", "stream": 1})
+    await raw.chunk(1, 11, good)  # stream_not_open: it is closing
+    await raw.text({"type": "ping", "id": 1, "t": 0.0})  # answered once all the above was read
+    tally: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    while True:
+        msg = await raw.recv()
+        if msg["type"] == "pong":
+            gate.set()  # only now: the server took every frame above while the model was held
+            continue
+        if msg.get("stream") != 1:
+            assert msg["type"] == "error" and msg["code"] == "bad_frame", msg
+            continue
+        if msg["type"] == "closed":
+            break
+        tally[msg["type"] if msg["type"] == "result" else msg["code"]] += 1
+        if msg.get("code") == "overloaded":
+            reasons[msg["reason"]] += 1
+    assert tally == {
+        "result": 3,
+        "overloaded": 3,
+        "shape_mismatch": 1,
+        "non_finite_input": 1,
+        "dtype_mismatch": 1,
+        "bad_sequence": 1,
+        "bad_frame": 3,
+        "stream_already_open": 1,
+        "stream_not_open": 1,
+    }
+    assert reasons == {"queue": 2, "inflight": 1}
+    assert (msg["results"], msg["errors"]) == (tally["result"], tally.total() - tally["result"])
+
+
+async def test_overloaded_says_whose_limit_it_was(
+    start_server: ServerFactory, tmp_path: Path, held: list[threading.Event]
+) -> None:
+    """``reason``: ``inflight`` at the stream's (or session's) bound, ``queue`` at the model's."""
+    root = tmp_path / "models"
+    write_model(root, "double", double_graph(), "max_delay_ms = 0\n")
+    server: Server = await start_server(
+        (root,), builtin=False, workers=1, max_queue=1, limits=Limits(max_inflight_per_stream=2)
+    )
+    gate = hold(server, "double", held)
+    raw, other = await Raw.connect(server.url), await Raw.connect(server.url)
+    assert (await raw.open(1, shape=[4]))["type"] == "opened"
+    assert (await other.open(1, shape=[4]))["type"] == "opened"
+    await raw.chunk(1, 0, np.ones(4, np.float32))  # runs (held)
+    await raw.chunk(1, 1, np.ones(4, np.float32))  # queued: the queue of 1 is full
+    await raw.chunk(1, 2, np.ones(4, np.float32))  # the stream's 2 in flight
+    stream_bound = await raw.recv()
+    await other.chunk(1, 0, np.ones(4, np.float32))  # another session: the model's queue
+    queue_full = await other.recv()
+    gate.set()
+    assert (stream_bound["code"], stream_bound["seq"], stream_bound["reason"]) == (
+        "overloaded",
+        2,
+        "inflight",
+    )
+    assert (queue_full["code"], queue_full["seq"], queue_full["reason"]) == (
+        "overloaded",
+        0,
+        "queue",
+    )
+    assert stream_bound["retryable"] and queue_full["retryable"]
+    assert [(await raw.recv())["seq"] for _ in range(2)] == [0, 1]
+
+
+def pcm_ramp(start: int, n: int) -> np.ndarray[Any, Any]:
+    """Audio whose every sample says where it is: sample ``k`` of the stream holds ``k``."""
+    return np.arange(start, start + n, dtype=np.int16)
+
+
+@pytest.mark.parametrize("overflow", ["reject", "drop_oldest"])
+async def test_a_refused_audio_chunk_leaves_a_gap_in_results_not_a_shift_in_time(
+    start_server: ServerFactory, tmp_path: Path, held: list[threading.Event], overflow: str
+) -> None:
+    """Audio time is the audio the client sent: after chunks refused at the stream's bound, each
+    window's time still matches the samples in it (the ramp tells which samples they are)."""
+    root = tmp_path / "models"
+    write_model(root, "window", window_graph(), WINDOW_TOML + "max_delay_ms = 0\n")
+    server: Server = await start_server(
+        (root,), builtin=False, workers=1, limits=Limits(max_inflight_per_stream=1)
+    )
+    gate = hold(server, "window", held)
+    raw = await Raw.connect(server.url)
+    opened = await raw.open(1, "window", kind="audio", dtype="int16", overflow=overflow)
+    assert opened["type"] == "opened"
+    chunk, rate, t0 = 16, 8000, 500.0  # each chunk: one window's 16 new samples, 2 ms
+
+    async def send(seq: int) -> None:
+        t = t0 + 1000.0 * seq * chunk / rate
+        await raw.ws.send(encode_frame(Chunk(1, seq, t, pcm_ramp(seq * chunk, chunk))))
+
+    for seq in range(5):  # 0 runs (held); 1 to 4 find the stream's one in flight running
+        await send(seq)  # (nothing queued to drop either): refused
+    refused = [await raw.recv() for _ in range(4)]
+    assert [(m["code"], m["seq"], m["reason"]) for m in refused] == [
+        ("overloaded", seq, "inflight") for seq in range(1, 5)
+    ]
+    gate.set()
+    got = [await raw.recv()]
+    for seq in range(5, 12):  # one at a time: each is accepted
+        await send(seq)
+        got.append(await raw.recv())
+    assert [(m["type"], m["seq"]) for m in got] == [("result", s) for s in [0, *range(5, 12)]]
+    for m in got:
+        (row,) = np.array(m["outputs"]["window"]["data"]).reshape(-1, 20)
+        (t,) = m["windows"]
+        first_new = round(row[4] * 32768)  # the window's first sample after its context
+        assert first_new == m["seq"] * chunk  # the refused chunks' audio took its place
+        assert t == t0 + 1000.0 * first_new / rate  # and so did their time
