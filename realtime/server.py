@@ -31,7 +31,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from websockets.asyncio.server import Server as WsServer
 from websockets.asyncio.server import ServerConnection, serve
-from websockets.frames import Frame, Opcode
+from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import Event
 from websockets.protocol import State as WsState
@@ -194,6 +194,13 @@ class _Link:
     #: While a resume is being looked up: messages that arrived meanwhile, in order.
     held: list[tuple[bool, bytes]] | None = None
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def _too_big(ws: ServerConnection) -> bool:
+    """Whether the server closed the connection (1009) for a frame it will never take: a resume
+    would only have the client send it again, so the session ends."""
+    sent = ws.protocol.close_sent
+    return sent is not None and sent.code == CloseCode.MESSAGE_TOO_BIG
 
 
 class Server:
@@ -608,6 +615,7 @@ class Server:
             del self._links[sid]
         parked = (
             ws.protocol.close_rcvd is None  # lost, not closed by the client
+            and not _too_big(ws)
             and conn.session.resume_token is not None
             and conn.state is State.OPEN
             and conn.close_code is None

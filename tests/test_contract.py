@@ -3,6 +3,7 @@ what ``closed`` counts, the two kinds of ``overloaded``, audio time across refus
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from realtime.protocol import Chunk, ResultFrame, encode_frame
+from realtime.protocol import Chunk, ResultFrame, decode_frame, encode_frame
 from realtime.server import Server
 from realtime.session import Limits
 from tests.conftest import WINDOW_TOML, ServerFactory, double_graph, window_graph, write_model
@@ -185,3 +186,54 @@ async def test_a_refused_audio_chunk_leaves_a_gap_in_results_not_a_shift_in_time
         first_new = round(row[4] * 32768)  # the window's first sample after its context
         assert first_new == m["seq"] * chunk  # the refused chunks' audio took its place
         assert t == t0 + 1000.0 * first_new / rate  # and so did their time
+
+
+async def test_a_frame_over_the_hard_limit_closes_with_1009_and_ends_the_session(
+    start_server: ServerFactory, tiny_models: Path
+) -> None:
+    """1009 is the server's close: the session is not kept (resuming would resend the frame)."""
+    server: Server = await start_server(
+        (tiny_models,), builtin=False, limits=Limits(max_message_bytes=1000)
+    )
+    raw = await Raw.connect(server.url, hello=False)
+    await raw.text({"type": "hello", "protocol": 1})
+    token = (await raw.recv())["resume_token"]
+    assert (await raw.open(1))["type"] == "opened"
+    await raw.ws.send(b"\0" * 4001)  # over 4 x max_message_bytes
+    await raw.ws.wait_closed()
+    assert raw.ws.close_code == 1009
+    again = await Raw.connect(server.url, hello=False)
+    await again.text({"type": "hello", "protocol": 1, "resume": token, "received": 1})
+    refused = await again.recv()
+    assert refused["code"] == "resume_unknown"
+    assert server.traffic.resumes == {"refused": 1}  # never parked
+
+
+async def test_binary_results_are_laid_out_as_documented(
+    start_server: ServerFactory, tiny_models: Path
+) -> None:
+    """Audio: ``count`` frames per chunk, the outputs then the window times (index count - 1),
+    also for a chunk that completed no window (a window axis of 0); no ``batch``; each frame
+    repeats the chunk's ``queue_us``/``infer_us``; little-endian payloads."""
+    server: Server = await start_server((tiny_models,), builtin=False)
+    raw = await Raw.connect(server.url)
+    opened = await raw.open(1, "window", kind="audio", dtype="int16", results="binary")
+    assert [o["name"] for o in opened["outputs"]] == ["window"]
+    for seq, (a, b) in enumerate([(0, 5), (5, 16)]):  # no window yet, then the first one
+        frame = encode_frame(Chunk(1, seq, 10.0, np.arange(a, b, dtype="<i2")))
+        await raw.ws.send(frame)
+    frames = [decode_frame(await asyncio.wait_for(raw.ws.recv(), 10)) for _ in range(4)]
+    assert all(isinstance(f, ResultFrame) for f in frames)
+    assert [(f.seq, f.index, f.count, f.data.shape) for f in frames] == [
+        (0, 0, 2, (0, 20)),  # the output, no window
+        (0, 1, 2, (0,)),  # the window times, none
+        (1, 0, 2, (1, 20)),
+        (1, 1, 2, (1,)),
+    ]
+    empty, times = frames[0], frames[1]
+    assert (empty.queue_us, empty.infer_us) == (times.queue_us, times.infer_us) == (0, 0)
+    window, window_t = frames[2], frames[3]
+    assert (window.queue_us, window.infer_us) == (window_t.queue_us, window_t.infer_us)
+    assert window.infer_us > 0
+    assert window_t.data.dtype == np.dtype("<f8") and window_t.data.tolist() == [10.0]
+    np.testing.assert_array_equal(window.data[0, 4:] * 32768, np.arange(16))
