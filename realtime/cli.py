@@ -76,6 +76,14 @@ def _parser() -> argparse.ArgumentParser:
         "reports the stuck worker (default %(default)s)",
     )
     s.add_argument(
+        "--close-grace-seconds",
+        type=float,
+        default=Config().close_grace_seconds,
+        help="on shutdown, after draining, how long clients get to read their answers and close "
+        "(and cut ones to resume) before the server closes their connections (default "
+        "%(default)s)",
+    )
+    s.add_argument(
         "--intra-op-threads",
         type=int,
         default=1,
@@ -382,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                 log_level=args.log_level,
                 workers=workers,
                 batch_timeout_seconds=args.batch_timeout_seconds,
+                close_grace_seconds=args.close_grace_seconds,
                 resume_dir=args.resume_dir,
                 reuse_port=args.peer_dir is not None,
                 peer_dir=args.peer_dir,

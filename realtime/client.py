@@ -188,6 +188,8 @@ class Client:
         self.resume_token = welcome.resume_token
         #: Times this client resumed its session after a lost connection.
         self.resumes = 0
+        #: Set once the client has resumed its session (await it; ``resumes`` counts them).
+        self.resumed = asyncio.Event()
         self._received = 0  # messages read since the first welcome (a resume says how many)
         self._online = asyncio.Event()  # set while connected (cleared while resuming)
         self._online.set()
@@ -432,6 +434,7 @@ class Client:
                         protocol.send_binary(frame)
         ws.send_data()
         self.resumes += 1
+        self.resumed.set()
         self.going_away = None  # a new process took the session over, if one was going away
         self._online.set()
 

@@ -47,7 +47,8 @@ class Config:
     batch_timeout_seconds: float = 10.0
     #: Seconds in-flight batches get to finish on shutdown.
     drain_seconds: float = 5.0
-    #: Seconds, after draining, that clients get to read their answers and close first.
+    #: Seconds, after draining, that clients get to read their answers and close first (and
+    #: clients whose connection dropped, to resume and do the same); it ends as soon as they have.
     close_grace_seconds: float = 1.0
     #: Run every model at every batch size before serving (off only to start test servers fast).
     warm_up: bool = True

@@ -233,6 +233,7 @@ class Server:
         self.reloaded = asyncio.Event()
         self.draining = False  # shutting down: new chunks are refused, the rest answered
         self._drained = asyncio.Event()
+        self._sessions_moved = asyncio.Event()  # set (and replaced) by _sessions_move
         self._catalog = orjson.dumps({"models": self.repository.catalog()})
         self._routes = Routes(
             readiness=self._readiness,
@@ -364,13 +365,14 @@ class Server:
             await self._hand_off()
             self._ws.close(close_connections=False)  # resumes go to the next process now
         # Chunks a client sent before the notice reached it are still on the wire: keep reading
-        # (and refusing them, typed) until the client closes, for close_grace_seconds.
-        links = list(self._links.values())
-        open_ones = [asyncio.ensure_future(link.ws.wait_closed()) for link in links]
-        if open_ones and self.config.close_grace_seconds > 0:
-            await asyncio.wait(open_ones, timeout=self.config.close_grace_seconds)
-        for waiter in open_ones:
-            waiter.cancel()
+        # (and refusing them, typed) until the client closes, and let a client whose connection
+        # dropped resume here and read its answers too (unless its session was handed off), for
+        # close_grace_seconds at most.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.config.close_grace_seconds):
+                await self.sessions_settle(
+                    lambda: not self._links and (hand_off or not self.parking)
+                )
         self._ws.close(close_connections=False)  # no new connections; the open ones stay
         await asyncio.gather(*(self._flush_and_close(link) for link in self._links.values()))
         self.parking.expire_all()  # answered, but their clients did not come back in time
@@ -429,6 +431,7 @@ class Server:
         if self.parking.get(token) is not conn:  # expired or taken meanwhile
             return None
         self.parking.take(token)
+        self._sessions_move()
         conn.abandon("the session moved to another server process while the chunk ran")
         data = handoff.dump(conn.hand_off(time.time() + self.config.limits.resume_seconds))
         conn.session.disconnect()
@@ -628,6 +631,7 @@ class Server:
             conn.close()
             self._conns.pop(sid, None)
         link.ended.set()
+        self._sessions_move()
         log.info(
             "event=disconnect session=%s code=%s too_slow=%s parked=%s",
             sid,
@@ -879,6 +883,17 @@ class Server:
 
     def _count_resume(self, result: str) -> None:
         self.traffic.resumes[result] = self.traffic.resumes.get(result, 0) + 1
+        self._sessions_move()
+
+    async def sessions_settle(self, done: Callable[[], bool]) -> None:
+        """Wait until ``done()`` holds, checked each time a socket's session ends or is parked,
+        resumed, refused a resume or expires (for shutdown, tests and admins)."""
+        while not done():
+            await self._sessions_moved.wait()
+
+    def _sessions_move(self) -> None:
+        self._sessions_moved.set()
+        self._sessions_moved = asyncio.Event()
 
 
 def _same(secret: str | None, given: str) -> bool:

@@ -126,6 +126,8 @@ async def start_server() -> AsyncIterator[ServerFactory]:
     ) -> Server:
         # Warm-up (every model at every batch size, ~0.6 s for the built-ins) is left to the
         # tests about it and to the real `realtime serve` processes of the CLI and flood tests.
+        # No close grace unless a test asks (tests/test_shutdown.py checks it on a real process).
+        config.setdefault("close_grace_seconds", 0.0)
         config = Config(
             port=0,
             model_dirs=model_dirs,
@@ -133,7 +135,6 @@ async def start_server() -> AsyncIterator[ServerFactory]:
             limits=limits or Limits(),
             warm_up=warm_up,
             reload_seconds=reload_seconds,
-            close_grace_seconds=0.0,  # tests/test_shutdown.py checks the grace on a real process
             **config,
         )
         server = Server(config)

@@ -255,8 +255,6 @@ async def test_kept_sessions_have_the_keys_bound_too(make_server: ServerMaker) -
         client._dial = None
         client.ws.transport.abort()
         await client._reader  # it saw the cut; the server parks it soon after
-    for _ in range(500):  # bounded poll of the server's own count
-        if server.traffic.resumes.get("parked") == 3:
-            break
-        await asyncio.sleep(0.01)
+    parked = server.sessions_settle(lambda: server.traffic.resumes.get("parked") == 3)
+    await asyncio.wait_for(parked, 10)
     assert server.traffic.resumes == {"parked": 3, "expired": 1}

@@ -130,10 +130,8 @@ async def test_resume_refusals_are_typed(start_server: ServerFactory, tiny_model
     assert cut.resume_token is not None
     too_many = await resume(cut.resume_token, received=10**6)  # more than it was sent
     assert too_many["code"] == "bad_message" and "received" in too_many["message"]
-    for _ in range(500):  # the 0.2 s keep runs out (bounded poll of the server's own count)
-        if server.traffic.resumes.get("expired"):
-            break
-        await asyncio.sleep(0.01)
+    expired = server.sessions_settle(lambda: bool(server.traffic.resumes.get("expired")))
+    await asyncio.wait_for(expired, 10)  # the 0.2 s keep runs out
     reply = await resume(cut.resume_token)
     assert reply["code"] == "resume_expired" and not reply["retryable"]
     assert server.traffic.resumes["refused"] == 4
@@ -155,10 +153,8 @@ async def test_answers_no_longer_kept_are_counted_in_a_typed_notice(
     raw.ws.transport.abort()
     again = await Raw.connect(server.url, hello=False)
     # Claim to have read only the `opened`: the 10 results are past a 1-byte resume buffer.
-    for _ in range(500):  # the server notices the cut (bounded poll)
-        if server.traffic.resumes.get("parked"):
-            break
-        await asyncio.sleep(0.01)
+    parked = server.sessions_settle(lambda: bool(server.traffic.resumes.get("parked")))
+    await asyncio.wait_for(parked, 10)  # the server notices the cut
     await again.text({"type": "hello", "protocol": 1, "resume": token, "received": 1})
     welcome = await again.recv()
     assert welcome["resumed"]["from"] == 11

@@ -255,10 +255,8 @@ await until(7);
 """
 
     async def let_go(token: str) -> None:
-        for _ in range(500):  # the server parks it (bounded poll), then lets it go at once
-            if token in server.parking:
-                break
-            await asyncio.sleep(0.005)
+        # The server parks it, then lets it go at once.
+        await asyncio.wait_for(server.sessions_settle(lambda: token in server.parking), 10)
         server.parking.expire(token)  # before the client's first retry (25-50 ms after the cut)
 
     report = await cut_a_node_client(server, body, let_go)
