@@ -173,6 +173,13 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument(
         "--events-only", action="store_true", help="print events, not one line per result"
     )
+    st.add_argument(
+        "--deadline-ms",
+        type=float,
+        default=None,
+        help="how long after arrival a chunk's result is still wanted (default: the model's); "
+        "a file processed in full on a busy server wants a long one",
+    )
     t = sub.add_parser("token", help="mint a short-lived session token for a browser page")
     tsub = t.add_subparsers(dest="token_command", required=True)
     tm = tsub.add_parser("mint", help="print a token signed with an API key")
@@ -252,6 +259,7 @@ async def stream_file(
     out: Any = sys.stdout,
     chunk_ms: float = 20.0,
     events_only: bool = False,
+    deadline_ms: float | None = None,
 ) -> int:
     """Stream a WAV file to a model chunk by chunk; print results and events as they arrive.
 
@@ -269,7 +277,7 @@ async def stream_file(
             raise errors.KindMismatch(f"{model} is a {entry['kind']} model, not an audio one")
         chunk = max(1, round(rate * chunk_ms / 1000))
         dtype = samples.dtype.name
-        stream = await client.open(model, sample_rate=rate, dtype=dtype)
+        stream = await client.open(model, sample_rate=rate, dtype=dtype, deadline_ms=deadline_ms)
         n_chunks = max(1, -(-len(samples) // chunk))
         print(
             f"streaming {path.name} ({len(samples) / rate:.2f} s, {rate} Hz) to {model}@"
@@ -432,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.fast,
                 chunk_ms=args.chunk_ms,
                 events_only=args.events_only,
+                deadline_ms=args.deadline_ms,
             )
         )
         return code

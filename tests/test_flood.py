@@ -2,9 +2,15 @@
 
 The well-behaved clients stream 20 ms of audio every 20 ms to the built-in speech model; one
 client sends as fast as its socket takes on the same model (live-media policy, drop_oldest) and
-on the pose model (tensor policy, reject). The server must keep every well-behaved chunk within
-its deadline, give the flooder typed ``dropped``/``overloaded`` errors, and stay within bounded
-memory. Bounded in count and time: a few seconds of traffic, then everything stops.
+on the pose model (tensor policy, reject). The server must answer every well-behaved chunk with a
+result, never shedding one of theirs for the flood (no ``dropped``, ``overloaded`` or
+``deadline_exceeded``), give the flooder typed ``dropped``/``overloaded`` errors, and stay within
+bounded memory. Bounded in count and time: a few seconds of traffic, then everything stops.
+
+The well-behaved clients ask for a 2 s deadline, not the model's 100 ms: what is asserted is
+typed (whose chunks are shed, and how they are told), and it must not depend on how many cores
+other processes leave this one (a test run next to ``stress-ng --cpu 2`` missed 100 ms by 3 to
+170 ms with no flood involved). Latency under load is the load tester's figure (``loadtest/``).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from tests.test_cli import Served
 CLIENTS = 30  # half of what this server carries on 2 cores alone: margin for slow CI
 SECONDS = 3.0
 CHUNK = 320  # 20 ms at 16 kHz
+STEADY_DEADLINE_MS = 2000  # see the module's docstring
 
 
 def rss_mb(pid: int) -> float:
@@ -39,7 +46,9 @@ async def steady(url: str, i: int, started: asyncio.Event) -> list[Any]:
     """A real-time client: one 20 ms chunk every 20 ms, then every outcome of its stream."""
     rng = np.random.default_rng(i)
     async with await Client.connect(url, name=f"steady-{i}") as client:
-        stream = await client.open("speech_activity", dtype="int16", sample_rate=16000)
+        stream = await client.open(
+            "speech_activity", dtype="int16", sample_rate=16000, deadline_ms=STEADY_DEADLINE_MS
+        )
         await started.wait()
         loop = asyncio.get_running_loop()
         start = loop.time()
