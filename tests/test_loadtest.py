@@ -10,6 +10,10 @@ import orjson
 
 from tests.conftest import REPO
 
+#: The errors a busy machine may give a load run: chunks shed, typed (``dropped``: an audio
+#: stream's oldest queued chunk, its default overflow policy being drop_oldest).
+LOAD_SHED = {"overloaded", "deadline_exceeded", "dropped"}
+
 
 def loadtest(out: Path, *args: str) -> dict[str, object]:
     # Not pinned: on a shared CI machine one core for the server is one core others also use.
@@ -41,7 +45,7 @@ def test_all_three_targets_and_the_capacity_search(tmp_path: Path) -> None:
         # answered late, or with a typed overloaded/deadline_exceeded: no timing asserts here)
         assert run["offered"] == 400, name
         assert run["lost"] == 0 and run["refused"] == 0 and run["early_answers"] == 0, run
-        assert set(run["errors"]) <= {"overloaded", "deadline_exceeded"}, run
+        assert set(run["errors"]) <= LOAD_SHED, run
         assert run["server"]["cpu_cores_mean"] is not None
         # None only if nothing was answered in the steady window (a stalled busy machine)
         per_chunk = run["server"]["cpu_us_per_chunk"]
@@ -79,7 +83,7 @@ def test_a_mix_of_kinds_against_realtime_alone(tmp_path: Path) -> None:
     (run,) = report["runs"].values()  # type: ignore[attr-defined]
     assert run["offered"] == 2 * (50 + 2 * 80 + 20)
     assert set(run["by_kind"]) == {"audio", "pose", "video"}
-    assert run["lost"] == 0 and set(run["errors"]) <= {"overloaded", "deadline_exceeded"}, run
+    assert run["lost"] == 0 and set(run["errors"]) <= LOAD_SHED, run
 
 
 def test_readme_figures_lists_every_performance_command() -> None:
