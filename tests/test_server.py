@@ -175,12 +175,15 @@ class Raw:
         return msg
 
     async def open(self, stream: int, model: str = "double", **kw: Any) -> dict[str, Any]:
+        """Open a stream; with a long deadline unless ``kw`` says otherwise: these tests are
+        about the protocol, and a busy machine must not shed their chunks (deadline_exceeded)."""
         msg = {
             "type": "open",
             "stream": stream,
             "model": model,
             "kind": "tensor",
             "dtype": "float32",
+            "deadline_ms": 60_000,
         }
         await self.text({**msg, **kw})
         return await self.recv()
@@ -546,10 +549,9 @@ async def test_a_slow_reader_loses_its_oldest_results_with_a_typed_error(
         raw = Raw(await connect(server.url, sock=sock, compression=None, max_size=None))
         await raw.text({"type": "hello", "protocol": 1})
         assert (await raw.recv())["type"] == "welcome"
-        # A long deadline: on a busy machine chunks would also miss 100 ms, and their typed
-        # errors (never shed) would fill the outbox; this test is about results piling up.
-        opened = await raw.open(1, "double", shape=[4], deadline_ms=60_000)
-        assert opened["type"] == "opened"
+        # Raw.open's long deadline matters here: on a busy machine chunks would miss 100 ms, and
+        # their typed errors (never shed) would fill the outbox; this is about results piling up.
+        assert (await raw.open(1, "double", shape=[4]))["type"] == "opened"
         n = 3000
         for seq in range(n):  # and read nothing meanwhile
             await raw.chunk(1, seq, np.ones(4, np.float32))
