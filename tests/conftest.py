@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import wave
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -202,3 +203,29 @@ class Outcomes:
             del self._waiting[id(item)]
             raise
         return fut
+
+
+@pytest.fixture
+def held() -> Iterator[list[threading.Event]]:
+    """Gates to hold models' runs with (see :func:`hold`); all opened at the end of the test."""
+    gates: list[threading.Event] = []
+    yield gates
+    for g in gates:
+        g.set()
+
+
+def hold(server: Server, name: str, gates: list[threading.Event]) -> threading.Event:
+    """Make every run of model ``name`` wait until the returned gate is opened: its chunks stay
+    in flight (one batch running, the rest queued) for as long as the test needs."""
+    model = server.repository.get(name, None)
+    assert model is not None
+    gate = threading.Event()
+    gates.append(gate)
+    run = model.runner.run
+
+    def held_run(feeds: dict[str, Any]) -> Any:
+        gate.wait(30)
+        return run(feeds)
+
+    model.runner.run = held_run  # type: ignore[method-assign]
+    return gate

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,34 +15,15 @@ import pytest
 from realtime.protocol import Chunk, ResultFrame, decode_frame, encode_frame
 from realtime.server import Server
 from realtime.session import Limits
-from tests.conftest import WINDOW_TOML, ServerFactory, double_graph, window_graph, write_model
+from tests.conftest import (
+    WINDOW_TOML,
+    ServerFactory,
+    double_graph,
+    hold,
+    window_graph,
+    write_model,
+)
 from tests.test_server import Raw
-
-
-@pytest.fixture
-def held() -> Iterator[list[threading.Event]]:
-    """Gates to hold models' runs with (see :func:`hold`); all opened at the end of the test."""
-    gates: list[threading.Event] = []
-    yield gates
-    for g in gates:
-        g.set()
-
-
-def hold(server: Server, name: str, gates: list[threading.Event]) -> threading.Event:
-    """Make every run of model ``name`` wait until the returned gate is opened: its chunks stay
-    in flight (one batch running, the rest queued) for as long as the test needs."""
-    model = server.repository.get(name, None)
-    assert model is not None
-    gate = threading.Event()
-    gates.append(gate)
-    run = model.runner.run
-
-    def held_run(feeds: dict[str, Any]) -> Any:
-        gate.wait(30)
-        return run(feeds)
-
-    model.runner.run = held_run  # type: ignore[method-assign]
-    return gate
 
 
 async def test_closed_counts_every_result_and_error_the_stream_got(

@@ -44,6 +44,7 @@ class Streamer:
         self.url = url
         self.started = asyncio.Event()
         self.sent = 0
+        self._progress = asyncio.Event()  # set (and replaced) after each chunk sent
         self.answers: dict[int, list[Any]] = {}  # seq -> every answer that came for it
         self.client: Client | None = None
 
@@ -69,11 +70,19 @@ class Streamer:
             seq = self.sent
             self.sent += 1
             await stream.send(pose(seq))
+            self._progress.set()
+            self._progress = asyncio.Event()
             await asyncio.sleep(1 / 80)  # 80 Hz pacing (a live tracker), not a wait for a state
         if len(self.answers) < self.sent:
             await asyncio.wait([reader, asyncio.ensure_future(read_all.wait())], timeout=10)
         await client.close()
         reader.cancel()
+
+    async def until_sent(self, n: int) -> None:
+        """Until this client has sent ``n`` chunks (however slow the machine)."""
+        async with asyncio.timeout(60):
+            while self.sent < n:
+                await self._progress.wait()
 
 
 async def test_a_cut_client_resumes_then_sigterm_drains_and_nothing_is_lost() -> None:
@@ -85,13 +94,15 @@ async def test_a_cut_client_resumes_then_sigterm_drains_and_nothing_is_lost() ->
     for s in streamers:
         await s.started.wait()
     cut, reference = streamers[0], streamers[1]
-    await asyncio.sleep(0.3)  # let them stream: this is "mid-stream"
+    for s in streamers:  # let them stream: this is "mid-stream"
+        await s.until_sent(21)
     assert cut.client is not None
     sent_before_cut = cut.sent
     cut.client.ws.transport.abort()
     await asyncio.wait_for(cut.client.resumed.wait(), 30)
     assert cut.client.resumes == 1
-    await asyncio.sleep(0.3)  # stream on after the resume
+    for s in (cut, reference):  # stream on after the resume
+        await s.until_sent(sent_before_cut + 11)
     # Another client's connection drops as the SIGTERM arrives: whichever the server sees first,
     # the client resumes (on the draining server if need be) and is told going_away there.
     late = streamers[2]
