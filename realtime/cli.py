@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from realtime import __version__, errors
+from realtime.admission import AdmissionPolicy
 from realtime.config import Config
 from realtime.protocol import Error, Event, Result
 from realtime.session import Limits
@@ -74,6 +75,28 @@ def _parser() -> argparse.ArgumentParser:
         default=Config().batch_timeout_seconds,
         help="a batch running longer fails its chunks and its worker is replaced; /healthz "
         "reports the stuck worker (default %(default)s)",
+    )
+    policy = AdmissionPolicy()
+    s.add_argument(
+        "--admit-load",
+        type=float,
+        default=policy.target_load,
+        help="admission control: new sessions are refused (server_busy) once the admitted ones "
+        "would use more than this share of the event loop or the cores (default %(default)s; "
+        "0: admit every session; see docs/scheduler.md)",
+    )
+    s.add_argument(
+        "--admit-lag-ms",
+        type=float,
+        default=policy.max_lag_ms,
+        help="admission control: refuse new sessions and streams while the event loop runs "
+        "this late on average (default %(default)s)",
+    )
+    s.add_argument(
+        "--busy-retry-ms",
+        type=float,
+        default=policy.retry_after_ms,
+        help="retry_after_ms told to a client refused server_busy (default %(default)s)",
     )
     s.add_argument(
         "--close-grace-seconds",
@@ -405,6 +428,11 @@ def main(argv: list[str] | None = None) -> int:
                 redis_url=args.redis,
                 checkpoint_seconds=args.checkpoint_seconds,
                 intra_op_threads=args.intra_op_threads,
+                admission=AdmissionPolicy(
+                    target_load=args.admit_load,
+                    max_lag_ms=args.admit_lag_ms,
+                    retry_after_ms=args.busy_retry_ms,
+                ),
                 reload_seconds=args.reload_seconds,
                 keys=load_keys(args.keys),
                 allowed_origins=tuple(args.allow_origin),

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from realtime.admission import AdmissionPolicy
 from realtime.auth import ApiKey
 from realtime.errors import ConfigError
 from realtime.session import Limits
@@ -40,6 +41,8 @@ class Config:
     max_queue: int = 4096
     #: Sessions connected at once in all; past it a handshake gets HTTP 503 (server_busy).
     max_connections: int = 1024
+    #: Admission control of new sessions and streams (realtime.admission, docs/scheduler.md).
+    admission: AdmissionPolicy = field(default_factory=AdmissionPolicy)
     #: Results waiting to be written to one client before it is disconnected as too slow.
     max_outbox: int = 4096
     #: Seconds one batch may run; past it its items fail (inference_failed) and its worker is

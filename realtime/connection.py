@@ -48,15 +48,21 @@ from realtime.protocol import (
 from realtime.ratelimit import TokenBucket
 from realtime.session import Outcome, Session, Stream, WorkItem
 
-#: Kinds of outbox entries: RESULT may be shed for a slow reader, NOTICE is the one unsent
+#: Kinds of outbox entries: RESULT (a result, or a
+#: chunk's deadline_exceeded) may be shed for a slow reader, NOTICE is the one unsent
 #: ``results_dropped`` error (replaced, not repeated), OTHER is never dropped.
 OTHER: Final = 0
 RESULT: Final = 1
 NOTICE: Final = 2
 #: Close code for a client that does not read its results fast enough.
 CLOSE_TOO_SLOW: Final = 4008
+#: Close code after a ``server_busy`` refusal at ``hello`` (RFC 6455's "Try Again Later").
+CLOSE_TRY_AGAIN: Final = 1013
 
 Frame = tuple[bytes, bool, int]  # (payload, is_text, kind)
+#: Admission control's answer to a new session (None) or stream (its ``open``): None to admit,
+#: or the typed refusal (see :mod:`realtime.admission`).
+Admit = Callable[[Open | None], errors.ServerBusy | None]
 
 
 class State(Enum):
@@ -262,9 +268,12 @@ class Connection:
             )
         return pause
 
-    def receive_text(self, text: str, draining: bool = False) -> Hello | None:
+    def receive_text(
+        self, text: str, draining: bool = False, admit: Admit | None = None
+    ) -> Hello | None:
         """Handle a control message; a ``hello`` that asks to resume is returned for the server
-        to act on (it alone knows the other sessions)."""
+        to act on (it alone knows the other sessions). ``admit`` decides on a new session or
+        stream: a session it refuses gets its ``server_busy`` and then the close (1013)."""
         traffic = self._traffic
         traffic.messages_in += 1
         traffic.bytes_in += len(text)
@@ -279,12 +288,23 @@ class Connection:
                     return msg
                 if draining:
                     raise errors.ShuttingDown("the server is shutting down: connect elsewhere")
+                busy = (
+                    None if admit is None or self.state is not State.AWAITING_HELLO else admit(None)
+                )
+                if busy is not None:
+                    self.error(busy)
+                    self.close_code, self.close_reason = CLOSE_TRY_AGAIN, "server busy"
+                    return None
                 self.queue([session.hello(msg)], False)
                 self._move("hello")
                 self.first = self.written + len(self._outbox)
                 return None
             reply: list[Message]
             if isinstance(msg, Open):
+                busy = None if admit is None or self.state is not State.OPEN else admit(msg)
+                if busy is not None:
+                    busy.stream = msg.stream
+                    raise busy
                 reply = [session.open_stream(msg)]
             elif isinstance(msg, Close):
                 reply = session.close_stream(msg)
@@ -296,9 +316,13 @@ class Connection:
             self.error(e)
         return None
 
-    def receive_binary(self, data: bytes, now: float, draining: bool = False) -> list[WorkItem]:
+    def receive_binary(
+        self, data: bytes, now: float, draining: bool = False, age: float = 0.0
+    ) -> list[WorkItem]:
         """Check a chunk and cut it into work for the scheduler (possibly none: an audio chunk
-        that completed no window, whose result is then queued at once)."""
+        that completed no window, whose result is then queued at once). ``age`` is how long ago
+        (seconds) its bytes reached the server: its deadline counts from then, and a chunk
+        already past it is refused (``deadline_exceeded``) before any work."""
         traffic = self._traffic
         traffic.messages_in += 1
         traffic.bytes_in += len(data)
@@ -316,7 +340,17 @@ class Connection:
                 raise errors.ShuttingDown(
                     "the server is shutting down", stream=frame.stream, seq=frame.seq
                 )
-            items = session.accept(frame, now, self._make_room)
+            if age > 0.0:
+                stream = session.streams.get(frame.stream)
+                if stream is not None and age * 1000.0 >= (frame.deadline_ms or stream.deadline_ms):
+                    session.refused(frame)
+                    raise errors.DeadlineExceeded(
+                        f"the chunk was {1000 * age:.0f} ms old when the server got to it, "
+                        "past its deadline: not run",
+                        stream=frame.stream,
+                        seq=frame.seq,
+                    )
+            items = session.accept(frame, now - age, self._make_room)
         except errors.RealtimeError as e:
             self.error(e)
             return []
@@ -370,10 +404,13 @@ class Connection:
             if binary_results and type(msg) is Result:
                 outbox.extend((frame, False, OTHER) for frame in result_frames(msg))
             else:
+                kind = RESULT if type(msg) is Result else OTHER
                 if type(msg) is Error:
                     errors_sent = self._traffic.errors
                     errors_sent[msg.code] = errors_sent.get(msg.code, 0) + 1
-                outbox.append((encode_text(msg), True, RESULT if type(msg) is Result else OTHER))
+                    if msg.code == "deadline_exceeded":  # a chunk's answer: shed as results are
+                        kind = RESULT
+                outbox.append((encode_text(msg), True, kind))
         if len(outbox) > self._max_outbox // 2:
             self._shed_results()
             if (

@@ -22,6 +22,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from realtime.admission import LAG_BOUNDS_MS, Admission
 from realtime.scheduler import LATENCY_BOUNDS_MS, QueueSnapshot, new_histogram
 
 
@@ -215,3 +216,45 @@ class _Fixed(Collector):
 
     def collect(self) -> Iterator[Metric]:
         return iter(self._families)
+
+
+class AdmissionMetrics(Collector):
+    """Admission control's figures (realtime.admission), computed at each scrape."""
+
+    def __init__(self, admission: Admission, sessions: Callable[[], int]) -> None:
+        self._admission = admission
+        self._sessions = sessions
+
+    def collect(self) -> Iterator[Metric]:
+        a = self._admission
+        f = a.figures
+        yield _labelled(
+            "realtime_admitted", "New sessions and streams admitted", "what", dict(f.admitted)
+        )
+        yield _labelled(
+            "realtime_refused_busy",
+            "New sessions and streams refused server_busy, by reason",
+            "reason",
+            dict(f.refused),
+        )
+        lag = HistogramMetricFamily("realtime_loop_lag_seconds", "Event-loop lag, per measurement")
+        lag.add_metric(
+            [],
+            [
+                ("+Inf" if math.isinf(bound) else repr(bound / 1000.0), float(total))
+                for bound, total in zip(
+                    LAG_BOUNDS_MS, itertools.accumulate(f.lag_buckets), strict=True
+                )
+            ],
+            f.lag_sum,
+        )
+        yield lag
+        yield GaugeMetricFamily(
+            "realtime_load", "Smoothed share of the bottleneck (event loop or cores) in use", a.load
+        )
+        headroom = a.headroom(self._sessions())
+        yield GaugeMetricFamily(
+            "realtime_headroom_sessions",
+            "Sessions that may still be admitted (NaN while the cost of one is unknown)",
+            math.nan if headroom is None else headroom,
+        )

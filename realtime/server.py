@@ -37,13 +37,15 @@ from websockets.protocol import Event
 from websockets.protocol import State as WsState
 
 from realtime import __version__, errors, handoff, store
+from realtime.admission import Admission, Measurement
 from realtime.auth import AuthFailed, Grant, check_origin, credential
 from realtime.config import Config, is_loopback
 from realtime.connection import Connection, State
-from realtime.metrics import Metrics, Traffic, merge_expositions
+from realtime.metrics import AdmissionMetrics, Metrics, Traffic, merge_expositions
 from realtime.models.repository import BUILTIN_DIR, ModelRepository, scan
 from realtime.models.spec import Model, RuntimeOptions
 from realtime.parking import Parking
+from realtime.protocol import Open
 from realtime.quotas import Quotas
 from realtime.reload import Reloader
 from realtime.routes import SERVER_NAME, Routes, load_static, response
@@ -102,9 +104,14 @@ class _Socket(ServerConnection):
         self._held_until = 0.0  # reading is paused until then (a client over its rate)
         self._pump: asyncio.Handle | None = None  # hands the backlog over next, at _pump_at
         self._pump_at = 0.0
+        #: Loop time the messages now handed over reached the loop: when their bytes were read,
+        #: or, from the backlog, when their turn came (a client's own burst and a hold for its
+        #: rate do not age its chunks; the loop falling behind does).
+        self.arrived = 0.0
 
     def data_received(self, data: bytes) -> None:
         self._budget = BURST
+        self.arrived = self.loop.time()
         super().data_received(data)
 
     def process_event(self, event: Event) -> None:
@@ -156,6 +163,7 @@ class _Socket(ServerConnection):
         on the next turn, or read again."""
         self._pump = None
         backlog = self._backlog
+        self.arrived = self.loop.time()
         for _ in range(BURST):
             on_message = self.on_message
             if not backlog or on_message is None or self.loop.time() < self._held_until:
@@ -223,6 +231,10 @@ class Server:
         #: Every session (with a socket or parked), by session id: where outcomes go.
         self._conns: dict[str, Connection] = {}
         self._metrics = Metrics(self.traffic, self.scheduler.snapshot, self._open_counts).registry()
+        #: Whether a new session or stream is taken (realtime.admission), fed by _measure.
+        self.admission = Admission(config.admission)
+        self._metrics.register(AdmissionMetrics(self.admission, lambda: len(self._links)))
+        self._measuring: asyncio.TimerHandle | None = None
         self.ready = False  # models warm and serving; false again once shutting down
         self._ws: WsServer | None = None
         self._reloader = Reloader(
@@ -316,6 +328,7 @@ class Server:
             if self.store.checkpoint_seconds > 0:
                 self._store_task(self._checkpoints(self.store.checkpoint_seconds))
         self.ready = True
+        self._measure(asyncio.get_running_loop().time())
         log.info("event=listening url=%s models=%d", self.url, len(self.models))
         if self.config.reload_seconds > 0 and self.config.model_dirs:
             self._poller = asyncio.get_running_loop().create_task(self._poll())
@@ -344,6 +357,8 @@ class Server:
         handed to the next process instead, and the port closes once it is written)."""
         self.ready = False
         self.draining = True
+        if self._measuring is not None:
+            self._measuring.cancel()
         if self._poller is not None:
             self._poller.cancel()
         if self._ws is None:
@@ -502,8 +517,48 @@ class Server:
         max_queue = self.config.max_queue
         if any(q.depth >= max_queue for q in self.scheduler.queues.values()):
             # New chunks for that model are refused (overloaded): send new clients elsewhere.
-            return b'{"status":"full"}'
+            return b'{"status":"full","reason":"queue"}'
+        if self._quotas.connected >= self._quotas.max_connections:  # handshakes get 503
+            return b'{"status":"full","reason":"connections"}'
+        reason = self.admission.full(len(self._links))
+        if reason is not None:  # a new session would be refused server_busy
+            return b'{"status":"full","reason":"%s"}' % reason.encode()
         return None
+
+    def _admit_new(self, msg: Open | None) -> errors.ServerBusy | None:
+        """Admission control's answer to a new session (None) or stream (its ``open``)."""
+        if msg is None:  # this session is among the links already
+            return self.admission.admit_session(len(self._links) - 1)
+        return self.admission.admit_stream(msg.model, msg.stream)
+
+    def _measure(self, due: float) -> None:
+        """Measure the loop's lag and the load for admission control; again in one period."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        models: dict[str, tuple[float, int, int, int]] = {}
+        workers, max_queue = self.config.workers, self.config.max_queue
+        for queue in self.scheduler.queues.values():
+            name = queue.model.name
+            busy, depth, _, _ = models.get(name, (0.0, 0, 0, 0))
+            models[name] = (
+                busy + queue.stats.infer_seconds,
+                depth + queue.depth,
+                workers,
+                max_queue,
+            )
+        self.admission.observe(
+            Measurement(
+                now,
+                max(0.0, now - due),
+                time.thread_time(),
+                time.process_time(),
+                len(os.sched_getaffinity(0)),
+                sum(1 for link in self._links.values() if link.conn.session.streams),
+                models,
+            )
+        )
+        period = self.config.admission.period
+        self._measuring = loop.call_at(now + period, self._measure, now + period)
 
     def _check_drained(self) -> None:
         if self.draining and all(conn.inflight == 0 for conn in self._conns.values()):
@@ -689,7 +744,9 @@ class Server:
                 self._on_text(link, data)
             else:
                 submit = self.scheduler.submit
-                for item in conn.receive_binary(data, now, self.draining):
+                # Its real age: since the loop read its bytes (or took it from the backlog).
+                age = now - link.ws.arrived
+                for item in conn.receive_binary(data, now, self.draining, age):
                     try:
                         submit(item)
                     except errors.ServingError as e:
@@ -714,7 +771,7 @@ class Server:
         except UnicodeDecodeError:
             conn.error(errors.BadMessage("a text message must be UTF-8"))
             return
-        resume = conn.receive_text(message, self.draining)
+        resume = conn.receive_text(message, self.draining, self._admit_new)
         if resume is not None:
             link.held = []
             task = asyncio.get_running_loop().create_task(self._resume(link, resume))
@@ -758,6 +815,11 @@ class Server:
         if conn.close_code is not None:
             if not link.closing:
                 link.closing = True
+                for frame, is_text, _ in conn.data_to_send():  # a refusal's server_busy
+                    if is_text:
+                        protocol.send_text(frame)
+                    else:
+                        protocol.send_binary(frame)
                 asyncio.get_running_loop().create_task(ws.close(conn.close_code, conn.close_reason))
             return
         if ws.paused:

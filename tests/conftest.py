@@ -14,6 +14,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from realtime.admission import AdmissionPolicy
 from realtime.config import Config
 from realtime.scheduler import Scheduler
 from realtime.server import Server
@@ -136,7 +137,9 @@ async def start_server() -> AsyncIterator[ServerFactory]:
             limits=limits or Limits(),
             warm_up=warm_up,
             reload_seconds=reload_seconds,
-            **config,
+            # Admission measures the machine, which other tests load: tests/test_admission.py
+            # feeds it measurements instead (and the real `realtime serve` tests keep it on).
+            **{"admission": AdmissionPolicy(target_load=0.0), **config},
         )
         server = Server(config)
         await server.start()

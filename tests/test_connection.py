@@ -14,10 +14,10 @@ import orjson
 import pytest
 
 from realtime import errors
-from realtime.connection import CLOSE_TOO_SLOW, TRANSITIONS, Connection, State
+from realtime.connection import CLOSE_TOO_SLOW, CLOSE_TRY_AGAIN, TRANSITIONS, Connection, State
 from realtime.metrics import Traffic
 from realtime.models.repository import ModelRepository, scan
-from realtime.protocol import Chunk, decode_frame, encode_frame
+from realtime.protocol import Chunk, Open, decode_frame, encode_frame
 from realtime.session import Limits, Prediction, Session, Stream, WorkItem
 
 
@@ -166,3 +166,59 @@ def test_hand_off_and_take_over_keep_the_count_in_step(tiny_models: Path) -> Non
     taken = Connection.taken_over(entry, Traffic(), 64, lambda stream: [], 1.0)
     replay = taken.resume(1, 1.0)  # the client got opened only
     assert [orjson.loads(f)["type"] for f, _, _ in replay] == ["welcome", "result"]
+
+
+# --- admission control and shedding by age (realtime/admission.py decides) ---------------
+
+
+def busy(_: Open | None) -> errors.ServerBusy:
+    return errors.ServerBusy("full", retry_after_ms=500.0)
+
+
+def test_a_refused_hello_gets_server_busy_and_the_close(tiny_models: Path) -> None:
+    conn = connect(tiny_models)
+    conn.receive_text('{"type": "hello", "protocol": 1}', admit=busy)
+    [error] = sent(conn)
+    assert error == {
+        "type": "error",
+        "code": "server_busy",
+        "message": "full",
+        "retryable": True,
+        "retry_after_ms": 500.0,
+    }
+    assert conn.state is State.AWAITING_HELLO and conn.close_code == CLOSE_TRY_AGAIN
+
+
+def test_a_refused_open_leaves_the_session_open(tiny_models: Path) -> None:
+    conn = connect(tiny_models)
+    conn.receive_text('{"type": "hello", "protocol": 1}', admit=lambda _: None)
+    open_double = (
+        '{"type": "open", "stream": 1, "model": "double", "kind": "tensor", "dtype": "float32"}'
+    )
+    conn.receive_text(open_double, admit=busy)
+    welcome, error = sent(conn)
+    assert welcome["type"] == "welcome"
+    assert (error["code"], error["stream"], error["retry_after_ms"]) == ("server_busy", 1, 500.0)
+    assert conn.state is State.OPEN and conn.close_code is None and not conn.session.streams
+    conn.receive_text(open_double, admit=lambda _: None)
+    assert sent(conn)[0]["type"] == "opened"
+
+
+def test_a_chunk_older_than_its_deadline_is_refused_before_any_work(tiny_models: Path) -> None:
+    conn = connect(tiny_models)
+    conn.receive_text('{"type": "hello", "protocol": 1}')
+    conn.receive_text(
+        '{"type": "open", "stream": 1, "model": "double", "kind": "tensor", "dtype": "float32",'
+        ' "deadline_ms": 100}'
+    )
+    sent(conn)
+    frame = encode_frame(Chunk(1, 0, 0.0, np.ones(4, np.float32)))
+    assert conn.receive_binary(frame, 10.0, age=0.1) == []  # 100 ms old: its deadline passed
+    [error] = sent(conn)
+    assert (error["code"], error["stream"], error["seq"]) == ("deadline_exceeded", 1, 0)
+    assert conn.session.streams[1].received == 0  # counted as received: a resume skips it
+    assert conn.session.inflight == 0
+    frame = encode_frame(Chunk(1, 1, 0.0, np.ones(4, np.float32)))
+    [item] = conn.receive_binary(frame, 10.0, age=0.04)
+    # Its deadline counts from when its bytes arrived, not from when the loop got to it.
+    assert item.received == 9.96 and abs(item.deadline - 10.06) < 1e-9

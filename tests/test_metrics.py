@@ -171,7 +171,7 @@ async def test_readyz_says_full_while_a_model_queue_refuses_chunks(
         refused = await raw.recv()
         assert (refused["stream"], refused["code"]) == (2, "overloaded")
         status, _, body = await asyncio.to_thread(get, base + "/readyz")
-        assert (status, body) == (503, '{"status":"full"}')
+        assert (status, body) == (503, '{"status":"full","reason":"queue"}')
     finally:
         release.set()
     assert [(await raw.recv())["seq"] for _ in range(3)] == [0, 1, 2]

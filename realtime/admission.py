@@ -1,0 +1,194 @@
+"""Admission control: whether the server takes one more session or stream. Pure, over a given
+clock and what the server measured.
+
+Once the server is full, a new session makes every admitted one late: it is better to refuse the
+151st player than to lag all 150. :class:`Admission` is fed, a few times a second, what the
+server measured (:meth:`Admission.observe`: event-loop lag, the event loop's and the process's
+CPU time, the sessions streaming, each model's worker time and queue depth) and keeps smoothed
+figures of them. From those it estimates what one streaming session costs and how many the
+server can carry within ``target_load`` of its bottleneck (the event loop, or the cores the
+process may use), and answers at ``hello`` (:meth:`Admission.admit_session`) and at ``open``
+(:meth:`Admission.admit_stream`) with None (admitted) or a typed, retryable
+:class:`errors.ServerBusy` carrying ``retry_after_ms``. The policy and its figures are in
+docs/scheduler.md.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left
+from collections import Counter
+from dataclasses import dataclass, field
+
+from realtime import errors
+
+#: Loop-lag histogram bucket bounds (ms), for metrics.
+LAG_BOUNDS_MS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, math.inf)
+#: Time constant (seconds) of the smoothed load, lag and session count.
+SMOOTHING_SECONDS = 0.5
+#: Below this share of its bottleneck the server counts as idle: what it measures then says
+#: nothing of what a session costs, and lag then comes from other processes, not its sessions.
+IDLE_LOAD = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionPolicy:
+    """The knobs of admission control (``realtime serve --admit-*``)."""
+
+    #: Share of the bottleneck (event loop or cores) admitted sessions may use; 0: admit all.
+    target_load: float = 0.75
+    #: Smoothed event-loop lag past which new sessions and streams are refused (when the
+    #: server's own load is at least half its target: lag on an idle server is a neighbour's).
+    max_lag_ms: float = 20.0
+    #: A model whose queue holds this share of ``max_queue`` refuses new streams.
+    queue_share: float = 0.5
+    #: What a refused client is told to wait before trying again.
+    retry_after_ms: float = 1000.0
+    #: Seconds between measurements (the loop-lag timer's period).
+    period: float = 0.05
+
+    @property
+    def enabled(self) -> bool:
+        """Whether anything is ever refused."""
+        return self.target_load > 0
+
+
+@dataclass(slots=True)
+class Measurement:
+    """What the server measured at one instant: cumulative times, and gauges."""
+
+    now: float  # monotonic seconds
+    lag: float  # seconds the lag timer fired late
+    loop_cpu: float  # CPU seconds of the event-loop thread so far
+    process_cpu: float  # CPU seconds of the whole process so far (model workers included)
+    cores: int  # cores the process may run on
+    streaming: int  # sessions with at least one stream open
+    #: Per model name: (worker seconds so far, items queued, workers, max_queue).
+    models: dict[str, tuple[float, int, int, int]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class AdmissionFigures:
+    """Counters for metrics: they only grow (and the lag histogram's buckets)."""
+
+    admitted: Counter[str] = field(default_factory=Counter)  # "session" / "stream"
+    refused: Counter[str] = field(default_factory=Counter)  # by reason
+    lag_buckets: list[int] = field(default_factory=lambda: [0] * len(LAG_BOUNDS_MS))
+    lag_sum: float = 0.0  # seconds
+
+
+class Admission:
+    """Decides admit or refuse for a new session or stream from smoothed measurements."""
+
+    def __init__(self, policy: AdmissionPolicy) -> None:
+        self.policy = policy
+        self.figures = AdmissionFigures()
+        self._last: Measurement | None = None
+        self.load = 0.0  # smoothed share of the bottleneck in use
+        self.lag = 0.0  # smoothed event-loop lag, seconds
+        self.last_lag = 0.0  # the newest lag measured, seconds (chunk ages add it)
+        self._streaming = 0.0  # smoothed sessions streaming
+        self._model_load: dict[str, float] = {}  # smoothed share of a model's workers in use
+        self._model_full: dict[str, bool] = {}  # its queue at queue_share of max_queue
+
+    # --- measuring ---------------------------------------------------------------------------
+
+    def observe(self, m: Measurement) -> None:
+        """Take in one measurement (every ``policy.period`` seconds)."""
+        f = self.figures
+        lag_ms = m.lag * 1000.0
+        f.lag_buckets[bisect_left(LAG_BOUNDS_MS, lag_ms)] += 1
+        f.lag_sum += m.lag
+        self.last_lag = m.lag
+        for name, (_, depth, _, max_queue) in m.models.items():
+            self._model_full[name] = depth >= self.policy.queue_share * max_queue
+        last, self._last = self._last, m
+        if last is None or m.now <= last.now:
+            return
+        dt = m.now - last.now
+        a = 1.0 - math.exp(-dt / SMOOTHING_SECONDS)
+        loop_share = (m.loop_cpu - last.loop_cpu) / dt
+        cpu_share = (m.process_cpu - last.process_cpu) / (dt * max(m.cores, 1))
+        self.load += a * (max(loop_share, cpu_share) - self.load)
+        self.lag += a * (m.lag - self.lag)
+        self._streaming += a * (m.streaming - self._streaming)
+        for name, (busy, _, workers, _) in m.models.items():
+            before = last.models.get(name)
+            share = 0.0 if before is None else (busy - before[0]) / (dt * max(workers, 1))
+            old = self._model_load.get(name, 0.0)
+            self._model_load[name] = old + a * (share - old)
+
+    @property
+    def session_cost(self) -> float | None:
+        """Share of the bottleneck one streaming session uses; None while unknown (idle)."""
+        if self.load < IDLE_LOAD or self._streaming < 0.5:
+            return None
+        return self.load / self._streaming
+
+    @property
+    def capacity(self) -> float | None:
+        """Sessions the server can carry within its target load; None while unknown."""
+        cost = self.session_cost
+        return None if cost is None else self.policy.target_load / cost
+
+    def headroom(self, sessions: int) -> float | None:
+        """Sessions that may still be admitted beside ``sessions``; None while unknown."""
+        capacity = self.capacity
+        return None if capacity is None else capacity - sessions
+
+    def _lagging(self) -> bool:
+        p = self.policy
+        return self.lag * 1000.0 > p.max_lag_ms and self.load >= p.target_load / 2
+
+    def full(self, sessions: int) -> str | None:
+        """Why a new session would be refused now (``lag`` or ``load``), or None."""
+        if not self.policy.enabled:
+            return None
+        if self._lagging():
+            return "lag"
+        capacity = self.capacity
+        if capacity is not None and sessions + 1 > capacity:
+            return "load"
+        return None
+
+    # --- deciding ----------------------------------------------------------------------------
+
+    def admit_session(self, sessions: int) -> errors.ServerBusy | None:
+        """Whether one more session may start beside the ``sessions`` already admitted: None,
+        or the typed refusal to send."""
+        reason = self.full(sessions)
+        if reason is None:
+            self.figures.admitted["session"] += 1
+            return None
+        self.figures.refused[reason] += 1
+        capacity = self.capacity
+        why = (
+            f"the event loop runs {1000 * self.lag:.0f} ms late"
+            if reason == "lag"
+            else f"it carries {sessions} sessions of about {capacity or 0:.0f} it can serve in time"
+        )
+        return errors.ServerBusy(
+            f"the server is full ({why}): try again later or elsewhere",
+            retry_after_ms=self.policy.retry_after_ms,
+        )
+
+    def admit_stream(self, model: str, stream: int) -> errors.ServerBusy | None:
+        """Whether a stream on ``model`` may open: None, or the typed refusal to send."""
+        p = self.policy
+        reason = None
+        if p.enabled:
+            if self._lagging():
+                reason = "lag"
+            elif self._model_full.get(model, False):
+                reason = "model_queue"
+            elif self._model_load.get(model, 0.0) > p.target_load:
+                reason = "model_busy"
+        if reason is None:
+            self.figures.admitted["stream"] += 1
+            return None
+        self.figures.refused[reason] += 1
+        return errors.ServerBusy(
+            f"model {model} is full ({reason}): try again later or elsewhere",
+            retry_after_ms=p.retry_after_ms,
+            stream=stream,
+        )

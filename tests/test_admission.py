@@ -1,0 +1,202 @@
+"""Admission control (realtime/admission.py): pure, fed measurements over a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import orjson
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from realtime import errors
+from realtime.admission import Admission, AdmissionPolicy, Measurement
+from realtime.server import Server
+from tests.conftest import ServerFactory
+from tests.test_metrics import get, scrape
+from tests.test_server import Raw
+
+
+class FakeServer:
+    """Measurements of a server whose every streaming session costs ``cost`` of one core."""
+
+    def __init__(self, admission: Admission, cost: float, cores: int = 1) -> None:
+        self.admission = admission
+        self.cost = cost
+        self.cores = cores
+        self.now = 0.0
+        self.cpu = 0.0
+        self.streaming = 0
+        self.lag = 0.0
+        self.models: dict[str, tuple[float, int, int, int]] = {}
+
+    def run(self, seconds: float, period: float = 0.05) -> None:
+        """Let time pass with the sessions streaming, measured every ``period``."""
+        for _ in range(round(seconds / period)):
+            self.now += period
+            self.cpu += period * min(self.cost * self.streaming, float(self.cores))
+            self.admission.observe(
+                Measurement(
+                    self.now,
+                    self.lag,
+                    self.cpu,
+                    self.cpu,
+                    self.cores,
+                    self.streaming,
+                    dict(self.models),
+                )
+            )
+
+
+def test_an_idle_server_admits_and_knows_no_capacity_yet() -> None:
+    admission = Admission(AdmissionPolicy())
+    FakeServer(admission, 0.01).run(1.0)
+    assert admission.capacity is None
+    assert admission.admit_session(0) is None
+    assert admission.full(0) is None
+
+
+def test_capacity_comes_from_the_measured_cost_of_a_session() -> None:
+    admission = Admission(AdmissionPolicy(target_load=0.8))
+    server = FakeServer(admission, 0.01)  # 1 % of a core per session: 80 fit in 0.8
+    server.streaming = 40
+    server.run(5.0)
+    assert admission.capacity == pytest.approx(80, rel=0.02)
+    assert admission.admit_session(40) is None
+    assert admission.admit_session(78) is None
+    busy = admission.admit_session(80)
+    assert isinstance(busy, errors.ServerBusy)
+    assert busy.code == "server_busy" and busy.retryable
+    assert busy.retry_after_ms == AdmissionPolicy().retry_after_ms
+    assert admission.figures.admitted["session"] == 2
+    assert admission.figures.refused["load"] == 1
+    assert admission.full(80) == "load"
+    assert admission.headroom(60) == pytest.approx(20, abs=2)
+
+
+def test_the_bottleneck_is_the_busier_of_the_loop_and_the_cores() -> None:
+    admission = Admission(AdmissionPolicy(target_load=0.5))
+    cores = 4
+    server = FakeServer(admission, 0.01, cores)
+    server.streaming = 20
+    server.run(5.0)
+    # The loop thread (here: all of the CPU) is the bottleneck, not the four cores.
+    assert admission.load == pytest.approx(0.2, rel=0.02)
+    assert admission.capacity == pytest.approx(50, rel=0.02)
+
+
+def test_lag_refuses_only_when_the_server_itself_is_loaded() -> None:
+    admission = Admission(AdmissionPolicy(target_load=0.8, max_lag_ms=20.0))
+    server = FakeServer(admission, 0.001)
+    server.streaming = 10
+    server.lag = 0.1  # a noisy neighbour: the loop runs 100 ms late, our load is 1 %
+    server.run(3.0)
+    assert admission.admit_session(10) is None
+    server.cost, server.streaming = 0.05, 10  # now 50 % ours, still lagging
+    server.run(3.0)
+    busy = admission.admit_session(10)
+    assert isinstance(busy, errors.ServerBusy) and "late" in busy.message
+    assert admission.figures.refused["lag"] == 1
+    assert isinstance(admission.admit_stream("speech_activity", 3), errors.ServerBusy)
+    server.lag = 0.0
+    server.run(5.0)
+    assert admission.admit_session(10) is None
+
+
+def test_a_stream_is_refused_on_a_model_whose_queue_fills_or_workers_are_busy() -> None:
+    admission = Admission(AdmissionPolicy(target_load=0.8, queue_share=0.5))
+    server = FakeServer(admission, 0.001)
+    server.streaming = 1
+    server.models = {"a": (0.0, 10, 2, 100), "b": (0.0, 60, 2, 100), "c": (0.0, 0, 2, 100)}
+    for _ in range(100):  # model c's two workers are 95 % busy
+        busy, depth, workers, max_queue = server.models["c"]
+        server.models["c"] = (busy + 0.05 * 2 * 0.95, depth, workers, max_queue)
+        server.run(0.05)
+    assert admission.admit_stream("a", 1) is None
+    refused = admission.admit_stream("b", 2)
+    assert isinstance(refused, errors.ServerBusy) and refused.stream == 2
+    assert admission.figures.refused["model_queue"] == 1
+    assert isinstance(admission.admit_stream("c", 3), errors.ServerBusy)
+    assert admission.figures.refused["model_busy"] == 1
+    assert admission.admit_stream("unknown", 4) is None  # nothing measured: admitted
+
+
+def test_off_admits_everything() -> None:
+    admission = Admission(AdmissionPolicy(target_load=0.0))
+    server = FakeServer(admission, 0.5)
+    server.streaming, server.lag = 10, 1.0
+    server.run(3.0)
+    assert admission.admit_session(1000) is None
+    assert admission.full(1000) is None
+
+
+def test_lag_goes_into_the_histogram() -> None:
+    admission = Admission(AdmissionPolicy())
+    server = FakeServer(admission, 0.0)
+    server.lag = 0.003
+    server.run(1.0)
+    f = admission.figures
+    assert sum(f.lag_buckets) == 20 and f.lag_buckets[2] == 20  # all in (2, 5] ms
+    assert f.lag_sum == pytest.approx(0.06)
+    assert admission.last_lag == 0.003
+
+
+# --- through a real server -------------------------------------------------------------------
+
+
+def _fill(server: Server, sessions_cost: float) -> None:
+    """Feed the server's admission two seconds of one streaming session costing
+    ``sessions_cost`` of the loop (its own timer waits an hour: the test alone measures)."""
+    admission = server.admission
+    for k in range(41):
+        t = 1000.0 + 0.05 * k
+        admission.observe(Measurement(t, 0.0, t * sessions_cost, t * sessions_cost, 1, 1, {}))
+
+
+async def test_a_full_server_refuses_hello_with_server_busy_then_closes(
+    start_server: ServerFactory, tiny_models: Path
+) -> None:
+    policy = AdmissionPolicy(target_load=0.5, retry_after_ms=750.0, period=3600.0)
+    server = await start_server((tiny_models,), builtin=False, admission=policy)
+    base = f"http://127.0.0.1:{server.port}"
+    first = await Raw.connect(server.url)  # admitted while nothing is measured
+    assert (await first.open(1, shape=[4]))["type"] == "opened"
+    assert (await asyncio.to_thread(get, base + "/readyz"))[0] == 200
+    _fill(server, 0.4)  # one session uses 40 %: a second would pass the 50 % target
+    status, _, body = await asyncio.to_thread(get, base + "/readyz")
+    assert (status, orjson.loads(body)) == (503, {"status": "full", "reason": "load"})
+
+    late = await Raw.connect(server.url, hello=False)
+    await late.text({"type": "hello", "protocol": 1})
+    busy = await late.recv()
+    assert busy["type"] == "error" and busy["code"] == "server_busy"
+    assert busy["retryable"] and busy["retry_after_ms"] == 750.0
+    with pytest.raises(ConnectionClosed):
+        await late.recv()
+    assert late.ws.close_code == 1013  # try again later, closed cleanly by the server
+    await first.still_works(1, 0)  # the admitted session is not touched
+
+    samples = await scrape(base)
+    assert samples[("realtime_refused_busy_total", (("reason", "load"),))] == 1.0
+    assert samples[("realtime_admitted_total", (("what", "session"),))] == 1.0
+    assert samples[("realtime_load", ())] == pytest.approx(0.4, abs=0.05)
+    assert samples[("realtime_headroom_sessions", ())] == pytest.approx(0.25, abs=0.1)
+    assert ("realtime_loop_lag_seconds_count", ()) in samples
+
+
+async def test_a_model_with_its_queue_half_full_refuses_a_new_stream(
+    start_server: ServerFactory, tiny_models: Path
+) -> None:
+    policy = AdmissionPolicy(queue_share=0.5, period=3600.0)
+    server = await start_server((tiny_models,), builtin=False, admission=policy, max_queue=4)
+    raw = await Raw.connect(server.url)
+    server.admission.observe(
+        Measurement(
+            1.0, 0.0, 0.0, 0.0, 1, 1, {"double": (0.0, 2, 1, 4), "accumulate": (0, 0, 1, 4)}
+        )
+    )
+    refused = await raw.open(1, shape=[4])
+    assert (refused["type"], refused["code"], refused["stream"]) == ("error", "server_busy", 1)
+    assert refused["retry_after_ms"] == policy.retry_after_ms
+    opened = await raw.open(2, "accumulate", shape=[3])  # another model: still taken
+    assert opened["type"] == "opened"
