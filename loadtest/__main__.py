@@ -213,10 +213,17 @@ class Setup:
 
 
 def run_target(
-    target: str, kinds: list[str], seconds: float, setup: Setup | None = None
+    target: str,
+    kinds: list[str],
+    seconds: float,
+    setup: Setup | None = None,
+    arrivals: list[float] | None = None,
+    stream_seconds: list[float] | None = None,
 ) -> tuple[Records, dict[str, Any]]:
     """Start one server, drive it with ``kinds`` (one client each) from ``setup.procs``
-    processes, and return the merged records and the server's figures."""
+    processes, and return the merged records and the server's figures. With ``arrivals``
+    (raw client), client i connects that many seconds after the start and streams from its
+    welcome on (for ``stream_seconds[i]``, or to the end)."""
     setup = setup or Setup()
     server = ServerProcess(
         target, kinds, setup.server_cpus, setup.nice, setup.processes, setup.server_args
@@ -243,6 +250,8 @@ def run_target(
                     settle_seconds=setup.settle_seconds,
                     cpus=setup.load_cpus,
                     nice=setup.nice,
+                    arrivals=None if arrivals is None else arrivals[p::procs],
+                    stream_seconds=None if stream_seconds is None else stream_seconds[p::procs],
                 )
                 for p in range(procs)
             ]

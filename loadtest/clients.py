@@ -58,6 +58,11 @@ class Plan:
     settle_seconds: float = 15.0  # the longest wait for late answers after the last send
     cpus: set[int] | None = None  # CPUs the client process is pinned to (None: any)
     nice: int = 0  # the client process's nice value (negative: ahead of other work)
+    #: Raw client only. Per client, seconds after ``start`` it connects and says hello; it
+    #: streams from its ``opened`` on (None: everyone connects first and streams from start).
+    arrivals: list[float] | None = None
+    #: With arrivals, per client, how long it streams (None: until start + seconds).
+    stream_seconds: list[float] | None = None
 
 
 @dataclass
@@ -75,6 +80,11 @@ class Records:
     cpu_seconds: float
     connect_failures: int
     refused: int = 0  # clients the server turned away (HTTP status, or an error at hello/open)
+    #: Per client (raw client): when it said hello, ms until the welcome or the refusal, and
+    #: whether it was admitted (welcome and opened).
+    hello_at: np.ndarray[Any, Any] = field(default_factory=lambda: np.empty(0))
+    hello_ms: np.ndarray[Any, Any] = field(default_factory=lambda: np.empty(0))
+    admitted: np.ndarray[Any, Any] = field(default_factory=lambda: np.empty(0, bool))
     unattributed: dict[str, int] = field(default_factory=dict)  # errors with no seq, by code
 
 

@@ -157,6 +157,9 @@ class _Run:
             kinds=plan.kinds,
             cpu_seconds=0.0,
             connect_failures=0,
+            hello_at=np.full(n_clients, np.nan),
+            hello_ms=np.full(n_clients, np.nan),
+            admitted=np.zeros(n_clients, bool),
         )
         self.codes: dict[str, int] = {}
         self.unattributed: dict[str, int] = {}
@@ -165,15 +168,32 @@ class _Run:
         self.all_answered: asyncio.Future[None] = self.loop.create_future()
         self.clients: list[_Client] = []
         self._heap: list[tuple[float, int]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._arriving = 0  # clients still to arrive (Plan.arrivals)
+        self._phases: list[float] = []  # with arrivals: each client's offset into its period
         self._sending_done: asyncio.Future[None] = self.loop.create_future()
         self.key = os.urandom(4)
 
     def answered(self) -> None:
         self.pending -= 1
-        if self.pending == 0 and not self.all_answered.done():
+        if self.pending == 0 and self._sending_done.done() and not self.all_answered.done():
             self.all_answered.set_result(None)
 
+    def _schedule(self) -> None:
+        """Run the tick at the earliest due chunk (sooner than planned, if one just came in)."""
+        if not self._heap:
+            return
+        at = self._heap[0][0]
+        if self._timer is not None:
+            if self._timer_at <= at:
+                return
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self.loop.call_later(max(at - time.monotonic(), 0.0), self._tick)
+
     def _tick(self) -> None:
+        self._timer = None
         heap, clients = self._heap, self.clients
         while heap and heap[0][0] <= time.monotonic():
             i = heap[0][1]
@@ -184,8 +204,8 @@ class _Run:
             else:
                 heapq.heappop(heap)
         if heap:
-            self.loop.call_later(max(heap[0][0] - time.monotonic(), 0.0), self._tick)
-        elif not self._sending_done.done():
+            self._schedule()
+        elif not self._arriving and not self._sending_done.done():
             self._sending_done.set_result(None)
 
     async def _connect(self, client: _Client, gate: asyncio.Semaphore) -> None:
@@ -193,7 +213,9 @@ class _Run:
         url = urlsplit(plan.url)
         host, port = url.hostname or "127.0.0.1", url.port or 80
         model, stream_kind, dtype, _, _ = KINDS[plan.kinds[client.i]]
+        hello_at, hello_ms = self.rec.hello_at, self.rec.hello_ms
         async with gate:
+            hello_at[client.i] = time.monotonic()
             try:
                 _, conn = await self.loop.create_connection(
                     lambda: RawConnection(host, port, url.path or "/", self.key, client.on_message),
@@ -202,6 +224,7 @@ class _Run:
                 )
                 await asyncio.wait_for(conn.opened, 30)
             except HandshakeRefused as exc:
+                hello_ms[client.i] = (time.monotonic() - hello_at[client.i]) * 1000.0
                 self._refuse(client, f"http_{exc.status}")
                 return
             except (OSError, TimeoutError, ConnectionError):
@@ -211,8 +234,10 @@ class _Run:
             if plan.target != "realtime":
                 return
             client.control = asyncio.Queue()
+            hello_at[client.i] = time.monotonic()
             conn.send(OP_TEXT, orjson.dumps({"type": "hello", "protocol": 1}))
             welcome = await asyncio.wait_for(client.control.get(), 30)
+            hello_ms[client.i] = (time.monotonic() - hello_at[client.i]) * 1000.0
             if welcome.get("type") != "welcome":
                 client.control = None
                 self._refuse(client, str(welcome.get("code", welcome.get("type"))))
@@ -231,6 +256,8 @@ class _Run:
             client.control = None
             if answer.get("type") != "opened":
                 self._refuse(client, str(answer.get("code", answer.get("type"))))
+            else:
+                self.rec.admitted[client.i] = True
 
     def _refuse(self, client: _Client, code: str) -> None:
         """A client the server would not take: its chunks count as refused, never sent."""
@@ -257,12 +284,19 @@ class _Run:
                 ]
             rate = KINDS[kind][4]
             client = _Client(self, i, frames[kind], int(rng.integers(0, len(frames[kind]))))
+            phase = rng.uniform(0, 1.0 / rate)
+            self.clients.append(client)
+            if plan.arrivals is not None:  # its chunks are due from its arrival on
+                rec.outcome[i, :] = UNUSED
+                self._phases.append(phase)
+                continue
             client.n = n = int(plan.seconds * rate)
-            rec.due[i, :n] = plan.start + rng.uniform(0, 1.0 / rate) + np.arange(n) / rate
+            rec.due[i, :n] = plan.start + phase + np.arange(n) / rate
             rec.outcome[i, n:] = UNUSED
             self.pending += n
-            self.clients.append(client)
         gate = asyncio.Semaphore(CONNECTS_AT_ONCE)
+        if plan.arrivals is not None:
+            return await self._run_arrivals(gate)
         await asyncio.gather(*(self._connect(c, gate) for c in self.clients))
         late = time.monotonic() - plan.start
         if late > 0:
@@ -282,9 +316,60 @@ class _Run:
             self.all_answered.set_result(None)
         cpu0 = time.process_time()
         if self._heap:
-            self.loop.call_later(max(self._heap[0][0] - time.monotonic(), 0.0), self._tick)
+            self._schedule()
             await self._sending_done
         rec.cpu_seconds = time.process_time() - cpu0
+        return await self._finish()
+
+    async def _run_arrivals(self, gate: asyncio.Semaphore) -> Records:
+        """Each client connects at its arrival time and, if admitted, streams from then on."""
+        plan = self.plan
+        assert plan.arrivals is not None
+        self._arriving = len(self.clients)
+        cpu0 = time.process_time()
+        await asyncio.gather(
+            *(self._arrive(c, gate, plan.start + plan.arrivals[c.i]) for c in self.clients)
+        )
+        if not self._sending_done.done() and not self._heap:
+            self._sending_done.set_result(None)
+        await self._sending_done
+        self.rec.cpu_seconds = time.process_time() - cpu0
+        return await self._finish()
+
+    async def _arrive(self, client: _Client, gate: asyncio.Semaphore, at: float) -> None:
+        delay = at - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)  # a timer per client: its arrival time
+        try:
+            await self._connect(client, gate)
+        except (TimeoutError, ConnectionError):
+            self.rec.connect_failures += 1
+            client.conn = None
+        finally:
+            self._arriving -= 1
+        plan, rec, i = self.plan, self.rec, client.i
+        if client.conn is not None and rec.admitted[i]:
+            rate = KINDS[plan.kinds[i]][4]
+            first = time.monotonic() + self._phases[i]
+            stop = plan.start + plan.seconds
+            if plan.stream_seconds is not None:
+                stop = min(stop, first + plan.stream_seconds[i])
+            n = min(rec.due.shape[1], max(0, int((stop - first) * rate)))
+            rec.due[i, :n] = first + np.arange(n) / rate
+            rec.outcome[i, :n] = PENDING
+            client.n = n
+            self.pending += n
+            if n:
+                heapq.heappush(self._heap, (rec.due[i, 0], i))
+                self._schedule()
+        if not self._arriving and not self._heap and not self._sending_done.done():
+            self._sending_done.set_result(None)
+
+    async def _finish(self) -> Records:
+        """Wait for late answers, close every connection, and hand the records over."""
+        plan, rec = self.plan, self.rec
+        if self.pending <= 0 and not self.all_answered.done():
+            self.all_answered.set_result(None)
         # Late answers still count (late is not lost) up to settle_seconds after the last send.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self.all_answered), plan.settle_seconds)

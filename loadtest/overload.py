@@ -1,0 +1,300 @@
+"""``python -m loadtest.overload``: admission control under overload (issue 16).
+
+Measures the capacity without overload (the most real-time clients with >= 99 % of chunks
+answered within 50 ms of their due time, admission off), then offers 2x and 4x that many clients
+arriving over ``--ramp`` seconds, and a burst: the capacity, then 3x more sessions arriving
+within 2 seconds (each streaming 2 s). Every client says hello at its arrival and, if admitted,
+streams real-time chunks from its welcome on (raw client, latency from each chunk's due time).
+Per run: clients admitted, refused (and how fast the refusal came), the admitted sessions' share
+of chunks within 50 ms and their percentiles, and a plot over time. Writes ``report.json``,
+``summary.md`` and the plots to ``--out``.
+
+    flock /work/bench.lock python -m loadtest.overload                   # speech_activity
+    flock /work/bench.lock python -m loadtest.overload --kind vad        # silero VAD streams
+    python -m loadtest.overload --capacity-clients 80 --runs 2x,burst    # capacity known
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from loadtest import report
+from loadtest.__main__ import (
+    DEADLINE_MS,
+    REPO,
+    Setup,
+    add_setup_flags,
+    capacity,
+    machine,
+    run_target,
+    setup_from,
+)
+from loadtest.clients import OK, UNUSED, Records
+
+#: A burst: this many times the capacity in more sessions, arriving within BURST_SECONDS.
+BURST_FACTOR = 3
+BURST_SECONDS = 2.0
+#: What a refused client must have been told by (ms after its hello).
+REFUSED_WITHIN_MS = 100.0
+
+
+def admission_summary(rec: Records, base: np.ndarray[Any, Any] | None = None) -> dict[str, Any]:
+    """Admitted and refused clients, how fast refusals came, and the admitted sessions'
+    latency from due time (``base``: the clients that form the steady load, for a burst)."""
+    admitted = rec.admitted
+    refused = ~admitted & ~np.isnan(rec.hello_ms)
+    rows = admitted if base is None else admitted & base
+    used = (rec.outcome != UNUSED) & rows[:, None]
+    ok = (rec.outcome == OK) & used
+    latency = (rec.received - rec.due) * 1000.0
+    lat_ok = latency[ok]
+    offered = int(used.sum())
+    errors = {
+        code: int(((rec.outcome == j) & used).sum()) for j, code in enumerate(rec.codes, start=1)
+    }
+    refused_ms = rec.hello_ms[refused]
+    codes = {
+        c.split(":", 1)[1]: int((rec.outcome == j).any(axis=1).sum())
+        for j, c in enumerate(rec.codes, start=1)
+        if c.startswith("refused:")
+    }
+    return {
+        "clients": len(rec.kinds),
+        "admitted": int(admitted.sum()),
+        "refused": int(refused.sum()),
+        "refused_by_code": codes,
+        "refusal_ms": {
+            "p50": round(float(np.percentile(refused_ms, 50)), 1) if refused_ms.size else None,
+            "max": round(float(refused_ms.max()), 1) if refused_ms.size else None,
+        },
+        "refused_within_100ms": round(
+            float((refused_ms <= REFUSED_WITHIN_MS).mean()) if refused_ms.size else 1.0, 4
+        ),
+        "admitted_chunks": offered,
+        "admitted_within_50ms": round(float((lat_ok <= report.BAR_MS).sum()) / max(offered, 1), 4),
+        "admitted_latency_ms": {
+            name: (round(float(np.percentile(lat_ok, q)), 1) if lat_ok.size else None)
+            for name, q in report.PERCENTILES
+        },
+        "admitted_lost": int(((rec.outcome == -1) & used).sum()),
+        "admitted_errors": {k: v for k, v in errors.items() if v and not k.startswith("refused")},
+    }
+
+
+def plot_over_time(rec: Records, out: Path, name: str, title: str) -> str:
+    """Sessions admitted and refused (by hello time) and the share of due chunks answered
+    within 50 ms, per 0.5 s; the file written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t0 = float(np.nanmin(rec.hello_at))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
+    said = ~np.isnan(rec.hello_at)
+    for label, rows, color in (
+        ("admitted", rec.admitted & said, "tab:green"),
+        ("refused", ~rec.admitted & said, "tab:red"),
+    ):
+        times = np.sort(rec.hello_at[rows] - t0)
+        top.step(times, np.arange(1, times.size + 1), where="post", label=label, color=color)
+    top.set(ylabel="sessions (cumulative)", title=title)
+    top.legend(fontsize=8)
+    used = rec.outcome != UNUSED
+    due = rec.due[used] - t0
+    ontime = (rec.outcome[used] == OK) & ((rec.received[used] - rec.due[used]) * 1000.0 <= 50.0)
+    end = float(np.nanmax(due)) + 0.5 if due.size else 1.0
+    edges = np.arange(0.0, end, 0.5)
+    total, _ = np.histogram(due, edges)
+    good, _ = np.histogram(due[ontime], edges)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(total > 0, good / np.maximum(total, 1), np.nan)
+    bottom.plot(edges[1:], 100 * share, color="tab:blue", label="admitted chunks within 50 ms")
+    bottom.axhline(99, color="grey", linewidth=0.8, linestyle=":", label="99 %")
+    bottom.set(xlabel="time since the first hello (s)", ylabel="% on time", ylim=(0, 101))
+    twin = bottom.twinx()
+    twin.plot(edges[1:], total / 0.5, color="tab:orange", linewidth=0.8, label="chunks due/s")
+    twin.set_ylabel("chunks due per second")
+    bottom.legend(fontsize=8, loc="lower left")
+    twin.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    file = f"overload_{name}.png"
+    fig.savefig(out / file, dpi=110)
+    plt.close(fig)
+    return file
+
+
+def ramp(n: int, start: float, seconds: float) -> list[float]:
+    """Arrival offsets of ``n`` clients spread evenly over ``seconds`` from ``start``."""
+    return [start + seconds * i / max(n, 1) for i in range(n)]
+
+
+def run_scenario(
+    name: str, kind: str, capacity_clients: int, args: argparse.Namespace, setup: Setup
+) -> tuple[Records, dict[str, Any]]:
+    """One overload run: ``2x``/``4x`` the capacity arriving over the ramp, or ``burst``."""
+    if name == "burst":
+        burst = BURST_FACTOR * capacity_clients
+        kinds = [kind] * (capacity_clients + burst)
+        arrivals = ramp(capacity_clients, 0.0, args.ramp) + ramp(
+            burst, args.burst_at, BURST_SECONDS
+        )
+        streams = [args.seconds] * capacity_clients + [BURST_SECONDS] * burst
+        base = np.array([True] * capacity_clients + [False] * burst)
+    else:
+        factor = float(name.rstrip("x"))
+        n = round(factor * capacity_clients)
+        kinds, arrivals, streams, base = [kind] * n, ramp(n, 0.0, args.ramp), None, None
+    rec, server = run_target("realtime", kinds, args.seconds, setup, arrivals, streams)
+    summary = {
+        "offered_clients": len(kinds),
+        **admission_summary(rec),
+        "server": {k: v for k, v in server.items() if k != "series"},
+    }
+    if base is not None:
+        steady = admission_summary(rec, base)
+        summary["base"] = {
+            k: steady[k]
+            for k in (
+                "admitted",
+                "admitted_chunks",
+                "admitted_within_50ms",
+                "admitted_latency_ms",
+                "admitted_lost",
+                "admitted_errors",
+            )
+        }
+        summary["base"]["admitted"] = int((rec.admitted & base).sum())
+        summary["burst_admitted"] = int((rec.admitted & ~base).sum())
+    lat = summary["admitted_latency_ms"]
+    print(
+        f"{kind} {name}: {len(kinds)} clients, admitted {summary['admitted']}, refused "
+        f"{summary['refused']} (max {summary['refusal_ms']['max']} ms after hello), admitted "
+        f"{100 * summary['admitted_within_50ms']:.2f}% within 50 ms, p50 {lat['p50']} p99 "
+        f"{lat['p99']} ms, lost {summary['admitted_lost']}, errors {summary['admitted_errors']}",
+        flush=True,
+    )
+    return rec, summary
+
+
+def checks(result: dict[str, Any]) -> dict[str, bool]:
+    """What issue 16 asks, per run: true or false."""
+    cap = result["capacity_clients"]
+    found: dict[str, bool] = {}
+    for name, r in result["runs"].items():
+        if name == "burst":
+            b = r["base"]
+            found["burst: no admitted session dropped"] = (
+                b["admitted"] == cap and b["admitted_lost"] == 0 and not b["admitted_errors"]
+            )
+            p99 = r["admitted_latency_ms"]["p99"]
+            found["burst: admitted p99 under the deadline"] = p99 is not None and p99 < DEADLINE_MS
+        else:
+            found[f"{name}: admitted >= 99 % within 50 ms"] = r["admitted_within_50ms"] >= 0.99
+            found[f"{name}: admitted >= 90 % of capacity"] = r["admitted"] >= 0.9 * cap
+        found[f"{name}: every refusal within 100 ms"] = r["refused_within_100ms"] == 1.0
+    return found
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The summary a person reads first."""
+    m = result["machine"]
+    lines = [
+        f"# Overload: {result['kind']} (capacity {result['capacity_clients']} clients)",
+        "",
+        f"`{result['command']}` on {m['cores']} cores, load average before "
+        f"{', '.join(f'{x:.1f}' for x in m['load_average_before'])}, after "
+        f"{', '.join(f'{x:.1f}' for x in m['load_average_after'])}; "
+        f"{result['seconds']} s per run, arrivals over {result['ramp']} s.",
+        "",
+        "| run | clients | admitted | refused | refusal max (ms) | admitted within 50 ms "
+        "| p50 | p99 | max (ms) | lost | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in result["runs"].items():
+        lat = r["admitted_latency_ms"]
+        lines.append(
+            f"| {name} | {r['offered_clients']} | {r['admitted']} | {r['refused']} | "
+            f"{r['refusal_ms']['max']} | {100 * r['admitted_within_50ms']:.2f}% | {lat['p50']} | "
+            f"{lat['p99']} | {lat['max']} | {r['admitted_lost']} | "
+            + (", ".join(f"{k} {v}" for k, v in r["admitted_errors"].items()) or "0")
+            + " |"
+        )
+        if "base" in r:
+            b = r["base"]
+            lines.append(
+                f"| burst: the {b['admitted']} admitted first | | | | | "
+                f"{100 * b['admitted_within_50ms']:.2f}% | {b['admitted_latency_ms']['p50']} | "
+                f"{b['admitted_latency_ms']['p99']} | {b['admitted_latency_ms']['max']} | "
+                f"{b['admitted_lost']} | "
+                + (", ".join(f"{k} {v}" for k, v in b["admitted_errors"].items()) or "0")
+                + " |"
+            )
+    lines += ["", "Checks:", ""]
+    lines += [f"- {'yes' if ok else '**no**'}: {what}" for what, ok in result["checks"].items()]
+    lines += ["", "Plots: " + ", ".join(f"[{f}]({f})" for f in result["plots"])]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.overload", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--kind", default="audio", help="audio (speech_activity) or vad (silero)")
+    parser.add_argument(
+        "--capacity-clients", type=int, help="the capacity, if known (else it is searched)"
+    )
+    parser.add_argument("--capacity-steps", default="50,60,70,80,90,100,110,120,140,160,180,200")
+    parser.add_argument("--capacity-seconds", type=float, default=8.0)
+    parser.add_argument("--runs", default="2x,4x,burst")
+    parser.add_argument("--seconds", type=float, default=14.0, help="length of each run")
+    parser.add_argument("--ramp", type=float, default=4.0, help="seconds over which clients arrive")
+    parser.add_argument("--burst-at", type=float, default=7.0, help="seconds to the burst")
+    parser.add_argument("--server-args", default="", help="more flags for realtime serve")
+    add_setup_flags(parser)
+    parser.add_argument("--out", type=Path, default=REPO / "loadtest" / "results" / "overload")
+    args = parser.parse_args()
+    setup = dataclasses.replace(
+        setup_from(args), server_args=tuple(args.server_args.split()), settle_seconds=5.0
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {
+        "kind": args.kind,
+        "command": "python -m " + " ".join(["loadtest.overload", *sys.argv[1:]]),
+        "machine": machine(),
+        "seconds": args.seconds,
+        "ramp": args.ramp,
+        "deadline_ms": DEADLINE_MS,
+    }
+    cap = args.capacity_clients
+    if cap is None:  # without admission control: every client is taken
+        off = dataclasses.replace(setup, server_args=(*setup.server_args, "--admit-load", "0"))
+        steps = [int(s) for s in args.capacity_steps.split(",")]
+        search = capacity(["realtime"], args.kind, steps, args.capacity_seconds, off)
+        result["capacity_search"] = search
+        cap = search["targets"]["realtime"]["clients"]
+    result["capacity_clients"] = cap
+    result["runs"], result["plots"] = {}, []
+    for name in [r.strip() for r in args.runs.split(",") if r.strip()]:
+        rec, summary = run_scenario(name, args.kind, cap, args, setup)
+        result["runs"][name] = summary
+        title = f"{args.kind}, {name}: {summary['offered_clients']} clients (capacity {cap})"
+        result["plots"].append(plot_over_time(rec, args.out, f"{args.kind}_{name}", title))
+    result["machine"]["load_average_after"] = os.getloadavg()
+    result["checks"] = checks(result)
+    (args.out / "report.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    (args.out / "summary.md").write_text(markdown(result))
+    print(markdown(result))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
