@@ -340,7 +340,7 @@ class Connection:
                 raise errors.ShuttingDown(
                     "the server is shutting down", stream=frame.stream, seq=frame.seq
                 )
-            if age > 0.0:
+            if age >= 0.001:  # the usual sub-millisecond age costs one comparison
                 stream = session.streams.get(frame.stream)
                 if stream is not None and age * 1000.0 >= (frame.deadline_ms or stream.deadline_ms):
                     session.refused(frame)
