@@ -80,6 +80,7 @@ class Records:
     cpu_seconds: float
     connect_failures: int
     refused: int = 0  # clients the server turned away (HTTP status, or an error at hello/open)
+    refused_codes: dict[str, int] = field(default_factory=dict)  # those clients, by code
     #: Per client (raw client): when it said hello, ms until the welcome or the refusal, and
     #: whether it was admitted (welcome and opened).
     hello_at: np.ndarray[Any, Any] = field(default_factory=lambda: np.empty(0))

@@ -61,16 +61,11 @@ def admission_summary(rec: Records, base: np.ndarray[Any, Any] | None = None) ->
         code: int(((rec.outcome == j) & used).sum()) for j, code in enumerate(rec.codes, start=1)
     }
     refused_ms = rec.hello_ms[refused]
-    codes = {
-        c.split(":", 1)[1]: int((rec.outcome == j).any(axis=1).sum())
-        for j, c in enumerate(rec.codes, start=1)
-        if c.startswith("refused:")
-    }
     return {
         "clients": len(rec.kinds),
         "admitted": int(admitted.sum()),
         "refused": int(refused.sum()),
-        "refused_by_code": codes,
+        "refused_by_code": dict(rec.refused_codes),
         "refusal_ms": {
             "p50": round(float(np.percentile(refused_ms, 50)), 1) if refused_ms.size else None,
             "max": round(float(refused_ms.max()), 1) if refused_ms.size else None,

@@ -262,6 +262,7 @@ class _Run:
     def _refuse(self, client: _Client, code: str) -> None:
         """A client the server would not take: its chunks count as refused, never sent."""
         self.rec.refused += 1
+        self.rec.refused_codes[code] = self.rec.refused_codes.get(code, 0) + 1
         key = f"refused:{code}"
         if key not in self.codes:
             self.codes[key] = len(self.codes) + 1
@@ -354,7 +355,7 @@ class _Run:
             stop = plan.start + plan.seconds
             if plan.stream_seconds is not None:
                 stop = min(stop, first + plan.stream_seconds[i])
-            n = min(rec.due.shape[1], max(0, int((stop - first) * rate)))
+            n = min(rec.due.shape[1], max(0, int((stop - first) * rate + 1e-6)))
             rec.due[i, :n] = first + np.arange(n) / rate
             rec.outcome[i, :n] = PENDING
             client.n = n

@@ -35,7 +35,8 @@ IDLE_LOAD = 0.05
 class AdmissionPolicy:
     """The knobs of admission control (``realtime serve --admit-*``)."""
 
-    #: Share of the bottleneck (event loop or cores) admitted sessions may use; 0: admit all.
+    #: Share of the bottleneck (event loop or cores) admitted sessions may use; 0: admit all
+    #: (and do not shed chunks by their age either: overload protection off).
     target_load: float = 0.75
     #: Smoothed event-loop lag past which new sessions and streams are refused (when the
     #: server's own load is at least half its target: lag on an idle server is a neighbour's).
@@ -49,7 +50,7 @@ class AdmissionPolicy:
 
     @property
     def enabled(self) -> bool:
-        """Whether anything is ever refused."""
+        """Whether anything is ever refused (and chunks shed by their age)."""
         return self.target_load > 0
 
 

@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
         default=policy.target_load,
         help="admission control: new sessions are refused (server_busy) once the admitted ones "
         "would use more than this share of the event loop or the cores (default %(default)s; "
-        "0: admit every session; see docs/scheduler.md)",
+        "0: admit every session and do not shed chunks by age; see docs/scheduler.md)",
     )
     s.add_argument(
         "--admit-lag-ms",

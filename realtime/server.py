@@ -235,6 +235,8 @@ class Server:
         self.admission = Admission(config.admission)
         self._metrics.register(AdmissionMetrics(self.admission, lambda: len(self._links)))
         self._measuring: asyncio.TimerHandle | None = None
+        #: Chunks past their deadline when the loop gets to them are refused (see _on_message).
+        self._shed_by_age = config.admission.enabled
         self.ready = False  # models warm and serving; false again once shutting down
         self._ws: WsServer | None = None
         self._reloader = Reloader(
@@ -745,7 +747,7 @@ class Server:
             else:
                 submit = self.scheduler.submit
                 # Its real age: since the loop read its bytes (or took it from the backlog).
-                age = now - link.ws.arrived
+                age = now - link.ws.arrived if self._shed_by_age else 0.0
                 for item in conn.receive_binary(data, now, self.draining, age):
                     try:
                         submit(item)

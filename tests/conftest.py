@@ -137,8 +137,10 @@ async def start_server() -> AsyncIterator[ServerFactory]:
             limits=limits or Limits(),
             warm_up=warm_up,
             reload_seconds=reload_seconds,
-            # Admission measures the machine, which other tests load: tests/test_admission.py
-            # feeds it measurements instead (and the real `realtime serve` tests keep it on).
+            # Admission measures the machine, which other tests load, and shedding by age sheds
+            # what a stalled test process read: off here. tests/test_admission.py feeds it
+            # measurements instead (and the real `realtime serve` tests keep it on).
+            **{"admission": AdmissionPolicy(target_load=0.0), **config},
             **{"admission": AdmissionPolicy(target_load=0.0), **config},
         )
         server = Server(config)

@@ -21,6 +21,7 @@ from loadtest.rawws import (
     client_frame,
     mask_bytes,
 )
+from realtime.admission import AdmissionPolicy, Measurement
 from realtime.protocol import Chunk, decode_frame, encode_frame
 from tests.conftest import ServerFactory
 
@@ -168,3 +169,50 @@ def test_the_framing_bench_runs_every_case() -> None:
     assert len(ran) == 5
     for run in ran.values():
         run()
+
+
+async def test_clients_that_arrive_over_time_stream_from_their_welcome(
+    start_server: ServerFactory,
+) -> None:
+    server = await start_server()
+    start = time.monotonic() + 0.2
+    plan = Plan(
+        server.url,
+        "realtime",
+        ["audio"] * 2,
+        0,
+        start,
+        2.0,
+        arrivals=[0.0, 0.3],
+        stream_seconds=[0.4, 0.4],
+    )
+    rec = await _Run(plan).run()
+    assert rec.admitted.all() and rec.refused == 0
+    assert (rec.hello_at >= start).all() and rec.hello_at[1] >= start + 0.3
+    assert (rec.hello_ms > 0).all()
+    for i in range(2):
+        used = rec.outcome[i] != UNUSED
+        assert int(used.sum()) == 20  # 0.4 s at 50 chunks a second
+        assert rec.due[i, 0] > rec.hello_at[i]  # from its welcome on, not from the start
+    assert (rec.outcome[rec.outcome != UNUSED] == OK).all()
+
+
+async def test_arriving_clients_refused_server_busy_are_counted(
+    start_server: ServerFactory,
+) -> None:
+    from loadtest.overload import admission_summary
+
+    policy = AdmissionPolicy(target_load=0.5, period=3600.0)
+    server = await start_server(admission=policy)
+    for k in range(41):  # one streaming session measured at 90 % of the loop: it is full
+        t = 1e6 + 0.05 * k
+        server.admission.observe(Measurement(t, 0.0, 0.9 * t, 0.9 * t, 1, 1, {}))
+    plan = Plan(
+        server.url, "realtime", ["audio"] * 2, 0, time.monotonic() + 0.2, 1.0, arrivals=[0, 0.1]
+    )
+    rec = await _Run(plan).run()
+    assert not rec.admitted.any() and rec.refused == 2
+    summary = admission_summary(report.merge([rec]))
+    assert (summary["admitted"], summary["refused"]) == (0, 2)
+    assert summary["refused_by_code"] == {"server_busy": 2}
+    assert summary["refusal_ms"]["max"] is not None and summary["admitted_chunks"] == 0
