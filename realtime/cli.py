@@ -21,6 +21,8 @@ from realtime.protocol import Error, Event, Result
 from realtime.session import Limits
 
 DEFAULT_URL = "ws://127.0.0.1:8765/"
+#: ``realtime stream --fast``: the deadline of a file's chunks (not live: late is still useful).
+FILE_DEADLINE_MS = 10_000.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -300,6 +302,10 @@ async def stream_file(
             raise errors.KindMismatch(f"{model} is a {entry['kind']} model, not an audio one")
         chunk = max(1, round(rate * chunk_ms / 1000))
         dtype = samples.dtype.name
+        # A file sent as fast as it is served is not live: unless told, a result is useful
+        # whenever it comes, so a stall of a busy machine must not shed its chunks.
+        if deadline_ms is None and fast:
+            deadline_ms = FILE_DEADLINE_MS
         stream = await client.open(model, sample_rate=rate, dtype=dtype, deadline_ms=deadline_ms)
         n_chunks = max(1, -(-len(samples) // chunk))
         print(
