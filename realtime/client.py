@@ -52,6 +52,9 @@ _CODES = errors.all_codes()
 def raise_error(err: Error) -> errors.RealtimeError:
     """The error-tree exception for an error message (unknown codes become RealtimeError)."""
     cls = _CODES.get(err.code, errors.RealtimeError)
+    if cls is errors.ServerBusy:  # try again after retry_after_ms
+        retry = 0.0 if err.retry_after_ms is None else err.retry_after_ms
+        return errors.ServerBusy(err.message, retry_after_ms=retry, stream=err.stream, seq=err.seq)
     exc = cls(err.message, stream=err.stream, seq=err.seq)
     if isinstance(exc, errors.Overloaded) and err.reason in ("inflight", "queue"):
         exc.reason = "inflight" if err.reason == "inflight" else "queue"

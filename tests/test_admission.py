@@ -11,6 +11,7 @@ from websockets.exceptions import ConnectionClosed
 
 from realtime import errors
 from realtime.admission import Admission, AdmissionPolicy, Measurement
+from realtime.client import Client
 from realtime.server import Server
 from tests.conftest import ServerFactory
 from tests.test_metrics import get, scrape
@@ -174,10 +175,13 @@ async def test_a_full_server_refuses_hello_with_server_busy_then_closes(
     with pytest.raises(ConnectionClosed):
         await late.recv()
     assert late.ws.close_code == 1013  # try again later, closed cleanly by the server
+    with pytest.raises(errors.ServerBusy) as refused:  # the Python client raises it typed
+        await Client.connect(server.url)
+    assert refused.value.retry_after_ms == 750.0
     await first.still_works(1, 0)  # the admitted session is not touched
 
     samples = await scrape(base)
-    assert samples[("realtime_refused_busy_total", (("reason", "load"),))] == 1.0
+    assert samples[("realtime_refused_busy_total", (("reason", "load"),))] == 2.0
     assert samples[("realtime_admitted_total", (("what", "session"),))] == 1.0
     assert samples[("realtime_load", ())] == pytest.approx(0.4, abs=0.05)
     assert samples[("realtime_headroom_sessions", ())] == pytest.approx(0.25, abs=0.1)
