@@ -343,7 +343,6 @@ class Connection:
             if age >= 0.001:  # the usual sub-millisecond age costs one comparison
                 stream = session.streams.get(frame.stream)
                 if stream is not None and age * 1000.0 >= (frame.deadline_ms or stream.deadline_ms):
-                    session.refused(frame)
                     raise errors.DeadlineExceeded(
                         f"the chunk was {1000 * age:.0f} ms old when the server got to it, "
                         "past its deadline: not run",

@@ -141,7 +141,6 @@ async def start_server() -> AsyncIterator[ServerFactory]:
             # what a stalled test process read: off here. tests/test_admission.py feeds it
             # measurements instead (and the real `realtime serve` tests keep it on).
             **{"admission": AdmissionPolicy(target_load=0.0), **config},
-            **{"admission": AdmissionPolicy(target_load=0.0), **config},
         )
         server = Server(config)
         await server.start()
