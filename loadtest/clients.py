@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -178,10 +179,11 @@ async def _client(i: int, plan: Plan, rec: Records, codes: dict[str, int]) -> No
             for k in range(n):
                 # Pacing to the schedule. The loop's timers round to the millisecond and start
                 # from a cached clock, so a sleep can end before the due time: sleep again until
-                # it has come (an early send made fast answers look faster than instant).
+                # it has come (an early send made fast answers look faster than instant), in
+                # whole milliseconds (uvloop runs a sleep under 0.5 ms as call_soon: a spin).
                 delay = due[k] - time.monotonic()
                 while delay > 0:
-                    await asyncio.sleep(delay)
+                    await asyncio.sleep(max(math.ceil(delay * 1000.0), 1) / 1000.0)
                     delay = due[k] - time.monotonic()
                 frame = bytearray(frames[k % len(frames)])
                 frame[8:12] = k.to_bytes(4, "little")  # seq, in place in the header

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import math
 import os
 import struct
 import sys
@@ -190,7 +191,11 @@ class _Run:
                 return
             self._timer.cancel()
         self._timer_at = at
-        self._timer = self.loop.call_later(max(at - time.monotonic(), 0.0), self._tick)
+        # Whole milliseconds, at least one: uvloop runs a delay under 0.5 ms as call_soon, and
+        # with thousands of chunks a second the next is nearly always that close, so the loop
+        # would spin. A chunk thus goes out up to ~1 ms after it is due (send_lag).
+        delay = max(math.ceil((at - time.monotonic()) * 1000.0), 1) / 1000.0
+        self._timer = self.loop.call_later(delay, self._tick)
 
     def _tick(self) -> None:
         self._timer = None

@@ -36,7 +36,7 @@ from loadtest.__main__ import (
 from loadtest.clients import KINDS, OK
 
 NAMES = {"audio": "speech_activity (20 ms chunks)", "vad": "silero VAD (32 ms chunks)"}
-STEPS = {"audio": "50,75,100,125,150,175,200,250,300", "vad": "50,100,150,200,250,300"}
+STEPS = {"audio": "25,50,75,100,125,150,175,200,250,300", "vad": "25,50,100,150,200,250,300"}
 
 
 def parse_points(text: str) -> list[tuple[str, int]]:
