@@ -30,6 +30,7 @@ def commands(readme: Path = REPO / "README.md") -> list[list[str]]:
         if line.startswith("    ") and words[:3] in (
             ["python", "-m", "loadtest"],
             ["python", "-m", "loadtest.scheduler_bench"],
+            ["python", "-m", "loadtest.oip_bench"],
         ):
             found.append(words)
     return found

@@ -36,6 +36,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8765, help="port to bind (default 8765; 0: any)")
     s.add_argument(
+        "--grpc-port",
+        type=int,
+        default=None,
+        help="also serve the Open Inference Protocol over gRPC on this port (tritonclient[grpc] "
+        "and other Triton/KServe clients; see docs/invoke.md)",
+    )
+    s.add_argument(
         "--models",
         type=Path,
         action="append",
@@ -422,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
             config = Config(
                 host=args.host,
                 port=args.port,
+                grpc_port=args.grpc_port,
                 model_dirs=tuple(args.models),
                 builtin_models=not args.no_builtin,
                 log_level=args.log_level,

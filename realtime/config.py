@@ -29,6 +29,8 @@ class Config:
 
     host: str = "127.0.0.1"
     port: int = 8765
+    #: Port of the Open Inference Protocol's gRPC service (None: no gRPC; 0: any free port).
+    grpc_port: int | None = None
     model_dirs: tuple[Path, ...] = ()
     builtin_models: bool = True
     log_level: str = "info"

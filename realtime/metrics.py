@@ -38,6 +38,8 @@ class Traffic:
     errors: dict[str, int] = field(default_factory=dict)  # by wire code
     reloads: dict[str, int] = field(default_factory=dict)  # model versions added/removed/refused
     resumes: dict[str, int] = field(default_factory=dict)  # sessions parked/resumed/expired/refused
+    #: Open Inference Protocol requests, by front door (``rest``, ``grpc``).
+    requests: dict[str, int] = field(default_factory=dict)
     #: Per model key: server-side latency (chunk received -> its outcome queued to send), ms.
     latency_ms: dict[str, list[int]] = field(default_factory=dict)
     latency_sum_ms: dict[str, float] = field(default_factory=dict)
@@ -115,6 +117,12 @@ class Metrics(Collector):
             "Lost sessions parked, resumed, expired, and resumes refused",
             "result",
             t.resumes,
+        )
+        yield _labelled(
+            "realtime_oip_requests",
+            "Open Inference Protocol requests (infer, metadata, health), by front door",
+            "door",
+            t.requests,
         )
 
         latency = HistogramMetricFamily(

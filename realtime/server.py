@@ -23,6 +23,7 @@ import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from functools import partial
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import Event
 from websockets.protocol import State as WsState
 
-from realtime import __version__, errors, handoff, store
+from realtime import __version__, errors, handoff, http11, store
 from realtime.admission import Admission, Measurement
 from realtime.auth import AuthFailed, Grant, check_origin, credential
 from realtime.config import Config, is_loopback
@@ -44,6 +45,8 @@ from realtime.connection import Connection, State
 from realtime.metrics import AdmissionMetrics, Metrics, Traffic, merge_expositions
 from realtime.models.repository import BUILTIN_DIR, ModelRepository, scan
 from realtime.models.spec import Model, RuntimeOptions
+from realtime.oip_rest import RestRoutes, status_of
+from realtime.oip_service import OipService
 from realtime.parking import Parking
 from realtime.protocol import Open
 from realtime.quotas import Quotas
@@ -270,6 +273,18 @@ class Server:
         self._quotas = Quotas(config.limits, config.keys, config.max_connections)
         #: Sessions whose connection was lost, until they resume or expire.
         self.parking = Parking(config.limits.resume_seconds, self._expired)
+        #: The Open Inference Protocol: REST on this port (the HTTP door), gRPC on --grpc-port.
+        self.oip = OipService(config, self.repository, self.scheduler, self.traffic, self._serving)
+        self._http_door = http11.HttpDoor(
+            RestRoutes(self.oip, partial(self._http, None)).handle,
+            config.limits.max_message_bytes,
+            config.limits.idle_seconds,
+            SERVER_NAME,
+            status_of,
+            (config.limits.max_messages_per_second, config.limits.max_bytes_per_second),
+        )
+        self._grpc: Any = None  # grpc.aio.Server, imported only when --grpc-port is given
+        self.grpc_port: int | None = None
 
     @property
     def port(self) -> int:
@@ -293,6 +308,9 @@ class Server:
         """Drop a session's connection as a failing network would (no close frame): the
         session is kept for its client to resume (tests, and operators moving clients)."""
         self._links[session_id].ws.transport.abort()
+
+    def _serving(self) -> tuple[bool, bool]:
+        return self.ready, self.draining
 
     def _open_counts(self) -> tuple[int, int, int]:
         return (
@@ -322,9 +340,23 @@ class Server:
             compression=None,
             max_size=limits.max_message_bytes * HARD_SIZE_FACTOR,
             server_header=SERVER_NAME,
-            create_connection=_Socket,
+            create_connection=self._http_door.front_door(_Socket),
             reuse_port=self.config.reuse_port or None,
         )
+        if self.config.grpc_port is not None:
+            from realtime import oip_grpc  # grpcio loads only for servers that speak gRPC
+
+            pem = None
+            if self.config.certfile is not None and self.config.keyfile is not None:
+                pem = (self.config.keyfile.read_bytes(), self.config.certfile.read_bytes())
+            self._grpc, self.grpc_port = await oip_grpc.start(
+                self.oip,
+                self.config.host,
+                self.config.grpc_port,
+                limits.max_message_bytes,
+                pem,
+                self.config.reuse_port,
+            )
         if self.store is not None:
             await self.store.start(self._give, self._exposition)
             if self.store.checkpoint_seconds > 0:
@@ -374,10 +406,15 @@ class Server:
             self._flush(link)
         self._check_drained()
         try:
-            await asyncio.wait_for(self._drained.wait(), drain)
+            await asyncio.wait_for(
+                asyncio.gather(self._drained.wait(), self.oip.idle.wait()), drain
+            )
         except TimeoutError:
             log.warning("event=drain_timeout seconds=%g", drain)
         await self.scheduler.close()  # fails what is still queued: those errors go out too
+        await self._http_door.close(max(1.0, self.config.close_grace_seconds))
+        if self._grpc is not None:
+            await self._grpc.stop(self.config.close_grace_seconds)
         if hand_off:
             await self._hand_off()
             self._ws.close(close_connections=False)  # resumes go to the next process now
@@ -569,9 +606,10 @@ class Server:
     # --- HTTP --------------------------------------------------------------------------------
 
     def _http(
-        self, ws: ServerConnection, request: Request
+        self, ws: ServerConnection | None, request: Request
     ) -> Response | Awaitable[Response] | None:
-        if request.headers.get("Upgrade", "").lower() == "websocket":
+        """A plain GET (``ws`` None: one the HTTP door serves), or a handshake to check."""
+        if ws is not None and request.headers.get("Upgrade", "").lower() == "websocket":
             try:
                 self._admit(ws, request)
             except AuthFailed as e:
@@ -790,6 +828,7 @@ class Server:
         sid = item.stream.session
         conn = self._conns.get(sid)
         if conn is None:
+            self.oip.deliver(item, outcome)  # an Open Inference Protocol request's, or nobody's
             return
         self.traffic.outcome(item.stream.model.key, (time.monotonic() - item.received) * 1000.0)
         conn.outcome(item, outcome)
@@ -993,6 +1032,8 @@ async def run(config: Config) -> None:
     loop.add_signal_handler(signal.SIGHUP, reload)
     await server.start()
     print(f"realtime {__version__} serving {len(server.models)} models on {server.url}", flush=True)
+    if server.grpc_port is not None:
+        print(f"  grpc: {config.host}:{server.grpc_port} (Open Inference Protocol)", flush=True)
     if config.keys:
         print(f"  auth: {len(config.keys)} API keys; tokens or keys required", flush=True)
     else:

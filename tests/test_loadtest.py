@@ -96,8 +96,9 @@ def test_readme_figures_lists_every_performance_command() -> None:
     )
     assert r.returncode == 0, r.stderr
     listed = r.stdout.splitlines()
-    assert len(listed) == 4
+    assert len(listed) == 5
     assert sum(c.startswith("python -m loadtest.scheduler_bench") for c in listed) == 1
+    assert sum(c.startswith("python -m loadtest.oip_bench") for c in listed) == 1
     assert all("--out docs/perf/" in c for c in listed)
 
 
@@ -125,3 +126,25 @@ def test_the_side_by_side_table(tmp_path: Path) -> None:
     assert "| speech_activity (20 ms chunks), 2 clients (100 chunks/s) |" in table
     for name in report["plots"]:
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_the_open_inference_protocol_benchmark_drives_each_door(tmp_path: Path) -> None:
+    out = tmp_path / "oip.json"
+    r = subprocess.run(
+        [
+            *(sys.executable, "-m", "loadtest.oip_bench", "--seconds", "0.5"),
+            *("--concurrency", "2", "--out", str(out)),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    figures = orjson.loads(out.read_bytes())
+    runs = figures["runs"]["concurrency 2"]
+    assert set(runs) == {"rest", "grpc", "websocket"}
+    for door, run in runs.items():
+        # On a busy machine some requests may be shed (typed); none may fail otherwise.
+        assert run["answered"] > 0, (door, run)
+        assert set(run["errors"]) <= {"deadline_exceeded", "overloaded"}, (door, run)
