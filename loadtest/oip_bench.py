@@ -1,13 +1,13 @@
 """One-shot requests per second on the three front doors: REST, gRPC and WebSocket, same model.
 
-Not a test: a benchmark. One real ``realtime serve --grpc-port`` process on loopback; for each
-door in turn, ``concurrency`` callers each send one request for one ``pose`` frame, wait for its
-answer and send the next, for ``seconds``. REST and gRPC requests are Open Inference Protocol
-infer calls (binary tensors over REST, raw contents over gRPC), made by lean asyncio clients so
-that the figures are the server's; a WebSocket caller is ``realtime.client`` with a session and
-one stream of its own, results as binary frames. The doors take turns in ``--rounds`` rounds, so
-that a change in the machine's load falls on all three. Run it under ``flock /work/bench.lock``
-on a shared machine.
+Not a test: a benchmark. One real ``realtime serve --processes 1 --grpc-port`` process on
+loopback; for each door, ``concurrency`` callers each send one request for one ``pose`` frame,
+wait for its answer and send the next, for ``seconds``. REST and gRPC requests are Open Inference
+Protocol infer calls (binary tensors over REST, raw contents over gRPC), made by lean asyncio
+clients so that the figures are the server's; a WebSocket caller is ``realtime.client`` with a
+session and one stream of its own, results as binary frames. The doors take turns in
+``--rounds`` rounds, so that a change in the machine's load falls on all three. Run it under
+``flock /work/bench.lock`` on a shared machine.
 
     python -m loadtest.oip_bench --seconds 6 --concurrency 1,32
 """
@@ -181,7 +181,9 @@ async def measure(seconds: float, levels: list[int], rounds: int = 3) -> dict[st
     server = subprocess.Popen(
         [
             *(sys.executable, "-m", "realtime", "serve", "--port", "0", "--grpc-port", "0"),
-            *("--max-sessions-per-ip", "100000"),
+            # One process: a gRPC channel is one connection, so it would reach one process of
+            # several while the WebSocket and REST callers were spread over all of them.
+            *("--processes", "1", "--max-sessions-per-ip", "100000"),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

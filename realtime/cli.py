@@ -467,6 +467,11 @@ def main(argv: list[str] | None = None) -> int:
                 config.check()  # refused here, once, rather than by every child
                 given = sys.argv[1:] if argv is None else argv
                 child = [*given[given.index("serve") + 1 :], "--workers", str(workers)]
+                if args.grpc_port == 0:  # one gRPC port for every child too, as for --port 0
+                    from realtime.supervisor import reserve_port
+
+                    held = reserve_port(args.host, 0)
+                    child += ["--grpc-port", str(held.getsockname()[1])]
                 return serve(child, processes, args.host, args.port)
             if args.peer_dir is not None:  # a supervisor's child: it drains if the parent dies
                 from realtime.supervisor import stop_with_parent

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import ssl
 import subprocess
@@ -386,3 +387,44 @@ async def test_tls_on_both_doors_with_the_servers_certificate(
     rest, smoothed = await asyncio.to_thread(call)
     assert rest == b"{}"
     np.testing.assert_allclose(smoothed, x)
+
+
+def test_every_server_process_serves_the_one_grpc_port() -> None:
+    # `realtime serve --processes 2 --grpc-port 0`: the parent picks one gRPC port for both
+    # children (as for --port 0), and the banner names it.
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "realtime", "serve", "--processes", "2"),
+            *("--port", "0", "--grpc-port", "0"),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        banner = [proc.stdout.readline() for _ in range(2)]
+        assert "(2 processes)" in banner[0], banner
+        port = int(banner[1].split("grpc: ")[1].split(" ")[0].rsplit(":", 1)[1])
+        assert _listening(port) == 2  # each child listens on it (SO_REUSEPORT)
+        x = np.zeros((1, 3, 7), np.float32)
+        x[..., 6] = 1.0
+        client = triton.InferenceServerClient(f"127.0.0.1:{port}")
+        result = client.infer("pose", [_input("pose", x)], timeout=LONG)
+        client.close()
+        assert result.as_numpy("smoothed").shape == (1, 3, 7)
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0
+
+
+def _listening(port: int) -> int:
+    """Sockets listening on a TCP port of this machine (from /proc/net/tcp and tcp6)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as rows:
+            for row in list(rows)[1:]:
+                local, state = row.split()[1], row.split()[3]
+                count += int(local.rsplit(":", 1)[1], 16) == port and state == "0A"
+    return count
