@@ -120,7 +120,8 @@ def test_the_side_by_side_table(tmp_path: Path) -> None:
     (point,) = report["points"]
     echo = point["runs"]["echo"]
     assert (point["kind"], point["clients"], echo["offered"]) == ("audio", 2, 100)
-    assert echo["lost"] == 0 and echo["server"]["cpu_us_per_chunk"] > 0
+    # CPU is read from /proc in 10 ms ticks: a starved echo's steady window can read 0.
+    assert echo["lost"] == 0 and echo["server"]["cpu_us_per_chunk"] is not None
     assert [s["clients"] for s in report["capacity"]["audio"]["targets"]["echo"]["steps"]] == [2]
     table = (tmp_path / "table.md").read_text()
     assert "| speech_activity (20 ms chunks), 2 clients (100 chunks/s) |" in table
