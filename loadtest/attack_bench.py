@@ -1,0 +1,141 @@
+"""What one hostile client costs a real server (issue 18): not a test, the figures behind one.
+
+    python -m loadtest.attack_bench [--attack amplification|options|overflow]
+
+Starts ``realtime serve`` on loopback, connects a good client that streams 20 ms of speech and
+pings after each chunk, then one attacker: ``amplification`` opens an 8-bit 1 kHz audio stream
+and sends 4 MiB chunks (16 times that once resampled to the model's 16 kHz float32);
+``options`` opens streams with 3.9 MB ``open.options`` objects; ``overflow`` sends 300 connections'
+worth of 48-byte chunks whose dims multiply to 0 but overflow numpy. Prints the attacker's
+replies, the server's peak RSS growth (VmHWM), the good client's worst ping and its outcomes,
+and the lines the server logged. Bounded: a few seconds, loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import struct
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from websockets.asyncio.client import connect
+
+from realtime.client import Client
+from realtime.protocol import HEADER, Chunk, Result, encode_frame
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def hwm_mb(pid: int) -> float:
+    """Peak resident memory of a process so far (MB)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM")
+
+
+async def good_client(url: str, done: asyncio.Event) -> tuple[Counter[str], float]:
+    """Stream until the attack is over (and at least 50 chunks); outcomes and worst ping (ms)."""
+    async with await Client.connect(url, name="good") as client:
+        stream = await client.open("speech_activity", dtype="int16", sample_rate=16000)
+        worst, k = 0.0, 0
+        while not done.is_set() or k < 50:
+            await stream.send(np.zeros(320, np.int16))
+            worst = max(worst, (await client.ping())[0])
+            k += 1
+        await stream.close()
+        got = await stream.collect()
+    return Counter("result" if isinstance(m, Result) else str(m.code) for m in got), worst  # type: ignore[union-attr]
+
+
+async def attack(url: str, kind: str) -> Counter[str]:
+    """One attacker's messages; what it got back, by code."""
+    replies: Counter[str] = Counter()
+
+    async def reply(ws: Any) -> None:
+        msg = orjson.loads(await asyncio.wait_for(ws.recv(), 120))
+        replies[msg.get("code", msg["type"])] += 1
+
+    if kind == "overflow":
+        frame = HEADER.pack(1, 1, 5, 3, 7, 9, 0, 0, 0, 0.0, 0, 0)
+        frame += struct.pack("<3I4x", 0, 2**32 - 1, 2**32 - 1)
+        for _ in range(300):
+            async with connect(url) as ws:
+                await ws.send(frame)
+                try:
+                    await reply(ws)
+                except Exception as e:  # the connection died: that is the figure
+                    replies[type(e).__name__] += 1
+        return replies
+    async with connect(url, max_size=None) as ws:
+        await ws.send(orjson.dumps({"type": "hello", "protocol": 1}).decode())
+        await reply(ws)
+        if kind == "amplification":
+            opened = {"type": "open", "stream": 1, "model": "speech_activity", "kind": "audio"}
+            opened |= {"dtype": "uint8", "sample_rate": 1000}
+            await ws.send(orjson.dumps(opened).decode())
+            await reply(ws)
+            payload = np.full(4 * 1024 * 1024 - 48, 128, np.uint8)
+            for seq in range(4):
+                await ws.send(encode_frame(Chunk(1, seq, 0.0, payload)))
+                await reply(ws)
+        else:
+            options = {f"k{i}": i for i in range(240_000)}  # 3.9 MB of JSON
+            for sid in range(8):
+                opened = {"type": "open", "stream": sid, "model": "speech_activity"}
+                opened |= {"kind": "audio", "dtype": "int16", "options": options}
+                await ws.send(orjson.dumps(opened).decode())
+                await reply(ws)
+    return replies
+
+
+async def main(kind: str) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "realtime", "serve", "--port", "0", "--processes", "1"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().split(" on ")[1].split()[0]
+        done = asyncio.Event()
+        good = asyncio.create_task(good_client(url, done))
+        await asyncio.sleep(0.5)  # the good client is streaming before the attack starts
+        before = hwm_mb(proc.pid)
+        replies = await attack(url, kind)
+        growth = hwm_mb(proc.pid) - before
+        done.set()
+        try:
+            outcomes, worst = await good
+            seen = f"worst ping {worst:.0f} ms, outcomes {dict(outcomes)}"
+        except Exception as e:  # its connection died: that is the figure
+            seen = f"lost its connection: {e!r}"[:200]
+    finally:
+        proc.terminate()
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+            err += "\nkilled: no exit within 30 s of SIGTERM"
+    print(f"attack={kind} replies={dict(replies)}; server peak RSS growth {growth:.0f} MB")
+    print(f"good client: {seen}")
+    tracebacks = err.count("Traceback")
+    killed = "; killed: no exit within 30 s of SIGTERM" if err.endswith("SIGTERM") else ""
+    print(f"server log: {len(err.splitlines())} lines, {tracebacks} tracebacks{killed}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--attack", choices=["amplification", "options", "overflow"])
+    args = parser.parse_args()
+    for kind in [args.attack] if args.attack else ["amplification", "options", "overflow"]:
+        asyncio.run(main(kind))
