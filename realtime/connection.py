@@ -214,7 +214,7 @@ class Connection:
         return conn
 
     def resume(
-        self, received: int, now: float, allows: Callable[[str], bool] | None = None
+        self, received: int, now: float, allows: Callable[[str], bool] | None
     ) -> list[Frame]:
         """Take a new socket, and the grant ``allows`` of the credential it came with: the
         resumed welcome, then every kept frame after the ``received`` first ones, to write at

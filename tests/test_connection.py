@@ -133,9 +133,9 @@ def test_resume_replays_exactly_what_the_client_missed(tiny_models: Path) -> Non
     (item,) = conn.receive_binary(chunk(4), 0.0)  # a chunk already in flight: answered later
     conn.outcome(item, answer(item))
     with pytest.raises(errors.BadMessage, match="received is 9"):
-        conn.resume(9, 1.0)  # more than was sent: refused, and it stays parked
+        conn.resume(9, 1.0, None)  # more than was sent: refused, and it stays parked
     assert conn.state is State.PARKED
-    replay = conn.resume(3, 1.0)  # opened and results 0 and 1 arrived
+    replay = conn.resume(3, 1.0, None)  # opened and results 0 and 1 arrived
     welcome = orjson.loads(replay[0][0])
     assert welcome["resumed"]["from"] == 3
     assert [orjson.loads(f)["seq"] for f, _, _ in replay[1:]] == [2, 3]
@@ -150,7 +150,7 @@ def test_a_replay_past_the_kept_frames_says_how_many_are_gone(tiny_models: Path)
         conn.outcome(item, answer(item))
         sent(conn)
     conn.lost()
-    replay = conn.resume(1, 1.0)
+    replay = conn.resume(1, 1.0, None)
     gone = len(conn.session.streams[1].pending) + 6 - (len(replay) - 1)
     (notice,) = sent(conn)
     assert notice["code"] == "results_dropped" and f"{gone} messages" in notice["message"]
@@ -164,7 +164,7 @@ def test_hand_off_and_take_over_keep_the_count_in_step(tiny_models: Path) -> Non
     entry = conn.hand_off(expires_at=0.0)
     assert conn.state is State.HANDED_OFF and not conn.data_to_send()
     taken = Connection.taken_over(entry, Traffic(), 64, lambda stream: [], 1.0)
-    replay = taken.resume(1, 1.0)  # the client got opened only
+    replay = taken.resume(1, 1.0, None)  # the client got opened only
     assert [orjson.loads(f)["type"] for f, _, _ in replay] == ["welcome", "result"]
 
 
