@@ -30,6 +30,10 @@ from realtime.client import Client
 from realtime.protocol import HEADER, Chunk, Result, encode_frame
 
 REPO = Path(__file__).resolve().parents[1]
+OPEN_WITH_OPTIONS = (
+    '{"type":"open","stream":%d,"model":"speech_activity","kind":"audio","dtype":"int16",'
+    '"options":%s}'
+)
 
 
 def hwm_mb(pid: int) -> float:
@@ -86,11 +90,10 @@ async def attack(url: str, kind: str) -> Counter[str]:
                 await ws.send(encode_frame(Chunk(1, seq, 0.0, payload)))
                 await reply(ws)
         else:
-            options = {f"k{i}": i for i in range(240_000)}  # 3.9 MB of JSON
+            # 3.9 MB of JSON, encoded once: building it must not stall this process's good client
+            options = orjson.dumps({f"k{i}": i for i in range(240_000)}).decode()
             for sid in range(8):
-                opened = {"type": "open", "stream": sid, "model": "speech_activity"}
-                opened |= {"kind": "audio", "dtype": "int16", "options": options}
-                await ws.send(orjson.dumps(opened).decode())
+                await ws.send(OPEN_WITH_OPTIONS % (sid, options))
                 await reply(ws)
     return replies
 
