@@ -30,6 +30,9 @@ from realtime.client import Client
 from realtime.protocol import HEADER, Chunk, Result, encode_frame
 
 REPO = Path(__file__).resolve().parents[1]
+#: The attacker's own address (all of 127/8 is loopback): the good client's, 127.0.0.1, has its
+#: own per-address rate, as a real victim would.
+ATTACKER = ("127.0.0.2", 0)
 OPEN_WITH_OPTIONS = (
     '{"type":"open","stream":%d,"model":"speech_activity","kind":"audio","dtype":"int16",'
     '"options":%s}'
@@ -70,14 +73,14 @@ async def attack(url: str, kind: str) -> Counter[str]:
         frame = HEADER.pack(1, 1, 5, 3, 7, 9, 0, 0, 0, 0.0, 0, 0)
         frame += struct.pack("<3I4x", 0, 2**32 - 1, 2**32 - 1)
         for _ in range(300):
-            async with connect(url) as ws:
+            async with connect(url, local_addr=ATTACKER) as ws:
                 await ws.send(frame)
                 try:
                     await reply(ws)
                 except Exception as e:  # the connection died: that is the figure
                     replies[type(e).__name__] += 1
         return replies
-    async with connect(url, max_size=None) as ws:
+    async with connect(url, max_size=None, local_addr=ATTACKER) as ws:
         await ws.send(orjson.dumps({"type": "hello", "protocol": 1}).decode())
         await reply(ws)
         if kind == "amplification":
