@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from realtime.admission import AdmissionPolicy
 from realtime.config import Config
 from realtime.protocol import DTYPE_CODES, HEADER, Chunk, encode_frame
 from realtime.server import Server
@@ -74,6 +75,8 @@ class Running:
             reload_seconds=0,
             close_grace_seconds=0,
             limits=Limits(max_message_bytes=64 * 1024, idle_seconds=60),
+            # Admission measures the (busy) machine: off, as in conftest's test servers.
+            admission=AdmissionPolicy(target_load=0.0),
         )
         self.server = self.run(_start(config))
 
