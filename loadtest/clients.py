@@ -89,6 +89,29 @@ class Records:
     admitted: np.ndarray[Any, Any] = field(default_factory=lambda: np.empty(0, bool))
     unattributed: dict[str, int] = field(default_factory=dict)  # errors with no seq, by code
 
+    @classmethod
+    def empty(cls, plan: Plan) -> Records:
+        """Nothing happened yet to any chunk of ``plan``'s clients (one row each, one column per
+        chunk of the fastest kind)."""
+        n_clients = len(plan.kinds)
+        width = max(int(plan.seconds * max(KINDS[k][4] for k in plan.kinds)), 1) if n_clients else 0
+        shape = (n_clients, width)
+        return cls(
+            due=np.full(shape, np.nan),
+            sent=np.full(shape, np.nan),
+            received=np.full(shape, np.nan),
+            queue_ms=np.full(shape, np.nan),
+            infer_ms=np.full(shape, np.nan),
+            outcome=np.full(shape, PENDING, np.int32),
+            codes=[],
+            kinds=plan.kinds,
+            cpu_seconds=0.0,
+            connect_failures=0,
+            hello_at=np.full(n_clients, np.nan),
+            hello_ms=np.full(n_clients, np.nan),
+            admitted=np.zeros(n_clients, bool),
+        )
+
 
 @functools.cache
 def _speech_clip() -> np.ndarray[Any, Any]:
@@ -203,20 +226,7 @@ async def _client(i: int, plan: Plan, rec: Records, codes: dict[str, int]) -> No
 
 async def _run(plan: Plan) -> Records:
     n_clients = len(plan.kinds)
-    n = max(int(plan.seconds * max(KINDS[k][4] for k in plan.kinds)), 1) if n_clients else 0
-    shape = (n_clients, n)
-    rec = Records(
-        due=np.full(shape, np.nan),
-        sent=np.full(shape, np.nan),
-        received=np.full(shape, np.nan),
-        queue_ms=np.full(shape, np.nan),
-        infer_ms=np.full(shape, np.nan),
-        outcome=np.full(shape, PENDING, np.int32),
-        codes=[],
-        kinds=plan.kinds,
-        cpu_seconds=0.0,
-        connect_failures=0,
-    )
+    rec = Records.empty(plan)
     codes: dict[str, int] = {}
     cpu0 = time.process_time()
     await asyncio.gather(*(_client(i, plan, rec, codes) for i in range(n_clients)))

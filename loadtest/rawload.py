@@ -144,24 +144,7 @@ class _Run:
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
-        n_clients = len(plan.kinds)
-        width = max(int(plan.seconds * max(KINDS[k][4] for k in plan.kinds)), 1)
-        shape = (n_clients, width)
-        self.rec = Records(
-            due=np.full(shape, np.nan),
-            sent=np.full(shape, np.nan),
-            received=np.full(shape, np.nan),
-            queue_ms=np.full(shape, np.nan),
-            infer_ms=np.full(shape, np.nan),
-            outcome=np.full(shape, PENDING, np.int32),
-            codes=[],
-            kinds=plan.kinds,
-            cpu_seconds=0.0,
-            connect_failures=0,
-            hello_at=np.full(n_clients, np.nan),
-            hello_ms=np.full(n_clients, np.nan),
-            admitted=np.zeros(n_clients, bool),
-        )
+        self.rec = Records.empty(plan)
         self.codes: dict[str, int] = {}
         self.unattributed: dict[str, int] = {}
         self.pending = 0
