@@ -66,7 +66,7 @@ class ServerProcess:
         args: tuple[str, ...] = (),
     ) -> None:
         self.proc = subprocess.Popen(
-            [*server_command(target, kinds, processes), *args],
+            [*server_command(target, kinds, processes), *(args if target == "realtime" else ())],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -333,6 +333,7 @@ def setup_from(args: argparse.Namespace) -> Setup:
         load_cpus=load_cpus if args.load_cpus is None else cpus_arg(args.load_cpus),
         results=args.results,
         nice=args.nice,
+        server_args=tuple(args.server_arg),
     )
 
 
@@ -359,6 +360,14 @@ def add_setup_flags(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="nice value of server and clients, each in its own session and autogroup "
         "(e.g. -10 on a machine shared with other work; needs root; the same for every target)",
+    )
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="one more `realtime serve` flag, e.g. --server-arg=--admit-load=0 (repeatable; "
+        "realtime only)",
     )
 
 

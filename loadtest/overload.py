@@ -253,13 +253,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=14.0, help="length of each run")
     parser.add_argument("--ramp", type=float, default=4.0, help="seconds over which clients arrive")
     parser.add_argument("--burst-at", type=float, default=7.0, help="seconds to the burst")
-    parser.add_argument("--server-args", default="", help="more flags for realtime serve")
     add_setup_flags(parser)
     parser.add_argument("--out", type=Path, default=REPO / "loadtest" / "results" / "overload")
     args = parser.parse_args()
-    setup = dataclasses.replace(
-        setup_from(args), server_args=tuple(args.server_args.split()), settle_seconds=5.0
-    )
+    setup = dataclasses.replace(setup_from(args), settle_seconds=5.0)
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
         "kind": args.kind,
