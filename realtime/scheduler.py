@@ -372,15 +372,19 @@ class ModelQueue:
             stats.infer_ms[bisect_left(LATENCY_BOUNDS_MS, infer_ms)] += 1
             started = running.started
             queue_hist = stats.queue_ms
+            states = model.states
+            queue_sum = 0.0
             for i, entry in enumerate(batch):
                 it = entry.item
-                for k, spec in enumerate(model.states):
-                    index = (slice(None),) * spec.batch_axis + (slice(i, i + 1),)
-                    np.copyto(it.stream.state[k], new_states[k][index])
-                queue_s = started - it.received
-                stats.queue_seconds += queue_s
-                queue_hist[bisect_left(LATENCY_BOUNDS_MS, queue_s * 1000.0)] += 1
-                deliver(it, Prediction([r[i] for r in results], queue_s * 1000.0, infer_ms, n))
+                if states:
+                    for k, spec in enumerate(states):
+                        index = (slice(None),) * spec.batch_axis + (slice(i, i + 1),)
+                        np.copyto(it.stream.state[k], new_states[k][index])
+                queue_ms = (started - it.received) * 1000.0
+                queue_sum += queue_ms
+                queue_hist[bisect_left(LATENCY_BOUNDS_MS, queue_ms)] += 1
+                deliver(it, Prediction([r[i] for r in results], queue_ms, infer_ms, n))
+            stats.queue_seconds += queue_sum / 1000.0
         finally:
             if model.states:
                 self._busy.difference_update(e.item.stream for e in batch)

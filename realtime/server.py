@@ -802,7 +802,7 @@ class Server:
             link.ws.hold(pause)
         if not link.flush_due and conn.has_output:
             link.flush_due = True
-            asyncio.get_running_loop().call_soon(self._flush, link)
+            link.ws.loop.call_soon(self._flush, link)  # not get_running_loop: a getpid() a call
 
     def _on_text(self, link: _Link, data: bytes) -> None:
         conn = link.conn
@@ -841,7 +841,7 @@ class Server:
         link = self._links.get(sid)
         if link is not None and not link.flush_due and conn.has_output:
             link.flush_due = True
-            asyncio.get_running_loop().call_soon(self._flush, link)
+            link.ws.loop.call_soon(self._flush, link)
         if self.draining:
             self._check_drained()
 

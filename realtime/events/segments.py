@@ -80,16 +80,16 @@ class Segments:
         """Partials due in these windows, and a final where a segment ends."""
         cfg = self.config
         out: list[Emitted] = []
-        marks = [e for e in batch.events if e.event in ("speech_start", "speech_end")]
         for i, t in enumerate(batch.t.tolist()):
             self._windows.append((t, {n: batch.outputs[n][i] for n in cfg.outputs}))
             if cfg.segment_by == "client" and self._start is None:
                 self._open(t)
-        for mark in marks if cfg.segment_by == "speech" else []:
-            if mark.event == "speech_start":
-                self._open(mark.t)
-            elif self._start is not None:
-                out.append(self._final(mark.t))
+        if batch.events and cfg.segment_by == "speech":
+            for mark in batch.events:
+                if mark.event == "speech_start":
+                    self._open(mark.t)
+                elif mark.event == "speech_end" and self._start is not None:
+                    out.append(self._final(mark.t))
         if self._start is not None and self.partial_ms > 0 and len(batch.t):
             now = float(batch.t[-1]) + cfg.window_ms
             if now >= self._next_partial:

@@ -89,9 +89,12 @@ class Model:
     event_types: tuple[str, ...] = ()
     #: ``name@version``: the id of this model version in logs, queues and metrics.
     key: str = field(init=False)
+    #: The names of ``outputs``, in order (a result's keys).
+    output_names: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "key", f"{self.name}@{self.version}")
+        object.__setattr__(self, "output_names", tuple(o.name for o in self.outputs))
 
     @property
     def timebase(self) -> events.Timebase:
