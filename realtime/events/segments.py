@@ -10,7 +10,6 @@ end comes one ``final`` event holding the chosen outputs reduced over the segmen
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -63,15 +62,83 @@ def factory(table: Mapping[str, Any], outputs: list[OutputInfo], timebase: Timeb
     return Factory(make, {"partial_ms": (0.0, 600_000.0)})
 
 
+class _History:
+    """The windows a segment may still need: each one's time and chosen outputs, in growable
+    arrays, no Python object per window (between utterances a stream holds up to
+    :data:`MAX_WINDOWS` of them, and per-window objects made every full garbage collection walk
+    them all). Times only grow, so [lo, hi) is searched in order."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+        self.t: np.ndarray[Any, Any] = np.empty(0, np.float64)
+        self.outputs: dict[str, np.ndarray[Any, Any]] = {}
+        self.lo = 0  # the oldest window kept
+        self.hi = 0  # one past the newest
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Only the windows kept (a checkpoint is written every second)."""
+        lo, hi = self.lo, self.hi
+        outputs = {n: a[lo:hi].copy() for n, a in self.outputs.items()}
+        return {
+            "names": self.names,
+            "t": self.t[lo:hi].copy(),
+            "outputs": outputs,
+            "lo": 0,
+            "hi": hi - lo,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def append(self, t: np.ndarray[Any, Any], outputs: Mapping[str, np.ndarray[Any, Any]]) -> None:
+        """Keep the windows of one batch (``outputs`` each with a leading axis of ``len(t)``)."""
+        k = len(t)
+        if not k:
+            return
+        if self.hi + k > len(self.t) or not self.outputs:
+            self._make_room(k, outputs)
+        hi = self.hi
+        self.t[hi : hi + k] = t
+        for n in self.names:
+            self.outputs[n][hi : hi + k] = outputs[n][:k]
+        self.hi = hi + k
+        if self.hi - self.lo > MAX_WINDOWS:
+            self.lo = self.hi - MAX_WINDOWS
+
+    def _make_room(self, k: int, outputs: Mapping[str, np.ndarray[Any, Any]]) -> None:
+        """Move the windows kept to the front of arrays with room for twice them and ``k``."""
+        keep = min(self.hi - self.lo, MAX_WINDOWS)
+        lo, size = self.hi - keep, max(64, 2 * (keep + k))
+        t = np.empty(size, np.float64)
+        t[:keep] = self.t[lo : self.hi]
+        kept = {}
+        for n in self.names:
+            row = outputs[n][:1]
+            old = self.outputs.get(n)
+            kept[n] = np.empty((size, *row.shape[1:]), row.dtype)
+            if old is not None:
+                kept[n][:keep] = old[lo : self.hi]
+        self.t, self.outputs, self.lo, self.hi = t, kept, 0, keep
+
+    def before(self, t: float) -> int:
+        """How many windows kept start before ``t``."""
+        return int(np.searchsorted(self.t[self.lo : self.hi], t, "left"))
+
+    def drop_before(self, t: float) -> None:
+        """Forget the windows that start before ``t``."""
+        self.lo += self.before(t)
+
+
 class Segments:
     """One stream's open segment: its windows' chosen outputs, and when a partial is due."""
 
     def __init__(self, config: SegmentsConfig, partial_ms: float) -> None:
         self.config = config
         self.partial_ms = partial_ms
-        self._windows: deque[tuple[float, dict[str, np.ndarray[Any, Any]]]] = deque(
-            maxlen=MAX_WINDOWS
-        )
+        self._windows = _History(config.outputs)
         self._start: float | None = None  # the open segment's start (None: between segments)
         self._next_partial = 0.0
         self.count = 0
@@ -80,10 +147,9 @@ class Segments:
         """Partials due in these windows, and a final where a segment ends."""
         cfg = self.config
         out: list[Emitted] = []
-        for i, t in enumerate(batch.t.tolist()):
-            self._windows.append((t, {n: batch.outputs[n][i] for n in cfg.outputs}))
-            if cfg.segment_by == "client" and self._start is None:
-                self._open(t)
+        if cfg.segment_by == "client" and self._start is None and len(batch.t):
+            self._open(float(batch.t[0]))
+        self._windows.append(batch.t, batch.outputs)
         if batch.events and cfg.segment_by == "speech":
             for mark in batch.events:
                 if mark.event == "speech_start":
@@ -103,32 +169,32 @@ class Segments:
         self._start = t
         self.count += 1
         self._next_partial = t + self.partial_ms
-        while self._windows and self._windows[0][0] < t:
-            self._windows.popleft()
+        self._windows.drop_before(t)
 
     def _final(self, end: float) -> Emitted:
         event = self._emit("final", end)
         self._start = None
-        while self._windows and self._windows[0][0] < end:
-            self._windows.popleft()
+        self._windows.drop_before(end)
         return event
 
     def _emit(self, name: str, t: float) -> Emitted:
         """A partial or final of the windows in [segment start, t)."""
         cfg = self.config
         assert self._start is not None
-        inside = [w for wt, w in self._windows if wt < t]
+        history = self._windows
+        k = history.before(t)
+        lo = history.lo
         reduced: dict[str, Any] = {}
         for n in cfg.outputs:
-            if not inside:
+            if not k:
                 reduced[n] = None
             elif cfg.reduce == "last":
-                reduced[n] = inside[-1][n].tolist()
+                reduced[n] = history.outputs[n][lo + k - 1].tolist()
             else:
-                reduced[n] = _REDUCE[cfg.reduce](np.stack([w[n] for w in inside]), axis=0).tolist()
+                reduced[n] = _REDUCE[cfg.reduce](history.outputs[n][lo : lo + k], axis=0).tolist()
         data: dict[str, Any] = {"segment": self.count, "start": self._start}
         if name == "final":
             data["duration_ms"] = t - self._start
-        data["windows"] = len(inside)
+        data["windows"] = k
         data["outputs"] = reduced
         return Emitted(name, t, data)

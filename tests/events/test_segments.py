@@ -84,3 +84,27 @@ def test_bad_tables_are_refused() -> None:
         segments.factory({"kind": "segments", "reduce": "median"}, OUTPUTS, TIMEBASE)
     with pytest.raises(ConfigError, match="segment_by"):
         segments.factory({"kind": "segments", "segment_by": "time"}, OUTPUTS, TIMEBASE)
+
+
+def test_a_long_silence_keeps_its_windows_in_arrays_and_checkpoints_only_those_kept() -> None:
+    """Between utterances a stream remembers up to MAX_WINDOWS windows (a speech start is
+    confirmed late): in a few arrays, not a Python object each (a full garbage collection walked
+    them all), and a checkpoint pickles only the windows kept."""
+    import gc
+    import pickle
+
+    chain = _chain({"outputs": ["level"], "segment_by": "speech"}, {}, with_speech=True)
+    n = segments.MAX_WINDOWS + 500
+    tracked = len(gc.get_objects())
+    got = _feed(chain, [0.0] * n + [0.9] * 20 + [0.0] * 30)
+    assert len(gc.get_objects()) - tracked < 500  # not one object (or two) per window
+    history = chain[1]._windows
+    assert len(history) <= segments.MAX_WINDOWS
+    final = [e for e in got if e.event == "final"]
+    assert len(final) == 1 and final[0].data["windows"] >= 20
+    # The utterance's windows are n .. n+19 (level = index): its mean is theirs.
+    assert final[0].data["outputs"]["level"] == pytest.approx(n + 9.5, abs=1.0)
+    blob = pickle.dumps(chain[1])
+    assert len(blob) < 16 * len(history) + 2000  # its times and levels, not its spare room
+    again = pickle.loads(blob)
+    assert len(again._windows) == len(history)
