@@ -282,11 +282,15 @@ function frame(time, poses, framebuffer, views, opaque) {
   if (predicted) state.predictedDrawn++;
   if (predicted && state.probe) {
     // For tests and the curious: read back the pixel at the predicted right hand's centre.
+    // Only where it is on screen: slow frames extrapolate it further, out of view at times.
     const [px, py] = project(mul(views[0].proj, views[0].view), views[0].viewport, predicted[2].p);
-    const rgba = new Uint8Array(4);
-    gl.readPixels(Math.round(px), Math.round(py), 1, 1, gl.RGBA, gl.UNSIGNED_BYTE, rgba);
-    state.probed = { at: [px, py], rgba: Array.from(rgba), predicted: PREDICTED.map((c) => Math.round(255 * c)) };
-    state.probe = false;
+    const { x, y, width, height } = views[0].viewport;
+    if (px >= x && px < x + width && py >= y && py < y + height) {
+      const rgba = new Uint8Array(4);
+      gl.readPixels(Math.round(px), Math.round(py), 1, 1, gl.RGBA, gl.UNSIGNED_BYTE, rgba);
+      state.probed = { at: [px, py], rgba: Array.from(rgba), predicted: PREDICTED.map((c) => Math.round(255 * c)) };
+      state.probe = false;
+    }
   }
   $("sent").textContent = state.posesSent;
   $("results").textContent = state.poseResults;
