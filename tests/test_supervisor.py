@@ -115,9 +115,11 @@ async def _twenty_reconnects(url: str) -> None:
     assert not [m for m in got if isinstance(m, Error)], got
     assert [m.seq for m in got] == list(range(200))  # each answered exactly once, in order
     assert [float(m.outputs["total"][0]) for m in got] == [float(k + 1) for k in range(200)]
-    assert client.resumes == 20
+    # The last cut's answers may all have arrived before it: reading them needed no resume.
+    # The close's answer does, so the count is whole once it is back.
     closed = await stream.close()
     assert (closed.results, closed.errors) == (200, 0)
+    assert client.resumes == 20
     await client.close()
 
 
