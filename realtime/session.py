@@ -510,20 +510,6 @@ class Session:
             stream.done[seq] = Ready(chunk.t, _stack(stream, []), windows.t, windows.segment_end)
             return []
         shape = stream.window_shape
-        if k == 1:  # the usual case: a chunk of one window's hop
-            (w,) = windows.data
-            return [
-                WorkItem(
-                    stream,
-                    seq,
-                    float(windows.t[0]),
-                    w if shape is None else w.reshape(shape),
-                    now,
-                    deadline,
-                    end,
-                    gather,
-                )
-            ]
         end_at = k - 1 if end else -1
         return [
             WorkItem(

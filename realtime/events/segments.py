@@ -87,9 +87,6 @@ class _History:
             "hi": hi - lo,
         }
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-
     def __len__(self) -> int:
         return self.hi - self.lo
 
