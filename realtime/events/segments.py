@@ -95,7 +95,7 @@ class _History:
         k = len(t)
         if not k:
             return
-        if self.hi + k > len(self.t) or not self.outputs:
+        if self.hi + k > len(self.t):  # (true on the first call: no arrays yet)
             self._make_room(k, outputs)
         hi = self.hi
         self.t[hi : hi + k] = t
