@@ -219,11 +219,13 @@ def run_target(
     setup: Setup | None = None,
     arrivals: list[float] | None = None,
     stream_seconds: list[float] | None = None,
+    retry: bool = False,
 ) -> tuple[Records, dict[str, Any]]:
     """Start one server, drive it with ``kinds`` (one client each) from ``setup.procs``
     processes, and return the merged records and the server's figures. With ``arrivals``
     (raw client), client i connects that many seconds after the start and streams from its
-    welcome on (for ``stream_seconds[i]``, or to the end)."""
+    welcome on (for ``stream_seconds[i]``, or to the end); with ``retry``, one refused
+    ``server_busy`` tries again after ``retry_after_ms`` (:attr:`Plan.retry`)."""
     setup = setup or Setup()
     server = ServerProcess(
         target, kinds, setup.server_cpus, setup.nice, setup.processes, setup.server_args
@@ -252,6 +254,7 @@ def run_target(
                     nice=setup.nice,
                     arrivals=None if arrivals is None else arrivals[p::procs],
                     stream_seconds=None if stream_seconds is None else stream_seconds[p::procs],
+                    retry=retry,
                 )
                 for p in range(procs)
             ]

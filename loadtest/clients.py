@@ -64,6 +64,9 @@ class Plan:
     arrivals: list[float] | None = None
     #: With arrivals, per client, how long it streams (None: until start + seconds).
     stream_seconds: list[float] | None = None
+    #: With arrivals: a client refused ``server_busy`` tries again, as docs/protocol.md asks,
+    #: after ``retry_after_ms``, doubled at each refusal, times a jitter of 0.5-1.5 (False: never).
+    retry: bool = False
 
 
 @dataclass
@@ -81,12 +84,17 @@ class Records:
     cpu_seconds: float
     connect_failures: int
     refused: int = 0  # clients the server turned away (HTTP status, or an error at hello/open)
-    refused_codes: dict[str, int] = field(default_factory=dict)  # those clients, by code
+    refused_codes: dict[str, int] = field(default_factory=dict)  # refusals, by code
     #: Per client (raw client): when it said hello, ms until the welcome or the refusal, and
     #: whether it was admitted (welcome and opened).
     hello_at: np.ndarray[Any, Any] = field(default_factory=lambda: np.empty(0))
     hello_ms: np.ndarray[Any, Any] = field(default_factory=lambda: np.empty(0))
     admitted: np.ndarray[Any, Any] = field(default_factory=lambda: np.empty(0, bool))
+    #: Every refusal (a client that tries again can have several): when its hello went out
+    #: (monotonic seconds) and ms until the refusal came; and per client, how many it had.
+    refusal_at: list[float] = field(default_factory=list)
+    refusal_ms: list[float] = field(default_factory=list)
+    refusals: np.ndarray[Any, Any] = field(default_factory=lambda: np.empty(0, np.int32))
     unattributed: dict[str, int] = field(default_factory=dict)  # errors with no seq, by code
 
     @classmethod
@@ -110,6 +118,7 @@ class Records:
             hello_at=np.full(n_clients, np.nan),
             hello_ms=np.full(n_clients, np.nan),
             admitted=np.zeros(n_clients, bool),
+            refusals=np.zeros(n_clients, np.int32),
         )
 
 

@@ -5,7 +5,9 @@ answered within 50 ms of their due time, admission off), then offers 2x and 4x t
 arriving over ``--ramp`` seconds, and a burst: the capacity, then 3x more sessions arriving
 within 2 seconds (each streaming 2 s). Every client says hello at its arrival and, if admitted,
 streams real-time chunks from its welcome on (raw client, latency from each chunk's due time).
-Per run: clients admitted, refused (and how fast the refusal came), the admitted sessions' share
+A refused client tries again after the ``retry_after_ms`` it was told, doubled at each refusal
+and jittered, as docs/protocol.md asks (``--no-retry``: it gives up).
+Per run: clients admitted, refusals (and how fast each came), the admitted sessions' share
 of chunks within 50 ms and their percentiles, and a plot over time. Writes ``report.json``,
 ``summary.md`` and the plots to ``--out``.
 
@@ -60,12 +62,14 @@ def admission_summary(rec: Records, base: np.ndarray[Any, Any] | None = None) ->
     errors = {
         code: int(((rec.outcome == j) & used).sum()) for j, code in enumerate(rec.codes, start=1)
     }
-    refused_ms = rec.hello_ms[refused]
+    refused_ms = np.asarray(rec.refusal_ms)
     return {
         "clients": len(rec.kinds),
         "admitted": int(admitted.sum()),
+        "admitted_after_refusal": int((admitted & (rec.refusals > 0)).sum()),
         "refused": int(refused.sum()),
-        "refused_by_code": dict(rec.refused_codes),
+        "refusals": len(rec.refusal_ms),
+        "refusals_by_code": dict(rec.refused_codes),
         "refusal_ms": {
             "p50": round(float(np.percentile(refused_ms, 50)), 1) if refused_ms.size else None,
             "max": round(float(refused_ms.max()), 1) if refused_ms.size else None,
@@ -85,7 +89,7 @@ def admission_summary(rec: Records, base: np.ndarray[Any, Any] | None = None) ->
 
 
 def plot_over_time(rec: Records, out: Path, name: str, title: str) -> str:
-    """Sessions admitted and refused (by hello time) and the share of due chunks answered
+    """Sessions admitted and refusals (by hello time) and the share of due chunks answered
     within 50 ms, per 0.5 s; the file written."""
     import matplotlib
 
@@ -94,12 +98,11 @@ def plot_over_time(rec: Records, out: Path, name: str, title: str) -> str:
 
     t0 = float(np.nanmin(rec.hello_at))
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
-    said = ~np.isnan(rec.hello_at)
-    for label, rows, color in (
-        ("admitted", rec.admitted & said, "tab:green"),
-        ("refused", ~rec.admitted & said, "tab:red"),
+    for label, at, color in (
+        ("admitted", rec.hello_at[rec.admitted], "tab:green"),
+        ("refusals", np.asarray(rec.refusal_at), "tab:red"),
     ):
-        times = np.sort(rec.hello_at[rows] - t0)
+        times = np.sort(at - t0)
         top.step(times, np.arange(1, times.size + 1), where="post", label=label, color=color)
     top.set(ylabel="sessions (cumulative)", title=title)
     top.legend(fontsize=8)
@@ -148,7 +151,9 @@ def run_scenario(
         factor = float(name.rstrip("x"))
         n = round(factor * capacity_clients)
         kinds, arrivals, streams, base = [kind] * n, ramp(n, 0.0, args.ramp), None, None
-    rec, server = run_target("realtime", kinds, args.seconds, setup, arrivals, streams)
+    rec, server = run_target(
+        "realtime", kinds, args.seconds, setup, arrivals, streams, retry=args.retry
+    )
     summary = {
         "offered_clients": len(kinds),
         **admission_summary(rec),
@@ -171,8 +176,9 @@ def run_scenario(
         summary["burst_admitted"] = int((rec.admitted & ~base).sum())
     lat = summary["admitted_latency_ms"]
     print(
-        f"{kind} {name}: {len(kinds)} clients, admitted {summary['admitted']}, refused "
-        f"{summary['refused']} (max {summary['refusal_ms']['max']} ms after hello), admitted "
+        f"{kind} {name}: {len(kinds)} clients, admitted {summary['admitted']} "
+        f"({summary['admitted_after_refusal']} after a refusal), {summary['refusals']} refusals "
+        f"(max {summary['refusal_ms']['max']} ms after hello), admitted "
         f"{100 * summary['admitted_within_50ms']:.2f}% within 50 ms, p50 {lat['p50']} p99 "
         f"{lat['p99']} ms, lost {summary['admitted_lost']}, errors {summary['admitted_errors']}",
         flush=True,
@@ -211,16 +217,23 @@ def markdown(result: dict[str, Any]) -> str:
         f"`{result['command']}` on {m['cores']} cores, load average before "
         f"{', '.join(f'{x:.1f}' for x in m['load_average_before'])}, after "
         f"{', '.join(f'{x:.1f}' for x in m['load_average_after'])}; "
-        f"{result['seconds']} s per run, arrivals over {result['ramp']} s.",
+        f"{result['seconds']} s per run, arrivals over {result['ramp']} s; a client refused "
+        + (
+            "`server_busy` tries again after `retry_after_ms`, doubled at each refusal, "
+            "times 0.5-1.5."
+            if result["retry"]
+            else "gives up."
+        ),
         "",
-        "| run | clients | admitted | refused | refusal max (ms) | admitted within 50 ms "
-        "| p50 | p99 | max (ms) | lost | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | clients | admitted | of them after a refusal | refusals | refusal max (ms) "
+        "| admitted within 50 ms | p50 | p99 | max (ms) | lost | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in result["runs"].items():
         lat = r["admitted_latency_ms"]
         lines.append(
-            f"| {name} | {r['offered_clients']} | {r['admitted']} | {r['refused']} | "
+            f"| {name} | {r['offered_clients']} | {r['admitted']} | {r['admitted_after_refusal']} "
+            f"| {r['refusals']} | "
             f"{r['refusal_ms']['max']} | {100 * r['admitted_within_50ms']:.2f}% | {lat['p50']} | "
             f"{lat['p99']} | {lat['max']} | {r['admitted_lost']} | "
             + (", ".join(f"{k} {v}" for k, v in r["admitted_errors"].items()) or "0")
@@ -229,7 +242,7 @@ def markdown(result: dict[str, Any]) -> str:
         if "base" in r:
             b = r["base"]
             lines.append(
-                f"| burst: the {b['admitted']} admitted first | | | | | "
+                f"| burst: the {b['admitted']} admitted first | | | | | | "
                 f"{100 * b['admitted_within_50ms']:.2f}% | {b['admitted_latency_ms']['p50']} | "
                 f"{b['admitted_latency_ms']['p99']} | {b['admitted_latency_ms']['max']} | "
                 f"{b['admitted_lost']} | "
@@ -256,6 +269,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=14.0, help="length of each run")
     parser.add_argument("--ramp", type=float, default=4.0, help="seconds over which clients arrive")
     parser.add_argument("--burst-at", type=float, default=7.0, help="seconds to the burst")
+    parser.add_argument(
+        "--no-retry",
+        dest="retry",
+        action="store_false",
+        help="a client refused server_busy gives up (default: it tries again after "
+        "retry_after_ms, doubled at each refusal, jittered, as docs/protocol.md asks)",
+    )
     add_setup_flags(parser)
     parser.add_argument("--out", type=Path, default=REPO / "loadtest" / "results" / "overload")
     args = parser.parse_args()
@@ -267,6 +287,7 @@ def main() -> None:
         "machine": machine(),
         "seconds": args.seconds,
         "ramp": args.ramp,
+        "retry": args.retry,
         "deadline_ms": DEADLINE_MS,
     }
     cap = args.capacity_clients
@@ -276,6 +297,8 @@ def main() -> None:
         search = capacity(["realtime"], args.kind, steps, args.capacity_seconds, off)
         result["capacity_search"] = search
         cap = search["targets"]["realtime"]["clients"]
+        if not cap:
+            sys.exit(f"no capacity found at {args.capacity_steps} clients: nothing to overload")
     result["capacity_clients"] = cap
     result["runs"], result["plots"] = {}, []
     for name in [r.strip() for r in args.runs.split(",") if r.strip()]:

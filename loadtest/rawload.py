@@ -20,8 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import itertools
 import math
 import os
+import random
 import struct
 import sys
 import time
@@ -196,7 +198,9 @@ class _Run:
         elif not self._arriving and not self._sending_done.done():
             self._sending_done.set_result(None)
 
-    async def _connect(self, client: _Client, gate: asyncio.Semaphore) -> None:
+    async def _connect(self, client: _Client, gate: asyncio.Semaphore) -> float | None:
+        """Connect, say hello and open the stream; when refused ``server_busy`` at hello or
+        open, the ``retry_after_ms`` it carried (else None)."""
         plan = self.plan
         url = urlsplit(plan.url)
         host, port = url.hostname or "127.0.0.1", url.port or 80
@@ -214,13 +218,13 @@ class _Run:
             except HandshakeRefused as exc:
                 hello_ms[client.i] = (time.monotonic() - hello_at[client.i]) * 1000.0
                 self._refuse(client, f"http_{exc.status}")
-                return
+                return None
             except (OSError, TimeoutError, ConnectionError):
                 self.rec.connect_failures += 1
-                return
+                return None
             client.conn = conn
             if plan.target != "realtime":
-                return
+                return None
             client.control = asyncio.Queue()
             hello_at[client.i] = time.monotonic()
             conn.send(OP_TEXT, orjson.dumps({"type": "hello", "protocol": 1}))
@@ -228,8 +232,7 @@ class _Run:
             hello_ms[client.i] = (time.monotonic() - hello_at[client.i]) * 1000.0
             if welcome.get("type") != "welcome":
                 client.control = None
-                self._refuse(client, str(welcome.get("code", welcome.get("type"))))
-                return
+                return self._refuse(client, welcome)
             opened = {
                 "type": "open",
                 "stream": 1,
@@ -243,23 +246,37 @@ class _Run:
             answer = await asyncio.wait_for(client.control.get(), 30)
             client.control = None
             if answer.get("type") != "opened":
-                self._refuse(client, str(answer.get("code", answer.get("type"))))
-            else:
-                self.rec.admitted[client.i] = True
+                return self._refuse(client, answer)
+            self.rec.admitted[client.i] = True
+            return None
 
-    def _refuse(self, client: _Client, code: str) -> None:
-        """A client the server would not take: its chunks count as refused, never sent."""
-        self.rec.refused += 1
-        self.rec.refused_codes[code] = self.rec.refused_codes.get(code, 0) + 1
+    def _refuse(self, client: _Client, why: str | dict[str, Any]) -> float | None:
+        """A client the server would not take (``why``: a code, or the error it sent): its
+        chunks count as refused, never sent. Returns ``retry_after_ms`` when the client is to
+        try again (``Plan.retry`` and a ``server_busy`` that carries one)."""
+        rec = self.rec
+        if isinstance(why, str):
+            code, retry = why, None
+        else:
+            code = str(why.get("code", why.get("type")))
+            retry = why.get("retry_after_ms") if code == "server_busy" else None
+        rec.refusal_at.append(rec.hello_at[client.i])
+        rec.refusal_ms.append(rec.hello_ms[client.i])
+        rec.refusals[client.i] += 1
+        rec.refused_codes[code] = rec.refused_codes.get(code, 0) + 1
+        if client.conn is not None and client.conn.transport is not None:
+            client.conn.transport.abort()
+        client.conn = None
+        if self.plan.retry and isinstance(retry, int | float):
+            return float(retry)
+        rec.refused += 1
         key = f"refused:{code}"
         if key not in self.codes:
             self.codes[key] = len(self.codes) + 1
         used = client.outcome != UNUSED
         client.outcome[used] = self.codes[key]
         self.pending -= int(used.sum())
-        if client.conn is not None and client.conn.transport is not None:
-            client.conn.transport.abort()
-        client.conn = None
+        return None
 
     async def run(self) -> Records:
         plan, rec = self.plan, self.rec
@@ -326,17 +343,26 @@ class _Run:
         return await self._finish()
 
     async def _arrive(self, client: _Client, gate: asyncio.Semaphore, at: float) -> None:
-        delay = at - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)  # a timer per client: its arrival time
+        plan, rec, i = self.plan, self.rec, client.i
+        jitter = random.Random(plan.first_client + i)
         try:
-            await self._connect(client, gate)
+            for attempt in itertools.count():
+                delay = at - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)  # a timer per client: its (next) arrival time
+                retry_ms = await self._connect(client, gate)
+                if retry_ms is None:
+                    break
+                # Polite: the server's wait, doubled at each refusal, jittered.
+                at = time.monotonic() + retry_ms / 1000.0 * 2**attempt * jitter.uniform(0.5, 1.5)
+                if at > plan.start + plan.seconds - 1.0:  # too late to stream a second
+                    rec.refused += 1
+                    break
         except (TimeoutError, ConnectionError):
             self.rec.connect_failures += 1
             client.conn = None
         finally:
             self._arriving -= 1
-        plan, rec, i = self.plan, self.rec, client.i
         if client.conn is not None and rec.admitted[i]:
             rate = KINDS[plan.kinds[i]][4]
             first = time.monotonic() + self._phases[i]

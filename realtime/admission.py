@@ -29,6 +29,15 @@ SMOOTHING_SECONDS = 0.5
 #: Below this share of its bottleneck the server counts as idle: what it measures then says
 #: nothing of what a session costs, and lag then comes from other processes, not its sessions.
 IDLE_LOAD = 0.05
+#: Refusals a second the server takes in its stride. Each costs the event loop ~0.5 ms (a
+#: handshake, a hello, a close: measured), so 25 a second are ~1 % of a core; past that rate a
+#: refused client is told to wait proportionally longer, so that a crowd trying again spreads
+#: out instead of taking the admitted sessions' CPU.
+CALM_REFUSALS = 25.0
+#: Time constant (seconds) of the smoothed refusal rate.
+REFUSAL_SMOOTHING_SECONDS = 2.0
+#: The longest wait told, as a multiple of ``retry_after_ms``.
+MAX_RETRY_FACTOR = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +52,8 @@ class AdmissionPolicy:
     max_lag_ms: float = 20.0
     #: A model whose queue holds this share of ``max_queue`` refuses new streams.
     queue_share: float = 0.5
-    #: What a refused client is told to wait before trying again.
+    #: What a refused client is told to wait before trying again (longer while the server
+    #: refuses more than :data:`CALM_REFUSALS` a second).
     retry_after_ms: float = 1000.0
     #: Seconds between measurements (the loop-lag timer's period).
     period: float = 0.05
@@ -91,6 +101,8 @@ class Admission:
         self._streaming = 0.0  # smoothed sessions streaming
         self._model_load: dict[str, float] = {}  # smoothed share of a model's workers in use
         self._model_full: dict[str, bool] = {}  # its queue at queue_share of max_queue
+        self.refusal_rate = 0.0  # smoothed refusals a second
+        self._refusals = 0  # refusals since the last measurement
 
     # --- measuring ---------------------------------------------------------------------------
 
@@ -107,6 +119,10 @@ class Admission:
         if last is None or m.now <= last.now:
             return
         dt = m.now - last.now
+        rate, self._refusals = self._refusals / dt, 0
+        self.refusal_rate += (1.0 - math.exp(-dt / REFUSAL_SMOOTHING_SECONDS)) * (
+            rate - self.refusal_rate
+        )
         a = 1.0 - math.exp(-dt / SMOOTHING_SECONDS)
         loop_share = (m.loop_cpu - last.loop_cpu) / dt
         cpu_share = (m.process_cpu - last.process_cpu) / (dt * max(m.cores, 1))
@@ -152,6 +168,13 @@ class Admission:
             return "load"
         return None
 
+    @property
+    def retry_after_ms(self) -> float:
+        """The wait to tell a refused client: the policy's, stretched in proportion while the
+        server refuses more than :data:`CALM_REFUSALS` a second."""
+        factor = min(max(1.0, self.refusal_rate / CALM_REFUSALS), MAX_RETRY_FACTOR)
+        return round(self.policy.retry_after_ms * factor)
+
     # --- deciding ----------------------------------------------------------------------------
 
     def admit_session(self, sessions: int) -> errors.ServerBusy | None:
@@ -162,6 +185,7 @@ class Admission:
             self.figures.admitted["session"] += 1
             return None
         self.figures.refused[reason] += 1
+        self._refusals += 1
         capacity = self.capacity
         why = (
             f"the event loop runs {1000 * self.lag:.0f} ms late"
@@ -170,7 +194,7 @@ class Admission:
         )
         return errors.ServerBusy(
             f"the server is full ({why}): try again later or elsewhere",
-            retry_after_ms=self.policy.retry_after_ms,
+            retry_after_ms=self.retry_after_ms,
         )
 
     def admit_stream(self, model: str, stream: int) -> errors.ServerBusy | None:
@@ -188,8 +212,9 @@ class Admission:
             self.figures.admitted["stream"] += 1
             return None
         self.figures.refused[reason] += 1
+        self._refusals += 1
         return errors.ServerBusy(
             f"model {model} is full ({reason}): try again later or elsewhere",
-            retry_after_ms=p.retry_after_ms,
+            retry_after_ms=self.retry_after_ms,
             stream=stream,
         )

@@ -204,3 +204,23 @@ async def test_a_model_with_its_queue_half_full_refuses_a_new_stream(
     assert refused["retry_after_ms"] == policy.retry_after_ms
     opened = await raw.open(2, "accumulate", shape=[3])  # another model: still taken
     assert opened["type"] == "opened"
+
+
+def test_a_crowd_of_refused_clients_is_told_to_wait_longer() -> None:
+    admission = Admission(AdmissionPolicy(target_load=0.8, retry_after_ms=1000.0))
+    server = FakeServer(admission, 0.01)  # full at 80 sessions
+    server.streaming = 80
+    server.run(5.0)
+    first = admission.admit_session(80)
+    assert isinstance(first, errors.ServerBusy) and first.retry_after_ms == 1000.0
+    for _ in range(100):  # 10 s of 250 refusals a second: ten times what it shrugs off
+        for _ in range(round(250 * 0.1)):
+            assert admission.admit_session(80) is not None
+        server.run(0.1)
+    assert admission.refusal_rate == pytest.approx(250, rel=0.05)
+    crowded = admission.admit_session(80)
+    assert isinstance(crowded, errors.ServerBusy)
+    assert crowded.retry_after_ms == pytest.approx(10_000, rel=0.05)
+    server.run(20.0)  # nobody knocks for a while: back to the policy's wait
+    calm = admission.admit_session(80)
+    assert isinstance(calm, errors.ServerBusy) and calm.retry_after_ms == 1000.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import numpy as np
@@ -214,5 +215,49 @@ async def test_arriving_clients_refused_server_busy_are_counted(
     assert not rec.admitted.any() and rec.refused == 2
     summary = admission_summary(report.merge([rec]))
     assert (summary["admitted"], summary["refused"]) == (0, 2)
-    assert summary["refused_by_code"] == {"server_busy": 2}
+    assert summary["refusals"] == 2 and summary["refusals_by_code"] == {"server_busy": 2}
     assert summary["refusal_ms"]["max"] is not None and summary["admitted_chunks"] == 0
+
+
+async def test_a_refused_client_tries_again_after_retry_after_ms(
+    start_server: ServerFactory,
+) -> None:
+    from loadtest.overload import admission_summary
+
+    policy = AdmissionPolicy(target_load=0.5, period=3600.0, retry_after_ms=200.0)
+    server = await start_server(admission=policy)
+    t = 1e6
+    for _ in range(41):  # full, as above
+        t += 0.05
+        server.admission.observe(Measurement(t, 0.0, 0.9 * t, 0.9 * t, 1, 1, {}))
+    start = time.monotonic() + 0.2
+    plan = Plan(server.url, "realtime", ["audio"], 0, start, 2.0, arrivals=[0.0], retry=True)
+    run = _Run(plan)
+    task = asyncio.create_task(run.run())
+    refused = asyncio.Event()
+    run.rec.refusal_at = _Notify(refused)
+    await refused.wait()
+    cpu = 0.9 * t
+    for _ in range(100):  # then idle: room again
+        t += 0.05
+        cpu += 0.0005
+        server.admission.observe(Measurement(t, 0.0, cpu, cpu, 1, 0, {}))
+    rec = await task
+    assert rec.admitted.all() and rec.refused == 0 and rec.refusals.tolist() == [1]
+    summary = admission_summary(report.merge([rec]))
+    assert summary["admitted_after_refusal"] == 1 and summary["refusals"] == 1
+    # It waited about what it was told (times 0.5-1.5) and streamed from its welcome on.
+    assert rec.hello_at[0] - rec.refusal_at[0] >= 0.5 * 0.2
+    assert rec.due[0, 0] > rec.hello_at[0] and (rec.outcome[0] != UNUSED).sum() > 0
+
+
+class _Notify(list[float]):
+    """A list that sets ``event`` when something is appended."""
+
+    def __init__(self, event: asyncio.Event) -> None:
+        super().__init__()
+        self.event = event
+
+    def append(self, value: float) -> None:
+        super().append(value)
+        self.event.set()
