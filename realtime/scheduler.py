@@ -316,10 +316,15 @@ class ModelQueue:
         if running.timed_out:  # failed already; its worker thread is free again
             self.stuck -= 1
             return
-        assert running.timer is not None and running.work is not None
-        running.timer.cancel()
+        # The timer and the future (through its done callback) both refer back to ``running``:
+        # let go of them, so that refcounting frees the batch and its items now, not the garbage
+        # collector later (a cycle per batch kept every item of it for the collector).
+        timer, work = running.timer, running.work
+        running.timer = running.work = None
+        assert timer is not None and work is not None
+        timer.cancel()
         try:
-            outputs, seconds = running.work.result()
+            outputs, seconds = work.result()
         except Exception as e:
             self._finish(running, e)
         else:

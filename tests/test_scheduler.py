@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from pathlib import Path
 from typing import Any
@@ -173,6 +174,27 @@ async def test_builtin_models_batched_match_each_stream_run_alone(name: str) -> 
     alone, one = await run_streams(models, name, chunks, together=False)
     assert biggest > 4 and one == 1
     assert_same(batched, alone)
+
+
+async def test_a_batch_leaves_no_reference_cycle_for_the_garbage_collector() -> None:
+    """Refcounting frees a batch and its items as it comes back: a cycle per batch (its timer
+    and its future's callback both refer back to it) left ~25 000 objects a second at 60
+    clients for the collector, and the collections stalled the event loop."""
+    models = scan(BUILTIN_DIR)
+    chunks = builtin_chunks(ModelRepository(models).get("pose"), 16, 8)  # type: ignore[arg-type]
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector finds is kept in gc.garbage
+    try:
+        results, biggest = await run_streams(models, "pose", chunks, together=True)
+        gc.collect()
+        per_chunk = ("WorkItem", "Entry", "Gather", "Prediction", "_Running", "Future")
+        # (The scheduler and its queues refer to each other: one cycle per scheduler is fine.)
+        ours = [o for o in gc.garbage if type(o).__qualname__ in per_chunk]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert biggest > 1 and sum(len(r) for r in results) == 16 * 8
+    assert ours == []
 
 
 async def test_a_failing_batch_gives_each_of_its_chunks_a_typed_error() -> None:
