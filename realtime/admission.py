@@ -4,13 +4,13 @@ clock and what the server measured.
 Once the server is full, a new session makes every admitted one late: it is better to refuse the
 151st player than to lag all 150. :class:`Admission` is fed, a few times a second, what the
 server measured (:meth:`Admission.observe`: event-loop lag, the event loop's and the process's
-CPU time, the sessions streaming, each model's worker time and queue depth) and keeps smoothed
-figures of them. From those it estimates what one streaming session costs and how many the
-server can carry within ``target_load`` of its bottleneck (the event loop, or the cores the
-process may use), and answers at ``hello`` (:meth:`Admission.admit_session`) and at ``open``
-(:meth:`Admission.admit_stream`) with None (admitted) or a typed, retryable
-:class:`errors.ServerBusy` carrying ``retry_after_ms``. The policy and its figures are in
-docs/scheduler.md.
+CPU time, its cores' idle time, the sessions streaming, each model's worker time and queue depth)
+and keeps smoothed figures of them. From those it estimates what one streaming session costs
+and how many the server can carry within ``target_load`` of its bottleneck (the event loop, or
+the cores the process may use, busy with it or anything else), and answers at ``hello``
+(:meth:`Admission.admit_session`) and at ``open`` (:meth:`Admission.admit_stream`) with None
+(admitted) or a typed, retryable :class:`errors.ServerBusy` carrying ``retry_after_ms``. The
+policy and its figures are in docs/scheduler.md.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from realtime import errors
@@ -76,6 +77,25 @@ class Measurement:
     streaming: int  # sessions with at least one stream open
     #: Per model name: (worker seconds so far, items queued, workers, max_queue).
     models: dict[str, tuple[float, int, int, int]] = field(default_factory=dict)
+    #: Idle seconds so far of the cores the process is confined to, whoever else uses them
+    #: (None: unknown, or not confined). Pinned to a core, the process's own share of it stops
+    #: short of 1 (the kernel's network work takes the rest), and a target above that share
+    #: would admit sessions without end; the core's idle time goes to 0 either way.
+    idle: float | None = None
+
+
+def idle_seconds(stat: str, cpus: Iterable[int], ticks_per_second: float) -> float | None:
+    """Idle (and I/O wait) seconds so far of ``cpus``, from the text of ``/proc/stat``; None
+    if it does not list them all."""
+    want = {f"cpu{c}" for c in cpus}
+    ticks, found = 0, 0
+    for line in stat.splitlines():
+        name, _, rest = line.partition(" ")
+        if name in want:
+            fields = rest.split()
+            ticks += int(fields[3]) + int(fields[4])  # idle, iowait
+            found += 1
+    return ticks / ticks_per_second if want and found == len(want) else None
 
 
 @dataclass(slots=True)
@@ -126,6 +146,8 @@ class Admission:
         a = 1.0 - math.exp(-dt / SMOOTHING_SECONDS)
         loop_share = (m.loop_cpu - last.loop_cpu) / dt
         cpu_share = (m.process_cpu - last.process_cpu) / (dt * max(m.cores, 1))
+        if m.idle is not None and last.idle is not None:  # the cores' busy share, all users
+            cpu_share = max(cpu_share, 1.0 - (m.idle - last.idle) / (dt * max(m.cores, 1)))
         self.load += a * (max(loop_share, cpu_share) - self.load)
         self.lag += a * (m.lag - self.lag)
         self._streaming += a * (m.streaming - self._streaming)

@@ -39,7 +39,7 @@ from websockets.protocol import Event
 from websockets.protocol import State as WsState
 
 from realtime import __version__, errors, handoff, http11, store
-from realtime.admission import Admission, Measurement
+from realtime.admission import Admission, Measurement, idle_seconds
 from realtime.auth import AuthFailed, Grant, check_origin, credential
 from realtime.config import Config, is_loopback
 from realtime.connection import Connection, State
@@ -577,6 +577,7 @@ class Server:
         now = loop.time()
         models: dict[str, tuple[float, int, int, int]] = {}
         workers, max_queue = self.config.workers, self.config.max_queue
+        cpus = os.sched_getaffinity(0)
         for queue in self.scheduler.queues.values():
             name = queue.model.name
             busy, depth, _, _ = models.get(name, (0.0, 0, 0, 0))
@@ -592,13 +593,21 @@ class Server:
                 max(0.0, now - due),
                 time.thread_time(),
                 time.process_time(),
-                len(os.sched_getaffinity(0)),
+                len(cpus),
                 sum(1 for link in self._links.values() if link.conn.session.streams),
                 models,
+                self._own_cores_idle(cpus),
             )
         )
         period = self.config.admission.period
         self._measuring = loop.call_at(now + period, self._measure, now + period)
+
+    @staticmethod
+    def _own_cores_idle(cpus: set[int]) -> float | None:
+        """Idle seconds so far of the cores the process is confined to (None if it may use
+        them all: their idle time then says little of its own headroom, since the kernel shares
+        busy cores fairly, and the loop's lag tells of a neighbour that takes them)."""
+        return _idle(cpus) if len(cpus) < (os.cpu_count() or 0) else None
 
     def _check_drained(self) -> None:
         if self.draining and all(conn.inflight == 0 for conn in self._conns.values()):
@@ -1003,6 +1012,19 @@ class Server:
 def _same(secret: str | None, given: str) -> bool:
     """Whether a client's resume token is this session's, compared in constant time."""
     return secret is not None and hmac.compare_digest(secret.encode(), given.encode())
+
+
+def _idle(cpus: set[int]) -> float | None:
+    """Idle seconds so far of ``cpus`` (Linux's /proc/stat; None elsewhere)."""
+    try:
+        with open("/proc/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return idle_seconds(stat, cpus, _TICKS)
+
+
+_TICKS = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
 
 
 def _busy(e: errors.ServerBusy) -> Response:

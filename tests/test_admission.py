@@ -10,7 +10,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from realtime import errors
-from realtime.admission import Admission, AdmissionPolicy, Measurement
+from realtime.admission import Admission, AdmissionPolicy, Measurement, idle_seconds
 from realtime.client import Client
 from realtime.server import Server
 from tests.conftest import ServerFactory
@@ -224,3 +224,37 @@ def test_a_crowd_of_refused_clients_is_told_to_wait_longer() -> None:
     server.run(20.0)  # nobody knocks for a while: back to the policy's wait
     calm = admission.admit_session(80)
     assert isinstance(calm, errors.ServerBusy) and calm.retry_after_ms == 1000.0
+
+
+def test_the_cores_idle_time_counts_what_the_process_itself_does_not_see() -> None:
+    # Pinned to one core, the process never shows more than 85 % of it: the kernel's network
+    # work and a neighbour take the rest. Past that, its own share would say "room for more"
+    # forever; the core's idle time says it is full.
+    admission = Admission(AdmissionPolicy(target_load=0.9))
+    now, own, idle = 0.0, 0.0, 0.0
+    for _ in range(100):  # 5 s at 100 sessions
+        now += 0.05
+        own += 0.05 * 0.85
+        admission.observe(Measurement(now, 0.0, own, own, 1, 100, {}, idle))  # never idle
+    assert admission.load == pytest.approx(1.0, abs=0.01)
+    assert admission.full(100) == "load"
+    blind = Admission(AdmissionPolicy(target_load=0.9))  # the same without the idle time
+    now = own = 0.0
+    for _ in range(100):
+        now += 0.05
+        own += 0.05 * 0.85
+        blind.observe(Measurement(now, 0.0, own, own, 1, 100, {}))
+    assert blind.full(100) is None  # 0.85 < 0.9: it would take the 101st
+
+
+def test_idle_seconds_come_from_proc_stat_for_the_cpus_given() -> None:
+    stat = (
+        "cpu  900 0 300 4000 100 0 50 10 0 0\n"
+        "cpu0 400 0 100 1000 20 0 25 5 0 0\n"
+        "cpu1 500 0 200 3000 80 0 25 5 0 0\n"
+        "intr 12345\n"
+    )
+    assert idle_seconds(stat, {0}, 100.0) == pytest.approx(10.2)
+    assert idle_seconds(stat, {0, 1}, 100.0) == pytest.approx(41.0)
+    assert idle_seconds(stat, {2}, 100.0) is None  # not listed: unknown
+    assert idle_seconds("", {0}, 100.0) is None
