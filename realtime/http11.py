@@ -295,6 +295,11 @@ def _front_door(door: HttpDoor, base: type[C]) -> type[C]:
             if verdict:
                 self._websocket = True
                 super().connection_made(self._transport)
+                # From here on the transport calls websockets' side straight away, not through
+                # this method: one Python frame less per read (set_protocol has the event loop
+                # look the method up again).
+                self.data_received = super().data_received  # type: ignore[method-assign]
+                self._transport.set_protocol(self)
                 super().data_received(first)
             else:
                 door.take(self._transport, first)
