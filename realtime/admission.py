@@ -30,8 +30,8 @@ SMOOTHING_SECONDS = 0.5
 #: Below this share of its bottleneck the server counts as idle: what it measures then says
 #: nothing of what a session costs, and lag then comes from other processes, not its sessions.
 IDLE_LOAD = 0.05
-#: Refusals a second the server takes in its stride. Each costs the event loop ~0.5 ms (a
-#: handshake, a hello, a close: measured), so 25 a second are ~1 % of a core; past that rate a
+#: Refusals a second the server takes in its stride. Each costs the event loop ~0.6 ms (a
+#: handshake, a hello, a close: measured), so 25 a second are ~1.5 % of a core; past that rate a
 #: refused client is told to wait proportionally longer, so that a crowd trying again spreads
 #: out instead of taking the admitted sessions' CPU.
 CALM_REFUSALS = 25.0
