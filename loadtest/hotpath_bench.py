@@ -5,9 +5,10 @@ Drives the real per-chunk path (:class:`realtime.connection.Connection` ->
 chunk frames, as the server's glue does, for ``--streams`` real-time streams of the built-in
 ``speech_activity`` model (or ``--model``), and reports the CPU seconds spent per chunk by the
 whole process (event loop and ONNX Runtime's worker threads), split into the event loop's share
-and the rest. Nothing here waits on a network or another process, so the figure is steady on a
-busy machine (CPU time, not wall time); it is the part of the server's cost that the hot-path
-work changes, beside the transport's (measured by ``python -m loadtest`` against the echo).
+and the rest, and how often the garbage collector ran. Nothing here waits on a network or
+another process, so the figure is steady on a busy machine (CPU time, not wall time); it is the
+part of the server's cost that the hot-path work changes, beside the transport's (measured by
+``python -m loadtest`` against the echo).
 
     python -m loadtest.hotpath_bench --streams 100 --seconds 5
     python -m loadtest.hotpath_bench --profile       # and print cProfile's top functions
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import pstats
 import resource
 import time
@@ -85,6 +87,7 @@ async def run(model: str, streams: int, seconds: float, binary: bool) -> dict[st
     rounds = 0
     loop_cpu = 0.0
     usage0 = resource.getrusage(resource.RUSAGE_SELF)
+    gc0 = gc.get_stats()
     start = time.monotonic()
     loop_cpu0 = time.thread_time()
     while time.monotonic() - start < seconds:
@@ -107,6 +110,7 @@ async def run(model: str, streams: int, seconds: float, binary: bool) -> dict[st
             break
     loop_cpu = time.thread_time() - loop_cpu0
     usage1 = resource.getrusage(resource.RUSAGE_SELF)
+    gc1 = gc.get_stats()
     await server.scheduler.close()
     chunks = rounds * streams
     cpu = (usage1.ru_utime + usage1.ru_stime) - (usage0.ru_utime + usage0.ru_stime)
@@ -117,6 +121,15 @@ async def run(model: str, streams: int, seconds: float, binary: bool) -> dict[st
         "frames_out": answered,
         "cpu_us_per_chunk": round(1e6 * cpu / chunks, 1),
         "event_loop_us_per_chunk": round(1e6 * loop_cpu / chunks, 1),
+        # The garbage collector's runs per 1000 chunks, by generation, and what they freed: what
+        # refcounting frees never reaches it.
+        "gc_runs_per_1000_chunks": [
+            round(1000 * (b["collections"] - a["collections"]) / chunks, 2)
+            for a, b in zip(gc0, gc1, strict=True)
+        ],
+        "gc_collected_per_chunk": round(
+            sum(b["collected"] - a["collected"] for a, b in zip(gc0, gc1, strict=True)) / chunks, 2
+        ),
     }
 
 
