@@ -224,7 +224,7 @@ def run_target(
     """Start one server, drive it with ``kinds`` (one client each) from ``setup.procs``
     processes, and return the merged records and the server's figures. With ``arrivals``
     (raw client), client i connects that many seconds after the start and streams from its
-    welcome on (for ``stream_seconds[i]``, or to the end); with ``retry``, one refused
+    welcome on (for ``stream_seconds[i]``, or to the end); with ``retry``, a client refused
     ``server_busy`` tries again after ``retry_after_ms`` (:attr:`Plan.retry`)."""
     setup = setup or Setup()
     server = ServerProcess(

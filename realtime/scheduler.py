@@ -313,14 +313,14 @@ class ModelQueue:
         work.add_done_callback(came_back)
 
     def _came_back(self, running: _Running) -> None:
-        if running.timed_out:  # failed already; its worker thread is free again
-            self.stuck -= 1
-            return
         # The timer and the future (through its done callback) both refer back to ``running``:
         # let go of them, so that refcounting frees the batch and its items now, not the garbage
         # collector later (a cycle per batch kept every item of it for the collector).
         timer, work = running.timer, running.work
         running.timer = running.work = None
+        if running.timed_out:  # failed already; its worker thread is free again
+            self.stuck -= 1
+            return
         assert timer is not None and work is not None
         timer.cancel()
         try:

@@ -596,18 +596,11 @@ class Server:
                 len(cpus),
                 sum(1 for link in self._links.values() if link.conn.session.streams),
                 models,
-                self._own_cores_idle(cpus),
+                _confined_idle(cpus),
             )
         )
         period = self.config.admission.period
         self._measuring = loop.call_at(now + period, self._measure, now + period)
-
-    @staticmethod
-    def _own_cores_idle(cpus: set[int]) -> float | None:
-        """Idle seconds so far of the cores the process is confined to (None if it may use
-        them all: their idle time then says little of its own headroom, since the kernel shares
-        busy cores fairly, and the loop's lag tells of a neighbour that takes them)."""
-        return _idle(cpus) if len(cpus) < (os.cpu_count() or 0) else None
 
     def _check_drained(self) -> None:
         if self.draining and all(conn.inflight == 0 for conn in self._conns.values()):
@@ -1014,17 +1007,18 @@ def _same(secret: str | None, given: str) -> bool:
     return secret is not None and hmac.compare_digest(secret.encode(), given.encode())
 
 
-def _idle(cpus: set[int]) -> float | None:
-    """Idle seconds so far of ``cpus`` (Linux's /proc/stat; None elsewhere)."""
+def _confined_idle(cpus: set[int]) -> float | None:
+    """Idle seconds so far of the cores the process is confined to, from Linux's /proc/stat.
+    None if it may use them all (their idle time then says little of its own headroom: the
+    kernel shares busy cores fairly, and the loop's lag tells of a neighbour that takes them),
+    or where there is no /proc/stat."""
+    if len(cpus) >= (os.cpu_count() or 0):
+        return None
     try:
         with open("/proc/stat") as f:
-            stat = f.read()
+            return idle_seconds(f.read(), cpus, os.sysconf("SC_CLK_TCK"))
     except OSError:
         return None
-    return idle_seconds(stat, cpus, _TICKS)
-
-
-_TICKS = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
 
 
 def _busy(e: errors.ServerBusy) -> Response:
