@@ -39,6 +39,15 @@ CALM_REFUSALS = 25.0
 REFUSAL_SMOOTHING_SECONDS = 2.0
 #: The longest wait told, as a multiple of ``retry_after_ms``.
 MAX_RETRY_FACTOR = 30.0
+#: Lateness: a live audio stream counts in the median once it had this many results in a window.
+MIN_ANSWERED = 10
+#: Past the CPU estimate, sessions are let in while at most this share of the median live audio
+#: stream's results were late, one per :data:`PROBE_SECONDS`, up to :data:`PROBE_LIMIT` times
+#: the estimate: CPU per chunk falls as batches grow, so the estimate undershoots (it uses the
+#: average cost of a session, not the marginal one).
+PROBE_LATE_SHARE = 0.001
+PROBE_SECONDS = 0.25
+PROBE_LIMIT = 1.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +67,12 @@ class AdmissionPolicy:
     retry_after_ms: float = 1000.0
     #: Seconds between measurements (the loop-lag timer's period).
     period: float = 0.05
+    #: A result sent this long (ms) after its chunk was due, as the server tells from a live
+    #: audio stream's own clock, is late.
+    late_ms: float = 30.0
+    #: Past this share of late results (median over live audio streams), new sessions and
+    #: streams are refused: the admitted ones already miss their deadlines.
+    late_share: float = 0.01
 
     @property
     def enabled(self) -> bool:
@@ -98,6 +113,18 @@ def idle_seconds(stat: str, cpus: Iterable[int], ticks_per_second: float) -> flo
     return ticks / ticks_per_second if want and found == len(want) else None
 
 
+def median_late_share(counts: Iterable[tuple[int, int]]) -> float | None:
+    """The median, over streams, of the share of results that were late, from each stream's
+    (results, late) in one window; streams with fewer than :data:`MIN_ANSWERED` results do not
+    count. None if none does. The median, so that a few clients whose clock does not follow
+    real time (or a paused one) cannot make the whole server look late."""
+    shares = sorted(late / answered for answered, late in counts if answered >= MIN_ANSWERED)
+    if not shares:
+        return None
+    mid = len(shares) // 2
+    return shares[mid] if len(shares) % 2 else (shares[mid - 1] + shares[mid]) / 2
+
+
 @dataclass(slots=True)
 class AdmissionFigures:
     """Counters for metrics: they only grow (and the lag histogram's buckets)."""
@@ -123,6 +150,9 @@ class Admission:
         self._model_full: dict[str, bool] = {}  # its queue at queue_share of max_queue
         self.refusal_rate = 0.0  # smoothed refusals a second
         self._refusals = 0  # refusals since the last measurement
+        #: Median share of late results over live audio streams, last window (None: unknown).
+        self.late_share: float | None = None
+        self._probed_at = -math.inf  # when a session was last let in past the CPU estimate
 
     # --- measuring ---------------------------------------------------------------------------
 
@@ -157,6 +187,11 @@ class Admission:
             old = self._model_load.get(name, 0.0)
             self._model_load[name] = old + a * (share - old)
 
+    def observe_lateness(self, share: float | None) -> None:
+        """Take in the newest window's median share of late results (see
+        :func:`median_late_share`)."""
+        self.late_share = share
+
     @property
     def session_cost(self) -> float | None:
         """Share of the bottleneck one streaming session uses; None while unknown (idle)."""
@@ -179,16 +214,36 @@ class Admission:
         p = self.policy
         return self.lag * 1000.0 > p.max_lag_ms and self.load >= p.target_load / 2
 
+    def _late(self) -> bool:
+        p = self.policy
+        share = self.late_share
+        return share is not None and share > p.late_share and self.load >= p.target_load / 2
+
     def full(self, sessions: int) -> str | None:
-        """Why a new session would be refused now (``lag`` or ``load``), or None."""
+        """Why a new session would be refused now (``lag``, ``late`` or ``load``), or None."""
         if not self.policy.enabled:
             return None
         if self._lagging():
             return "lag"
+        if self._late():
+            return "late"
         capacity = self.capacity
-        if capacity is not None and sessions + 1 > capacity:
+        if capacity is not None and sessions + 1 > capacity and not self._may_probe(sessions):
             return "load"
         return None
+
+    def _may_probe(self, sessions: int) -> bool:
+        """Whether one more session may come in past the CPU estimate: the admitted ones are on
+        time, none came in so for :data:`PROBE_SECONDS`, and it stays within the limit."""
+        capacity, share, last = self.capacity, self.late_share, self._last
+        return (
+            capacity is not None
+            and share is not None
+            and share <= PROBE_LATE_SHARE
+            and last is not None
+            and last.now - self._probed_at >= PROBE_SECONDS
+            and sessions + 1 <= PROBE_LIMIT * capacity
+        )
 
     @property
     def retry_after_ms(self) -> float:
@@ -205,15 +260,19 @@ class Admission:
         reason = self.full(sessions)
         if reason is None:
             self.figures.admitted["session"] += 1
+            capacity = self.capacity
+            if capacity is not None and sessions + 1 > capacity and self._last is not None:
+                self._probed_at = self._last.now
             return None
         self.figures.refused[reason] += 1
         self._refusals += 1
         capacity = self.capacity
-        why = (
-            f"the event loop runs {1000 * self.lag:.0f} ms late"
-            if reason == "lag"
-            else f"it carries {sessions} sessions of about {capacity or 0:.0f} it can serve in time"
-        )
+        if reason == "lag":
+            why = f"the event loop runs {1000 * self.lag:.0f} ms late"
+        elif reason == "late":
+            why = f"{100 * (self.late_share or 0):.1f} % of its results are late"
+        else:
+            why = f"it carries {sessions} sessions of about {capacity or 0:.0f} it serves in time"
         return errors.ServerBusy(
             f"the server is full ({why}): try again later or elsewhere",
             retry_after_ms=self.retry_after_ms,
@@ -226,6 +285,8 @@ class Admission:
         if p.enabled:
             if self._lagging():
                 reason = "lag"
+            elif self._late():
+                reason = "late"
             elif self._model_full.get(model, False):
                 reason = "model_queue"
             elif self._model_load.get(model, 0.0) > p.target_load:

@@ -102,6 +102,14 @@ def _parser() -> argparse.ArgumentParser:
         "this late on average (default %(default)s)",
     )
     s.add_argument(
+        "--admit-late-ms",
+        type=float,
+        default=policy.late_ms,
+        help="admission control: a result sent this long after its live audio chunk was due is "
+        "late; past 1 %% of late results new sessions are refused, and while none are late "
+        "sessions are let in past the CPU estimate, slowly (default %(default)s)",
+    )
+    s.add_argument(
         "--busy-retry-ms",
         type=float,
         default=policy.retry_after_ms,
@@ -445,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
                 admission=AdmissionPolicy(
                     target_load=args.admit_load,
                     max_lag_ms=args.admit_lag_ms,
+                    late_ms=args.admit_late_ms,
                     retry_after_ms=args.busy_retry_ms,
                 ),
                 reload_seconds=args.reload_seconds,

@@ -260,6 +260,12 @@ class AdmissionMetrics(Collector):
         yield GaugeMetricFamily(
             "realtime_load", "Smoothed share of the bottleneck (event loop or cores) in use", a.load
         )
+        yield GaugeMetricFamily(
+            "realtime_late_share",
+            "Median over live audio streams of the share of results sent late, last second (NaN "
+            "while no live audio stream is measured)",
+            math.nan if a.late_share is None else a.late_share,
+        )
         headroom = a.headroom(self._sessions())
         yield GaugeMetricFamily(
             "realtime_headroom_sessions",

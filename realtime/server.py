@@ -39,7 +39,7 @@ from websockets.protocol import Event
 from websockets.protocol import State as WsState
 
 from realtime import __version__, errors, handoff, http11, store
-from realtime.admission import Admission, Measurement, idle_seconds
+from realtime.admission import Admission, Measurement, idle_seconds, median_late_share
 from realtime.auth import AuthFailed, Grant, check_origin, credential
 from realtime.config import Config, is_loopback
 from realtime.connection import Connection, State
@@ -67,6 +67,11 @@ BURST = 4
 #: Frames a checkpoint keeps to send again (the newest): what a connection lost when its process
 #: died may not have delivered. A bound on Redis traffic per session (docs/deploy.md).
 CHECKPOINT_FRAME_BYTES = 4 * 1024
+#: Seconds over which live audio streams' late results are counted for admission control.
+LATENESS_SECONDS = 1.0
+#: Seconds after which a stream's clock minimum moves on (its least arrival lead is then the
+#: least of this window and the one before).
+CLOCK_SECONDS = 10.0
 
 
 def load_models(config: Config) -> list[Model]:
@@ -241,6 +246,9 @@ class Server:
         self._measuring: asyncio.TimerHandle | None = None
         #: Chunks past their deadline when the loop gets to them are refused (see _on_message).
         self._shed_by_age = config.admission.enabled
+        self._late_ms = config.admission.late_ms
+        self._lateness_due = 0.0  # loop time of the next lateness window's end
+        self._clocks_due = 0.0  # loop time when the streams' clock minimums move on
         self.ready = False  # models warm and serving; false again once shutting down
         self._ws: WsServer | None = None
         self._reloader = Reloader(
@@ -599,8 +607,28 @@ class Server:
                 _confined_idle(cpus),
             )
         )
+        if now >= self._lateness_due:
+            self._lateness(now)
         period = self.config.admission.period
         self._measuring = loop.call_at(now + period, self._measure, now + period)
+
+    def _lateness(self, now: float) -> None:
+        """Once a :data:`LATENESS_SECONDS` window: the median share of late results over live
+        audio streams, for admission control. Every :data:`CLOCK_SECONDS` each stream's clock
+        minimum moves on, so that a client's clock drifting from the server's is followed."""
+        self._lateness_due = now + LATENESS_SECONDS
+        move = now >= self._clocks_due
+        if move:
+            self._clocks_due = now + CLOCK_SECONDS
+        counts: list[tuple[int, int]] = []
+        for conn in self._conns.values():
+            for stream in conn.session.streams.values():
+                if stream.answered:
+                    counts.append((stream.answered, stream.late))
+                    stream.answered = stream.late = 0
+                if move:
+                    stream.clock_prev, stream.clock_min = stream.clock_min, math.inf
+        self.admission.observe_lateness(median_late_share(counts))
 
     def _check_drained(self) -> None:
         if self.draining and all(conn.inflight == 0 for conn in self._conns.values()):
@@ -833,7 +861,15 @@ class Server:
         if conn is None:
             self.oip.deliver(item, outcome)  # an Open Inference Protocol request's, or nobody's
             return
-        self.traffic.outcome(item.stream.model.key, (time.monotonic() - item.received) * 1000.0)
+        now = time.monotonic()
+        stream = item.stream
+        self.traffic.outcome(stream.model.key, (now - item.received) * 1000.0)
+        gather = item.gather
+        if gather is not None:  # live audio: how late, by the stream's own clock
+            stream.answered += 1
+            clock = min(stream.clock_min, stream.clock_prev)
+            if now * 1000.0 - gather.media_ms - clock > self._late_ms:
+                stream.late += 1
         conn.outcome(item, outcome)
         if not conn.inflight:
             quiet = self._quiet.pop(sid, None)

@@ -113,6 +113,8 @@ class Gather:
     segment_end: float | None  # client ms, when this chunk ended a segment
     outcomes: list[Outcome | None]
     left: int
+    #: The stream's media clock at the chunk's end (ms of audio the stream sent, see Stream).
+    media_ms: float = 0.0
 
 
 # Not frozen: one is built per chunk, and a frozen dataclass's __init__ costs 3x a plain one's.
@@ -164,6 +166,16 @@ class Stream:
     live: bool = True
     results_sent: int = 0
     errors_sent: int = 0
+    #: Audio: ms of audio accepted so far (the stream's media clock, from samples and rate, not
+    #: from the client's ``t``, which a client may not keep in real time).
+    media_ms: float = 0.0
+    #: Live audio: the least (arrival - media clock) of its chunks, server monotonic ms, in this
+    #: lateness window and in the one before. A result sent later than that after its chunk's
+    #: media time is late by the difference (admission control's lateness).
+    clock_min: float = math.inf
+    clock_prev: float = math.inf
+    answered: int = 0  # audio results sent in this lateness window
+    late: int = 0  # of which late (``AdmissionPolicy.late_ms``)
 
 
 @dataclass(slots=True, eq=False)
@@ -502,10 +514,15 @@ class Session:
         deadline = now + (chunk.deadline_ms or stream.deadline_ms) / 1000.0
         if stream.rechunker is None:
             return [WorkItem(stream, seq, chunk.t, data, now, deadline, end)]
-        windows = stream.rechunker.push(data, chunk.t, end)
+        rechunker = stream.rechunker
+        media = stream.media_ms = stream.media_ms + 1000.0 * data.shape[0] / rechunker.in_rate
+        lead = now * 1000.0 - media
+        if lead < stream.clock_min:
+            stream.clock_min = lead
+        windows = rechunker.push(data, chunk.t, end)
         k = len(windows.data)
-        stream.audio_inflight += len(windows.t) * stream.rechunker.chunk
-        gather = Gather(seq, chunk.t, windows.t, windows.segment_end, [None] * k, k)
+        stream.audio_inflight += len(windows.t) * rechunker.chunk
+        gather = Gather(seq, chunk.t, windows.t, windows.segment_end, [None] * k, k, media)
         if k == 0:
             stream.done[seq] = Ready(chunk.t, _stack(stream, []), windows.t, windows.segment_end)
             return []

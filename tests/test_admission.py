@@ -5,12 +5,22 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pytest
 from websockets.exceptions import ConnectionClosed
 
 from realtime import errors
-from realtime.admission import Admission, AdmissionPolicy, Measurement, idle_seconds
+from realtime.admission import (
+    MIN_ANSWERED,
+    PROBE_LIMIT,
+    PROBE_SECONDS,
+    Admission,
+    AdmissionPolicy,
+    Measurement,
+    idle_seconds,
+    median_late_share,
+)
 from realtime.client import Client
 from realtime.server import Server
 from tests.conftest import ServerFactory
@@ -258,3 +268,86 @@ def test_idle_seconds_come_from_proc_stat_for_the_cpus_given() -> None:
     assert idle_seconds(stat, {0, 1}, 100.0) == pytest.approx(41.0)
     assert idle_seconds(stat, {2}, 100.0) is None  # not listed: unknown
     assert idle_seconds("", {0}, 100.0) is None
+
+
+def test_the_late_share_is_the_median_over_streams_with_enough_results() -> None:
+    few = MIN_ANSWERED - 1
+    # One stream whose clock runs wrong (every result "late") does not make the server late.
+    assert median_late_share([(50, 0), (50, 1), (50, 50), (few, few)]) == pytest.approx(0.02)
+    assert median_late_share([(50, 0), (50, 2), (50, 4), (50, 50)]) == pytest.approx(0.06)
+    assert median_late_share([(few, few)]) is None
+    assert median_late_share([]) is None
+
+
+def test_past_the_cpu_estimate_sessions_come_in_one_at_a_time_while_none_are_late() -> None:
+    """CPU per chunk falls as batches grow, so the average cost of a session overstates the
+    next one's: while the admitted sessions are on time, more come in, slowly and bounded."""
+    admission = Admission(AdmissionPolicy(target_load=0.8))
+    server = FakeServer(admission, 0.01)
+    server.streaming = 80  # 0.8 of the core: the estimate says full
+    server.run(2.0)
+    assert admission.capacity == pytest.approx(80, rel=0.02)
+    assert admission.full(80) == "load"  # nothing known about lateness yet
+    admission.observe_lateness(0.0)
+    assert admission.admit_session(80) is None  # on time: one more
+    assert admission.figures.admitted["session"] == 1
+    again = admission.admit_session(81)  # but not a second in the same probe interval
+    assert isinstance(again, errors.ServerBusy) and admission.figures.refused["load"] == 1
+    server.run(PROBE_SECONDS + 0.05)  # a measurement period past it
+    assert admission.admit_session(81) is None
+    server.run(PROBE_SECONDS + 0.05)  # a measurement period past it
+    limit = int(PROBE_LIMIT * admission.capacity)  # type: ignore[operator]
+    assert admission.full(limit) == "load"  # never past the limit
+    admission.observe_lateness(0.005)  # some late results, under the policy's share
+    assert admission.full(82) == "load"  # no more probing...
+    assert admission.full(10) is None  # ...but within the estimate, still admitted
+
+
+def test_late_results_refuse_new_sessions_and_streams_once_the_server_is_loaded() -> None:
+    admission = Admission(AdmissionPolicy(target_load=0.8, late_share=0.01))
+    server = FakeServer(admission, 0.01)
+    server.streaming = 20  # 0.2 of the core: under half the target
+    server.run(2.0)
+    admission.observe_lateness(0.5)
+    assert admission.full(20) is None  # lateness on an idle server is not its sessions'
+    server.streaming = 50
+    server.run(2.0)
+    busy = admission.admit_session(50)
+    assert isinstance(busy, errors.ServerBusy) and "late" in busy.message
+    assert admission.figures.refused["late"] == 1
+    refused = admission.admit_stream("m", 3)
+    assert isinstance(refused, errors.ServerBusy) and refused.stream == 3
+    admission.observe_lateness(0.01)  # at the share, not past it
+    assert admission.admit_session(50) is None
+
+
+async def test_live_audio_results_are_counted_late_by_the_streams_own_media_clock(
+    start_server: ServerFactory, tiny_models: Path
+) -> None:
+    """Through the real path: each audio result counts on its stream, late when sent more than
+    ``late_ms`` after its audio's time on the stream's clock; each window gives admission
+    control the median share, and the counters start again."""
+    policy = AdmissionPolicy(late_ms=30.0, period=3600.0)  # the test alone measures
+    server = await start_server((tiny_models,), builtin=False, admission=policy)
+    raw = await Raw.connect(server.url)
+    opened = await raw.open(1, "window", kind="audio", dtype="int16", sample_rate=8000)
+    assert opened["type"] == "opened"
+    pcm = np.zeros(16, np.int16)  # 2 ms: one window each
+    for seq in range(MIN_ANSWERED):  # sent at once: ahead of real time, none late
+        await raw.chunk(1, seq, pcm)
+    for seq in range(MIN_ANSWERED):
+        assert (await raw.recv())["seq"] == seq
+    (session,) = (c.session for c in server.connections)
+    stream = session.streams[1]
+    assert (stream.answered, stream.late) == (MIN_ANSWERED, 0)
+    stream.clock_min -= 1000.0  # as if its first chunk had come a second sooner
+    for seq in range(MIN_ANSWERED, 2 * MIN_ANSWERED):
+        await raw.chunk(1, seq, pcm)
+    for seq in range(MIN_ANSWERED, 2 * MIN_ANSWERED):
+        assert (await raw.recv())["seq"] == seq
+    assert (stream.answered, stream.late) == (2 * MIN_ANSWERED, MIN_ANSWERED)
+    server._lateness(asyncio.get_running_loop().time())
+    assert server.admission.late_share == pytest.approx(0.5)
+    assert (stream.answered, stream.late) == (0, 0)
+    samples = await scrape(f"http://127.0.0.1:{server.port}")
+    assert samples[("realtime_late_share", ())] == pytest.approx(0.5)

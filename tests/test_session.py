@@ -189,3 +189,21 @@ def test_an_audio_chunk_refused_for_load_keeps_its_place_in_time(tiny_models: Pa
     (third,) = s.accept(Chunk(1, 2, 104.0, ramp[32:]), 0.0)
     assert third.t == 104.0  # 32 samples at 8 kHz after the first: a gap, not a shift
     np.testing.assert_array_equal(third.inputs * 32768, ramp[28:48])  # its context is real audio
+
+
+def test_an_audio_streams_media_clock_comes_from_its_samples_not_its_t(tiny_models: Path) -> None:
+    """Admission control's lateness needs a clock the client cannot get wrong: the stream's
+    samples at its rate. The least (arrival - media time) is the stream's clock offset."""
+    s = session(tiny_models)
+    s.open_stream(Open(1, "window", "audio", "int16", sample_rate=8000))
+    stream = s.streams[1]
+    pcm = np.zeros(16, np.int16)  # 2 ms at 8 kHz: one window
+    (first,) = s.accept(Chunk(1, 0, 0.0, pcm), 1.0)  # t stays 0: it does not matter
+    assert first.gather is not None and first.gather.media_ms == pytest.approx(2.0)
+    assert stream.clock_min == pytest.approx(1000.0 - 2.0)
+    s.accept(Chunk(1, 1, 0.0, pcm), 1.001)  # faster than real time: a new least
+    assert stream.media_ms == pytest.approx(4.0)
+    assert stream.clock_min == pytest.approx(1001.0 - 4.0)
+    (third,) = s.accept(Chunk(1, 2, 0.0, pcm), 1.010)  # 7 ms behind its audio: no new least
+    assert third.gather is not None and third.gather.media_ms == pytest.approx(6.0)
+    assert stream.clock_min == pytest.approx(997.0)
