@@ -41,13 +41,6 @@ REFUSAL_SMOOTHING_SECONDS = 2.0
 MAX_RETRY_FACTOR = 30.0
 #: Lateness: a live audio stream counts in the median once it had this many results in a window.
 MIN_ANSWERED = 10
-#: Past the CPU estimate, sessions are let in while at most this share of the median live audio
-#: stream's results were late, one per :data:`PROBE_SECONDS`, up to :data:`PROBE_LIMIT` times
-#: the estimate: CPU per chunk falls as batches grow, so the estimate undershoots (it uses the
-#: average cost of a session, not the marginal one).
-PROBE_LATE_SHARE = 0.001
-PROBE_SECONDS = 0.25
-PROBE_LIMIT = 1.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +145,6 @@ class Admission:
         self._refusals = 0  # refusals since the last measurement
         #: Median share of late results over live audio streams, last window (None: unknown).
         self.late_share: float | None = None
-        self._probed_at = -math.inf  # when a session was last let in past the CPU estimate
 
     # --- measuring ---------------------------------------------------------------------------
 
@@ -228,22 +220,9 @@ class Admission:
         if self._late():
             return "late"
         capacity = self.capacity
-        if capacity is not None and sessions + 1 > capacity and not self._may_probe(sessions):
+        if capacity is not None and sessions + 1 > capacity:
             return "load"
         return None
-
-    def _may_probe(self, sessions: int) -> bool:
-        """Whether one more session may come in past the CPU estimate: the admitted ones are on
-        time, none came in so for :data:`PROBE_SECONDS`, and it stays within the limit."""
-        capacity, share, last = self.capacity, self.late_share, self._last
-        return (
-            capacity is not None
-            and share is not None
-            and share <= PROBE_LATE_SHARE
-            and last is not None
-            and last.now - self._probed_at >= PROBE_SECONDS
-            and sessions + 1 <= PROBE_LIMIT * capacity
-        )
 
     @property
     def retry_after_ms(self) -> float:
@@ -260,9 +239,6 @@ class Admission:
         reason = self.full(sessions)
         if reason is None:
             self.figures.admitted["session"] += 1
-            capacity = self.capacity
-            if capacity is not None and sessions + 1 > capacity and self._last is not None:
-                self._probed_at = self._last.now
             return None
         self.figures.refused[reason] += 1
         self._refusals += 1

@@ -106,8 +106,8 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=policy.late_ms,
         help="admission control: a result sent this long after its live audio chunk was due is "
-        "late; past 1 %% of late results new sessions are refused, and while none are late "
-        "sessions are let in past the CPU estimate, slowly (default %(default)s)",
+        "late; past 1 %% of late results (median over live audio streams) new sessions and "
+        "streams are refused (default %(default)s)",
     )
     s.add_argument(
         "--busy-retry-ms",

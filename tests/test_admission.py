@@ -13,8 +13,6 @@ from websockets.exceptions import ConnectionClosed
 from realtime import errors
 from realtime.admission import (
     MIN_ANSWERED,
-    PROBE_LIMIT,
-    PROBE_SECONDS,
     Admission,
     AdmissionPolicy,
     Measurement,
@@ -277,30 +275,6 @@ def test_the_late_share_is_the_median_over_streams_with_enough_results() -> None
     assert median_late_share([(50, 0), (50, 2), (50, 4), (50, 50)]) == pytest.approx(0.06)
     assert median_late_share([(few, few)]) is None
     assert median_late_share([]) is None
-
-
-def test_past_the_cpu_estimate_sessions_come_in_one_at_a_time_while_none_are_late() -> None:
-    """CPU per chunk falls as batches grow, so the average cost of a session overstates the
-    next one's: while the admitted sessions are on time, more come in, slowly and bounded."""
-    admission = Admission(AdmissionPolicy(target_load=0.8))
-    server = FakeServer(admission, 0.01)
-    server.streaming = 80  # 0.8 of the core: the estimate says full
-    server.run(2.0)
-    assert admission.capacity == pytest.approx(80, rel=0.02)
-    assert admission.full(80) == "load"  # nothing known about lateness yet
-    admission.observe_lateness(0.0)
-    assert admission.admit_session(80) is None  # on time: one more
-    assert admission.figures.admitted["session"] == 1
-    again = admission.admit_session(81)  # but not a second in the same probe interval
-    assert isinstance(again, errors.ServerBusy) and admission.figures.refused["load"] == 1
-    server.run(PROBE_SECONDS + 0.05)  # a measurement period past it
-    assert admission.admit_session(81) is None
-    server.run(PROBE_SECONDS + 0.05)  # a measurement period past it
-    limit = int(PROBE_LIMIT * admission.capacity)  # type: ignore[operator]
-    assert admission.full(limit) == "load"  # never past the limit
-    admission.observe_lateness(0.005)  # some late results, under the policy's share
-    assert admission.full(82) == "load"  # no more probing...
-    assert admission.full(10) is None  # ...but within the estimate, still admitted
 
 
 def test_late_results_refuse_new_sessions_and_streams_once_the_server_is_loaded() -> None:
