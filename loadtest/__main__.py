@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import itertools
 import multiprocessing
 import os
@@ -399,7 +400,16 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "load_average_before": os.getloadavg(),
+        "realtime_build": realtime_build(),
     }
+
+
+def realtime_build() -> str:
+    """Whether the ``realtime`` the server processes import (this interpreter, this working
+    directory) has its per-chunk modules compiled (setup.py) or in pure Python."""
+    spec = importlib.util.find_spec("realtime.session")
+    origin = spec.origin if spec is not None else None
+    return "compiled (mypyc)" if origin and origin.endswith(".so") else "pure Python"
 
 
 def main() -> None:

@@ -74,7 +74,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"`{result['command']}`: {m['cores']} cores, load average "
         f"{', '.join(f'{x:.1f}' for x in m['load_average_before'])} before and "
         f"{', '.join(f'{x:.1f}' for x in m['load_average_after'])} after, "
-        f"{result['seconds']} s per point; setup {result['setup']}. Latency counts from each "
+        f"{result['seconds']} s per point; setup {result['setup']}; realtime "
+        f"{m.get('realtime_build', 'pure Python')}. Latency counts from each "
         "chunk's due time; server CPU per chunk is its utime + stime over the steady state "
         "(the first second left out) divided by the chunks answered in that window.",
         "",

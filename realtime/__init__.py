@@ -1,3 +1,23 @@
 """realtime: model predictions for live applications over one persistent WebSocket."""
 
+import warnings
+from pathlib import Path
+
 __version__ = "0.1.0"
+
+
+def _warn_stale() -> None:
+    """A module compiled in place (``REALTIME_COMPILE=1 pip install -e .``, setup.py) and
+    edited since is imported compiled, old: say so rather than run code that is not the
+    source's."""
+    for so in Path(__file__).parent.glob("**/*.so"):
+        py = so.with_name(so.name.split(".", 1)[0] + ".py")
+        if py.exists() and py.stat().st_mtime > so.stat().st_mtime:
+            warnings.warn(
+                f"{so} is older than {py.name} and runs its old code: rebuild it "
+                "(REALTIME_COMPILE=1 pip install -e .) or delete it",
+                stacklevel=2,
+            )
+
+
+_warn_stale()

@@ -15,6 +15,7 @@ from typing import Any, Final
 
 import numpy as np
 import soxr
+from mypy_extensions import mypyc_attr
 
 #: Audio chunk dtypes a stream may send; integers are PCM, scaled to [-1, 1).
 AUDIO_DTYPES: Final[dict[str, float]] = {
@@ -30,6 +31,7 @@ MAX_SAMPLE_RATE: Final = 384_000
 
 
 # Not frozen: one is built per chunk, and a frozen dataclass's __init__ costs 3x a plain one's.
+@mypyc_attr(serializable=True)
 @dataclass(slots=True)
 class Windows:
     """The model windows one client chunk completed (possibly none), in stream order."""
@@ -46,6 +48,14 @@ def _resampler(in_rate: int, out_rate: int) -> soxr.ResampleStream | None:
     return soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32", quality="HQ")
 
 
+#: A re-chunker's attributes that a checkpoint keeps (not its buffer, scratch or resampler).
+_KEPT = (
+    "in_rate", "out_rate", "chunk", "context", "window", "_scale", "_unsigned", "_dtype",
+    "_size", "_fill", "_next", "_segment_t", "_client_samples",
+)  # fmt: skip
+
+
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class Rechunker:
     """One audio stream's converter, resampler and window cutter."""
 
@@ -81,20 +91,19 @@ class Rechunker:
         """What the stream holds, not its buffers' spare room (a checkpoint is written every
         second), nor the resampler, which cannot be pickled: a session handed to another
         server restarts its filter (a few ms of filter history are lost at the hand-off)."""
-        state = {
-            k: v for k, v in self.__dict__.items() if k not in ("_resampler", "_buf", "_scratch")
-        }
+        state = {name: getattr(self, name) for name in _KEPT}
         state["_held"] = self._buf[: self._fill].copy()
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         held = state.pop("_held", None)  # None: handed off by an older one, buffers and all
-        self.__dict__.update(state)
-        self.__dict__.setdefault("_size", 2 * self.window + 4096)  # handed off by an older one
+        state.setdefault("_size", 2 * state["window"] + 4096)  # handed off by an older one
+        state.setdefault("_scratch", np.empty(0, np.float32))
+        for name, value in state.items():
+            setattr(self, name, value)
         if held is not None:
             self._buf = np.zeros(max(self._size, held.shape[0]), self._dtype)
             self._buf[: held.shape[0]] = held
-            self._scratch = np.empty(0, np.float32)
         self._resampler = _resampler(self.in_rate, self.out_rate)
 
     def decoded(self, n: int) -> int:

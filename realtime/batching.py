@@ -21,11 +21,10 @@ import itertools
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+
+from mypy_extensions import mypyc_attr
 
 from realtime.session import Stream, WorkItem
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,12 +37,12 @@ class Policy:
     margin: float = 0.001
 
 
+@mypyc_attr(serializable=True)
 @dataclass(slots=True, eq=False)
-class Entry(Generic[T]):
-    """One queued item and its caller's token (the scheduler's future)."""
+class Entry:
+    """One queued item."""
 
     item: WorkItem
-    token: T
     taken: bool = False
 
 
@@ -79,14 +78,15 @@ class RunTimes:
         return {n: s for n, s in enumerate(self._seconds) if not math.isnan(s)}
 
 
+@mypyc_attr(serializable=True)
 @dataclass(slots=True, eq=False)
-class _Bucket(Generic[T]):
+class _Bucket:
     """The items of one input shape: a FIFO per session, served round-robin."""
 
-    sessions: dict[str, deque[Entry[T]]] = field(default_factory=dict)
+    sessions: dict[str, deque[Entry]] = field(default_factory=dict)
     ring: deque[str] = field(default_factory=deque)  # sessions with items, next to serve first
-    arrivals: deque[Entry[T]] = field(default_factory=deque)  # arrival order (lazily pruned)
-    deadlines: list[tuple[float, int, Entry[T]]] = field(default_factory=list)  # lazy min-heap
+    arrivals: deque[Entry] = field(default_factory=deque)  # arrival order (lazily pruned)
+    deadlines: list[tuple[float, int, Entry]] = field(default_factory=list)  # lazy min-heap
     count: int = 0
 
     def oldest(self) -> WorkItem:
@@ -102,30 +102,31 @@ class _Bucket(Generic[T]):
         return heap[0][0]
 
 
+@mypyc_attr(serializable=True)
 @dataclass(slots=True)
-class Cut(Generic[T]):
+class Cut:
     """What one call to :meth:`BatchQueue.cut` took out of the queue."""
 
-    batch: list[Entry[T]] = field(default_factory=list)
-    expired: list[Entry[T]] = field(default_factory=list)  # deadline passed before running
-    gone: list[Entry[T]] = field(default_factory=list)  # stream closed or client disconnected
+    batch: list[Entry] = field(default_factory=list)
+    expired: list[Entry] = field(default_factory=list)  # deadline passed before running
+    gone: list[Entry] = field(default_factory=list)  # stream closed or client disconnected
 
 
-class BatchQueue(Generic[T]):
+class BatchQueue:
     """The waiting items of one model version and the policy that batches them."""
 
     def __init__(self, policy: Policy, run_times: RunTimes, stateful: bool) -> None:
         self.policy = policy
         self.run_times = run_times
         self.stateful = stateful
-        self._buckets: dict[tuple[int, ...], _Bucket[T]] = {}
+        self._buckets: dict[tuple[int, ...], _Bucket] = {}
         self._order = itertools.count()
         self._len = 0
 
     def __len__(self) -> int:
         return self._len
 
-    def push(self, entry: Entry[T]) -> None:
+    def push(self, entry: Entry) -> None:
         """Queue an item at the back of its session's line in its shape's bucket."""
         item = entry.item
         bucket = self._buckets.get(item.inputs.shape)
@@ -141,7 +142,7 @@ class BatchQueue(Generic[T]):
         bucket.count += 1
         self._len += 1
 
-    def _bucket_due(self, bucket: _Bucket[T]) -> float:
+    def _bucket_due(self, bucket: _Bucket) -> float:
         policy = self.policy
         oldest = bucket.oldest().received
         if bucket.count >= policy.max_batch:
@@ -156,11 +157,11 @@ class BatchQueue(Generic[T]):
         buckets = self._buckets.values()
         return min((self._bucket_due(b) for b in buckets if b.count), default=math.inf)
 
-    def cut(self, now: float, busy: set[Stream]) -> Cut[T]:
+    def cut(self, now: float, busy: set[Stream]) -> Cut:
         """Take the next batch from the bucket most due, round-robin over its sessions, shedding
         the items whose deadline has passed or whose stream is gone. ``busy`` holds the stateful
         streams with an item in flight: their items wait."""
-        out: Cut[T] = Cut()
+        out: Cut = Cut()
         live = [b for b in self._buckets.values() if b.count]
         if not live:
             return out
@@ -195,12 +196,12 @@ class BatchQueue(Generic[T]):
 
     def _take_one(
         self,
-        line: deque[Entry[T]],
+        line: deque[Entry],
         now: float,
         blocked: set[Stream],
         taken: set[Stream],
-        out: Cut[T],
-    ) -> Entry[T] | None:
+        out: Cut,
+    ) -> Entry | None:
         """The first runnable entry of a session's line, shedding dead and late ones on the way."""
         i = 0
         while i < len(line):
@@ -223,7 +224,7 @@ class BatchQueue(Generic[T]):
             entry.taken = True
         return None
 
-    def drop_oldest(self, stream: Stream) -> list[Entry[T]]:
+    def drop_oldest(self, stream: Stream) -> list[Entry]:
         """Remove the stream's oldest queued chunk (every window of it); empty if none waits."""
         for bucket in self._buckets.values():
             line = bucket.sessions.get(stream.session)
@@ -244,7 +245,7 @@ class BatchQueue(Generic[T]):
             return dropped
         return []
 
-    def clear(self) -> list[Entry[T]]:
+    def clear(self) -> list[Entry]:
         """Take every queued entry out (shutdown)."""
         entries = [e for b in self._buckets.values() for line in b.sessions.values() for e in line]
         for entry in entries:

@@ -8,6 +8,7 @@ raises a :class:`realtime.errors.ProtocolError` leaf and nothing else.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import struct
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any, Final, Literal, TypeAlias
 
 import numpy as np
 import orjson
+from mypy_extensions import mypyc_attr
 
 from realtime.errors import BadFrame, BadMessage, Overloaded, RealtimeError, UnsupportedVersion
 
@@ -62,6 +64,7 @@ def _dims_size(ndim: int) -> int:
 
 
 # Not frozen: one is built per chunk, and a frozen dataclass's __init__ costs 3x a plain one's.
+@mypyc_attr(serializable=True)
 @dataclass(slots=True, eq=False)
 class Chunk:
     """One array of a stream, client to server. ``data`` is a read-only view of the frame."""
@@ -96,7 +99,7 @@ class ResultFrame:
 
 def _frame_key(f: Chunk | ResultFrame) -> tuple[Any, ...]:
     """What makes two frames equal: every field, arrays compared by dtype, shape and bytes."""
-    fields = tuple(getattr(f, name) for name in f.__slots__ if name != "data")
+    fields = tuple(getattr(f, x.name) for x in dataclasses.fields(f) if x.name != "data")
     return (*fields, f.data.dtype.str, f.data.shape, f.data.tobytes())
 
 
@@ -305,6 +308,7 @@ class GoingAway:
 
 
 # Not frozen: one is built per chunk, and a frozen dataclass's __init__ costs 3x a plain one's.
+@mypyc_attr(serializable=True)
 @dataclass(slots=True)
 class Timing:
     """Where a result's time went on the server, in milliseconds."""
@@ -315,6 +319,7 @@ class Timing:
 
 
 # Not frozen: one is built per chunk, and a frozen dataclass's __init__ costs 3x a plain one's.
+@mypyc_attr(serializable=True)
 @dataclass(slots=True, eq=False)
 class Result:
     """The model outputs for one chunk, in stream order.
@@ -348,6 +353,7 @@ class Result:
 
 
 # Not frozen: one is built per chunk, and a frozen dataclass's __init__ costs 3x a plain one's.
+@mypyc_attr(serializable=True)
 @dataclass(slots=True)
 class Event:
     """Something that happened in a stream (speech_start, note_on, ...), at client time ``t``."""

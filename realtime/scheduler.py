@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from realtime import errors
 from realtime.batching import BatchQueue, Entry, Policy, RunTimes
@@ -45,6 +46,7 @@ def new_histogram() -> list[int]:
     return [0] * len(LATENCY_BOUNDS_MS)
 
 
+@mypyc_attr(serializable=True)
 @dataclass(slots=True)
 class QueueStats:
     """What one model queue has done, for metrics: counters only ever grow. Histograms count
@@ -103,11 +105,12 @@ class _Slot:
 Deliver = Callable[[WorkItem, Outcome], None]
 
 
+@mypyc_attr(serializable=True)
 @dataclass(slots=True, eq=False)
 class _Running:
     """A batch handed to a worker thread, until it comes back or runs out of time."""
 
-    batch: list[Entry[None]]
+    batch: list[Entry]
     slot: _Slot
     started: float
     feeds: dict[str, np.ndarray[Any, Any]] | None = None
@@ -133,7 +136,7 @@ class ModelQueue:
         self.model = model
         self.stats = QueueStats()
         self.run_times = RunTimes(model.max_batch)
-        self._queue: BatchQueue[None] = BatchQueue(
+        self._queue: BatchQueue = BatchQueue(
             Policy(model.max_batch, model.max_delay_ms / 1000.0),
             self.run_times,
             stateful=bool(model.states),
@@ -225,7 +228,7 @@ class ModelQueue:
                     seq=item.seq,
                     reason="queue",
                 )
-        self._queue.push(Entry(item, None))
+        self._queue.push(Entry(item))
         self.stats.submitted += 1
         if self._free:
             self._dispatch()
@@ -277,7 +280,7 @@ class ModelQueue:
         self._timer, self._timer_at = None, math.inf
         self._dispatch()
 
-    def _start(self, batch: list[Entry[None]], slot: _Slot, started: float) -> None:
+    def _start(self, batch: list[Entry], slot: _Slot, started: float) -> None:
         """Gather a batch into its slot's buffers and hand it to a worker thread. The outcome
         comes back through ``call_soon_threadsafe``: no task, future wrapper or lock per batch."""
         model = self.model

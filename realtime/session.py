@@ -16,9 +16,11 @@ from enum import Enum
 from typing import Any
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from realtime import errors, events
 from realtime.audio import AUDIO_DTYPES, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, Rechunker
+from realtime.frozen import by_fields
 from realtime.models.repository import ModelRepository
 from realtime.models.spec import Model
 from realtime.protocol import (
@@ -88,8 +90,12 @@ class Limits:
             "resume_seconds": self.resume_seconds,
         }
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return by_fields(self)
+
 
 # Not frozen: one is built per chunk, and a frozen dataclass's __init__ costs 3x a plain one's.
+@mypyc_attr(serializable=True)
 @dataclass(slots=True)
 class Prediction:
     """A chunk's model outputs (aligned with ``Model.outputs``) and where its time went."""
@@ -103,6 +109,7 @@ class Prediction:
 Outcome = Prediction | errors.ServingError
 
 
+@mypyc_attr(serializable=True)
 @dataclass(slots=True, eq=False)
 class Gather:
     """An audio chunk's model windows on their way through the scheduler: one outcome each."""
@@ -118,6 +125,7 @@ class Gather:
 
 
 # Not frozen: one is built per chunk, and a frozen dataclass's __init__ costs 3x a plain one's.
+@mypyc_attr(serializable=True)
 @dataclass(slots=True)
 class Ready:
     """A chunk's outcome, waiting for earlier chunks' before it is sent."""
@@ -128,6 +136,7 @@ class Ready:
     segment_end: float | None = None
 
 
+@mypyc_attr(serializable=True)
 @dataclass(slots=True, eq=False)
 class Stream:
     """One open stream: its model binding, sequence position, recurrent state and ordering."""
@@ -178,6 +187,7 @@ class Stream:
     late: int = 0  # of which late (``AdmissionPolicy.late_ms``)
 
 
+@mypyc_attr(serializable=True)
 @dataclass(slots=True, eq=False)
 class WorkItem:
     """One model input on its way through the scheduler: a chunk, or one window of an audio
@@ -201,6 +211,7 @@ class Phase(Enum):
     OPEN = "open"
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class Session:
     """The pure state machine of one client connection."""
 

@@ -88,9 +88,12 @@ class Supervisor:
         self.peer_dir = Path()
 
     def _command(self, peer_dir: Path) -> list[str]:
-        # Flags given last win: the child serves one process on the reserved port.
+        # Flags given last win: the child serves one process on the reserved port. -P: the
+        # child imports the realtime this process runs (an installed, compiled one), not a
+        # checkout's sources that happen to be in the working directory.
         return [
             sys.executable,
+            "-P",
             "-m",
             "realtime",
             "serve",

@@ -39,7 +39,7 @@ class Queue:
         run_times: RunTimes | None = None,
     ) -> None:
         self.run_times = run_times or RunTimes(max_batch, prior=0.001)
-        self.q: BatchQueue[int] = BatchQueue(
+        self.q: BatchQueue = BatchQueue(
             Policy(max_batch, max_delay, margin=0.001), self.run_times, stateful
         )
         self.now = 0.0
@@ -47,19 +47,21 @@ class Queue:
 
     def push(
         self, s: Stream, seq: int = 0, deadline: float = 1.0, shape: tuple[int, ...] = (3,)
-    ) -> Entry[int]:
-        item = WorkItem(s, seq, 0.0, np.zeros(shape, np.float32), self.now, self.now + deadline)
-        entry = Entry(item, self.n)
+    ) -> Entry:
+        # The item's t is the order it was pushed in: what the tests check batches by.
+        t = float(self.n)
+        item = WorkItem(s, seq, t, np.zeros(shape, np.float32), self.now, self.now + deadline)
+        entry = Entry(item)
         self.n += 1
         self.q.push(entry)
         return entry
 
-    def cut(self, busy: set[Stream] | None = None) -> Cut[int]:
+    def cut(self, busy: set[Stream] | None = None) -> Cut:
         return self.q.cut(self.now, busy or set())
 
 
-def tokens(entries: list[Entry[int]]) -> list[int]:
-    return [e.token for e in entries]
+def tokens(entries: list[Entry]) -> list[int]:
+    return [int(e.item.t) for e in entries]
 
 
 def test_an_empty_queue_is_never_due() -> None:

@@ -55,7 +55,7 @@ async def run_streams(
     async def submit(i: int, seq: int) -> None:
         session = sessions[i // 8]  # 8 streams per session: round-robin across sessions too
         data = chunks[i][seq]
-        chunk = Chunk(i, seq, float(seq), data, deadline_ms=60_000.0)
+        chunk = Chunk(i, seq, float(seq), data, deadline_ms=60_000)
         items = session.accept(chunk, time.monotonic())
         if not items:
             collect(i, session.release(i))

@@ -15,9 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+from mypy_extensions import mypyc_attr
+
+from realtime.frozen import by_fields
 
 
 # Not frozen: one is built per chunk, and a frozen dataclass's __init__ costs 3x a plain one's.
+@mypyc_attr(serializable=True)
 @dataclass(slots=True)
 class Emitted:
     """An event a post-processor found: its name, client time (ms) and fields."""
@@ -47,8 +51,12 @@ class Timebase:
         """Where a window's first sample sits relative to its time (minus its context)."""
         return 0.0 if self.sample_rate is None else -1000.0 * self.context / self.sample_rate
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return by_fields(self)
+
 
 # Not frozen: one is built per chunk, and a frozen dataclass's __init__ costs 3x a plain one's.
+@mypyc_attr(serializable=True)
 @dataclass(slots=True)
 class Batch:
     """What one released chunk gives a processor chain.

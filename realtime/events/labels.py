@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from realtime.events import Batch, ConfigError, Emitted, Factory, Options, OutputInfo, Timebase
+from realtime.frozen import by_fields
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +28,9 @@ class LabelsConfig:
     threshold: float = 0.5
     debounce_ms: float = 200.0
     softmax: bool = False  # the output is logits: turn them into probabilities first
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return by_fields(self)
 
 
 def factory(table: Mapping[str, Any], outputs: list[OutputInfo], timebase: Timebase) -> Factory:
@@ -54,6 +59,7 @@ def factory(table: Mapping[str, Any], outputs: list[OutputInfo], timebase: Timeb
     return Factory(lambda options: LabelTracker(config))
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class LabelTracker:
     """One stream's announced label and the candidate that may replace it."""
 

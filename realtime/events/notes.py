@@ -23,8 +23,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from realtime.events import Batch, ConfigError, Emitted, Factory, Options, OutputInfo, Timebase
+from realtime.frozen import by_fields
 
 _NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 
@@ -53,6 +55,9 @@ class NotesConfig:
     min_note_ms: float = 120.0
     min_gap_ms: float = 25.0
     hold_semitones: float = 0.75  # midi: stay on a sounding note while this close to it
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return by_fields(self)
 
 
 def factory(table: Mapping[str, Any], outputs: list[OutputInfo], timebase: Timebase) -> Factory:
@@ -107,6 +112,7 @@ def factory(table: Mapping[str, Any], outputs: list[OutputInfo], timebase: Timeb
     return Factory(lambda options: NoteTracker(config))
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class NoteTracker:
     """One stream's sounding notes, fed one frame (all keys) at a time."""
 

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from realtime.events import Batch, ConfigError, Emitted, Factory, Options, OutputInfo, Timebase
+from realtime.frozen import by_fields
 
 #: Windows remembered before a segment is known to have begun (a speech start is confirmed
 #: ``min_speech_ms`` late) and at most held in one segment.
@@ -33,6 +35,9 @@ class SegmentsConfig:
     segment_by: str = "client"
     partial_ms: float = 0.0
     window_ms: float = 0.0
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return by_fields(self)
 
 
 def factory(table: Mapping[str, Any], outputs: list[OutputInfo], timebase: Timebase) -> Factory:
@@ -62,6 +67,7 @@ def factory(table: Mapping[str, Any], outputs: list[OutputInfo], timebase: Timeb
     return Factory(make, {"partial_ms": (0.0, 600_000.0)})
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class _History:
     """The windows a segment may still need: each one's time and chosen outputs, in growable
     arrays, no Python object per window (between utterances a stream holds up to
@@ -86,6 +92,10 @@ class _History:
             "lo": 0,
             "hi": hi - lo,
         }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
 
     def __len__(self) -> int:
         return self.hi - self.lo
@@ -129,6 +139,7 @@ class _History:
         self.lo += self.before(t)
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class Segments:
     """One stream's open segment: its windows' chosen outputs, and when a partial is due."""
 

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mypy_extensions import mypyc_attr
+
 from realtime.events import (
     Batch,
     ConfigError,
@@ -24,6 +26,7 @@ from realtime.events import (
     OutputInfo,
     Timebase,
 )
+from realtime.frozen import by_fields
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +41,9 @@ class SpeechConfig:
     pad_ms: float = 30.0
     index: int = 0  # which value of a window's output (flattened) is the probability
     window_ms: float = 20.0  # how long one window lasts
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return by_fields(self)
 
 
 def factory(table: Mapping[str, Any], outputs: list[OutputInfo], timebase: Timebase) -> Factory:
@@ -63,6 +69,7 @@ def factory(table: Mapping[str, Any], outputs: list[OutputInfo], timebase: Timeb
     return Factory(lambda options: SpeechActivity(config))
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
 class SpeechActivity:
     """One stream's voice-activity state: idle, maybe speech, speech, maybe silence."""
 
