@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from realtime import __version__, errors
+from realtime.config import usable_cores
 
 log = logging.getLogger("realtime")
 PR_SET_PDEATHSIG = 1  # prctl(2)
@@ -47,10 +48,7 @@ def stop_with_parent() -> None:
 
 def default_processes() -> int:
     """One per core this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+    return usable_cores()
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
