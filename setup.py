@@ -26,6 +26,7 @@ from setuptools import setup
 
 #: The modules a chunk goes through, from the bytes of its frame to its result's.
 COMPILED = [
+    "realtime/framing.py",
     "realtime/protocol.py",
     "realtime/connection.py",
     "realtime/session.py",

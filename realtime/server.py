@@ -38,7 +38,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import Event
 from websockets.protocol import State as WsState
 
-from realtime import __version__, errors, handoff, http11, store
+from realtime import __version__, errors, framing, handoff, http11, store
 from realtime.admission import Admission, Measurement, idle_seconds, median_late_share
 from realtime.auth import AuthFailed, Grant, check_origin, credential
 from realtime.config import Config, is_loopback
@@ -92,9 +92,11 @@ def load_models(config: Config) -> list[Model]:
 
 
 class _Socket(ServerConnection):
-    """websockets' server connection, each whole data message handed to ``on_message`` from
-    the parser as it arrives (no queue, future or task switch per message). Control frames,
-    keepalive and the closing handshake stay websockets' own.
+    """websockets' server connection, each whole data message handed to ``on_message`` as it
+    arrives (no queue, future or task switch per message). A whole binary message in one frame
+    (a chunk) is split off the bytes by :func:`framing.next_frame`; every other frame is handed
+    to websockets' parser whole, so that it stays at a frame's start: text, fragments, control
+    frames, keepalive, the closing handshake and protocol errors stay websockets' own.
 
     A burst (many messages in one read) is handed over :data:`BURST` at a time, one batch per
     turn of the event loop, with reading paused meanwhile: a client with a backlog does not hold
@@ -117,11 +119,37 @@ class _Socket(ServerConnection):
         #: or, from the backlog, when their turn came (a client's own burst and a hold for its
         #: rate do not age its chunks; the loop falling behind does).
         self.arrived = 0.0
+        self._rest = bytearray()  # the start of a frame not whole yet
+        self._need = 0  # the bytes _rest must hold before it is looked at again
 
     def data_received(self, data: bytes) -> None:
         self._budget = BURST
         self.arrived = self.loop.time()
-        super().data_received(data)
+        if self._rest:
+            self._rest += data
+            if len(self._rest) < self._need:
+                return
+            data, self._rest = bytes(self._rest), bytearray()
+        protocol = self.protocol
+        limit = protocol.max_message_size or 1 << 62
+        pos, size = 0, len(data)
+        while pos < size:
+            if (
+                protocol.state is not WsState.OPEN
+                or protocol.current_size is not None  # in a fragmented message
+                or protocol.reader.buffer  # a frame begun before the handshake ended
+            ):
+                super().data_received(data[pos:] if pos else data)
+                return
+            kind, frame, end = framing.next_frame(data, pos, limit)
+            if kind == framing.INCOMPLETE:
+                self._rest, self._need = bytearray(data[pos:]), end - pos
+                return
+            pos = end
+            if kind == framing.BINARY:
+                self._message(False, frame)
+            else:
+                super().data_received(frame)
 
     def process_event(self, event: Event) -> None:
         if self.request is None or not isinstance(event, Frame):
@@ -907,12 +935,10 @@ class Server:
         frames = conn.data_to_send()
         if not frames:
             return
+        out: list[bytes] = []
         for frame, is_text, _ in frames:
-            if is_text:
-                protocol.send_text(frame)
-            else:
-                protocol.send_binary(frame)
-        ws.send_data()
+            out += (framing.frame_head(len(frame), is_text), frame)
+        ws.transport.writelines(out)
 
     async def _flush_and_close(self, link: _Link) -> None:
         """Send what is queued, then close as going away (1001)."""

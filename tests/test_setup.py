@@ -23,6 +23,7 @@ _BUILT = shutil.ignore_patterns("*.so", "__pycache__")
 
 #: The tests of the compiled modules, and those that pickle their objects (resume, hand-off).
 TESTS = [
+    "tests/test_framing.py",
     "tests/test_protocol.py",
     "tests/test_connection.py",
     "tests/test_session.py",
