@@ -134,22 +134,19 @@ class _Socket(ServerConnection):
         limit = protocol.max_message_size or 1 << 62
         pos, size = 0, len(data)
         while pos < size:
-            if (
-                protocol.state is not WsState.OPEN
-                or protocol.current_size is not None  # in a fragmented message
-                or protocol.reader.buffer  # a frame begun before the handshake ended
-            ):
+            # The handshake, or bytes of a frame pipelined behind it: websockets' own.
+            if protocol.state is not WsState.OPEN or protocol.reader.buffer:
                 super().data_received(data[pos:] if pos else data)
                 return
-            kind, frame, end = framing.next_frame(data, pos, limit)
+            start = pos
+            kind, frame, pos = framing.next_frame(data, start, limit)
             if kind == framing.INCOMPLETE:
-                self._rest, self._need = bytearray(data[pos:]), end - pos
+                self._rest, self._need = bytearray(data[start:]), pos - start
                 return
-            pos = end
-            if kind == framing.BINARY:
+            if kind == framing.BINARY and protocol.current_size is None:
                 self._message(False, frame)
-            else:
-                super().data_received(frame)
+            else:  # whole, even inside a fragmented message: websockets stays at a frame's start
+                super().data_received(data[start:pos])
 
     def process_event(self, event: Event) -> None:
         if self.request is None or not isinstance(event, Frame):
