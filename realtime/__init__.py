@@ -9,8 +9,12 @@ __version__ = "0.1.0"
 def _warn_stale() -> None:
     """A module compiled in place (``REALTIME_COMPILE=1 pip install -e .``, setup.py) and
     edited since is imported compiled, old: say so rather than run code that is not the
-    source's."""
-    for so in Path(__file__).parent.glob("**/*.so"):
+    source's. Only in a checkout: an installed wheel's files carry the time they were unpacked,
+    in whatever order."""
+    package = Path(__file__).parent
+    if not (package.parent / "setup.py").exists():
+        return
+    for so in package.glob("**/*.so"):
         py = so.with_name(so.name.split(".", 1)[0] + ".py")
         if py.exists() and py.stat().st_mtime > so.stat().st_mtime:
             warnings.warn(

@@ -8,11 +8,14 @@ those modules, and the resume and hand-off tests that pickle their objects, agai
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
 import sysconfig
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -83,7 +86,10 @@ def test_the_compiled_build_passes_the_per_chunk_tests(tmp_path: Path) -> None:
         "    path = importlib.import_module(name).__file__\n"
         "    assert path.endswith('.so') and path.startswith(sys.argv[1]), (name, path)\n"
     )
-    subprocess.run([sys.executable, "-P", "-c", check, str(site)], env=env, check=True)
+    # -W error: an installed build imports without a warning (its files' times say nothing).
+    subprocess.run(
+        [sys.executable, "-P", "-W", "error", "-c", check, str(site)], env=env, check=True
+    )
     tests = subprocess.run(
         [
             sys.executable,
@@ -110,3 +116,50 @@ def _listed() -> list[str]:
     source = (REPO / "setup.py").read_text()
     block = source.split("COMPILED = [", 1)[1].split("]", 1)[0]
     return [line.strip().strip(",").strip('"') for line in block.splitlines() if line.strip()]
+
+
+def test_the_build_has_the_types_of_everything_the_compiled_modules_import() -> None:
+    """mypyc type-checks the compiled modules and what they import, inside pip's isolated build
+    environment, which holds only the build requirements: a typed package missing there fails
+    the compile (it did: framing.py's websockets), and `pip install .` falls back to pure
+    Python. So every third-party package those modules reach is a build requirement, or one
+    mypy is told to ignore (no types)."""
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    required = {
+        re.split(r"[<>=!;\[ ]", r, maxsplit=1)[0] for r in config["build-system"]["requires"]
+    }
+    provided = {name.lower().replace("-", "_") for name in required}
+    ignored = {
+        m.removesuffix(".*")
+        for override in config["tool"]["mypy"]["overrides"]
+        if override.get("ignore_missing_imports")
+        for m in override["module"]
+    }
+    provided |= {"mypy_extensions"}  # mypy's own dependency
+    seen: set[str] = set()
+    todo = [m.removesuffix(".py").replace("/", ".").removesuffix(".__init__") for m in _listed()]
+    reached: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        path = REPO / (name.replace(".", "/") + ".py")
+        if not path.exists():
+            path = REPO / name.replace(".", "/") / "__init__.py"
+        if not path.exists():
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module]
+            else:
+                continue
+            for imported in names:
+                if imported.split(".")[0] == "realtime":
+                    todo.append(imported)
+                elif imported.split(".")[0] not in sys.stdlib_module_names:
+                    reached.add(imported.split(".")[0])
+    missing = {m for m in reached if m not in provided and m not in ignored}
+    assert not missing, f"add to [build-system] requires in pyproject.toml: {sorted(missing)}"
