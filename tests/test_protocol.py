@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
+import tracemalloc
 from typing import Any
 
 import numpy as np
@@ -181,6 +182,21 @@ def test_json_results_send_non_finite_values_as_null() -> None:
     back = decode_text(wire)
     assert isinstance(back, Result)
     np.testing.assert_array_equal(back.outputs["y"], [1.0, np.nan, np.nan, np.nan])
+
+
+def test_encoded_frames_hold_no_more_memory_than_their_bytes() -> None:
+    # A session keeps its last frames for a resume: orjson's 4 KiB buffer behind a 100-byte
+    # result made that 40x the bytes counted against resume_buffer_bytes.
+    msg = Result(1, 2, 0.5, {"y": np.arange(4, dtype=np.float32)}, Timing(0.1, 0.2, 3))
+    for encode in (lambda: [encode_text(msg)], lambda: result_frames(msg)):
+        tracemalloc.start()
+        try:
+            kept = [encode() for _ in range(200)]
+            held = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        size = sum(len(frame) for frames in kept for frame in frames)
+        assert held < size + 200 * 250, (held, size)
 
 
 def test_chunk_payload_is_a_zero_copy_view() -> None:
