@@ -34,6 +34,8 @@ COMPILED = [
     "realtime/batching.py",
     "realtime/scheduler.py",
     "realtime/ratelimit.py",
+    "realtime/quotas.py",
+    "realtime/relay.py",
     "realtime/events/__init__.py",
     "realtime/events/speech.py",
     "realtime/events/segments.py",

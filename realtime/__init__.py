@@ -14,9 +14,12 @@ def _warn_stale() -> None:
     package = Path(__file__).parent
     if not (package.parent / "setup.py").exists():
         return
+    # A module's own .so is a shim, left as it was when only its code changed: the code is in
+    # the library that mypyc builds for all of them, beside the package.
+    shared = max((lib.stat().st_mtime for lib in package.parent.glob("*__mypyc*.so")), default=0)
     for so in package.glob("**/*.so"):
         py = so.with_name(so.name.split(".", 1)[0] + ".py")
-        if py.exists() and py.stat().st_mtime > so.stat().st_mtime:
+        if py.exists() and py.stat().st_mtime > max(so.stat().st_mtime, shared):
             warnings.warn(
                 f"{so} is older than {py.name} and runs its old code: rebuild it "
                 "(REALTIME_COMPILE=1 pip install -e .) or delete it",

@@ -23,7 +23,6 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
 from functools import partial
 from http import HTTPStatus
 from pathlib import Path
@@ -51,10 +50,11 @@ from realtime.oip_service import OipService
 from realtime.parking import Parking
 from realtime.protocol import Open
 from realtime.quotas import Quotas
+from realtime.relay import Link, Relay, Socket
 from realtime.reload import Reloader
 from realtime.routes import SERVER_NAME, Routes, load_static, response
 from realtime.scheduler import Scheduler
-from realtime.session import Outcome, Session, WorkItem
+from realtime.session import Session
 
 log = logging.getLogger("realtime")
 #: websockets refuses (and closes on) frames this many times over our own limit; below it, an
@@ -222,23 +222,7 @@ class _Socket(ServerConnection):
             self.on_writable()
 
 
-@dataclass(slots=True, eq=False)
-class _Link:
-    """One socket and the session it carries now (a resume swaps the session in)."""
-
-    ws: _Socket
-    conn: Connection
-    ip: str
-    key: str | None
-    flush_due: bool = False
-    closing: bool = False
-    faulted: bool = False  # an unexpected error was logged for this connection
-    #: While a resume is being looked up: messages that arrived meanwhile, in order.
-    held: list[tuple[bool, bytes]] | None = None
-    ended: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-def _too_big(ws: ServerConnection) -> bool:
+def _too_big(ws: Socket) -> bool:
     """Whether the server closed the connection (1009) for a frame it will never take: a resume
     would only have the client send it again, so the session ends."""
     sent = ws.protocol.close_sent
@@ -252,26 +236,36 @@ class Server:
         self.config = config
         self.models = load_models(config) if models is None else models
         self.repository = ModelRepository(self.models)
+        self.traffic = Traffic()
+        self._quotas = Quotas(config.limits, config.keys, config.max_connections)
+        #: The per-chunk path: messages to sessions and the scheduler, outcomes back, frames out.
+        self.relay = Relay(
+            self.traffic,
+            self._quotas,
+            late_ms=config.admission.late_ms,
+            shed_by_age=config.admission.enabled,
+            on_text=self._on_text,
+            elsewhere=lambda item, outcome: self.oip.deliver(item, outcome),
+            checkpoint=self._checkpoint,
+            check_drained=self._check_drained,
+        )
         self.scheduler = Scheduler(
             self.models,
             workers=config.workers,
             max_queue=config.max_queue,
             run_timeout=config.batch_timeout_seconds,
-            deliver=self._deliver,
+            deliver=self.relay.deliver,
         )
-        self.traffic = Traffic()
+        self.relay.scheduler = self.scheduler
         #: Every session with a socket, by session id.
-        self._links: dict[str, _Link] = {}
+        self._links: dict[str, Link] = self.relay.links
         #: Every session (with a socket or parked), by session id: where outcomes go.
-        self._conns: dict[str, Connection] = {}
+        self._conns: dict[str, Connection] = self.relay.conns
         self._metrics = Metrics(self.traffic, self.scheduler.snapshot, self._open_counts).registry()
         #: Whether a new session or stream is taken (realtime.admission), fed by _measure.
         self.admission = Admission(config.admission)
         self._metrics.register(AdmissionMetrics(self.admission, lambda: len(self._links)))
         self._measuring: asyncio.TimerHandle | None = None
-        #: Chunks past their deadline when the loop gets to them are refused (see _on_message).
-        self._shed_by_age = config.admission.enabled
-        self._late_ms = config.admission.late_ms
         self._lateness_due = 0.0  # loop time of the next lateness window's end
         self._clocks_due = 0.0  # loop time when the streams' clock minimums move on
         self.ready = False  # models warm and serving; false again once shutting down
@@ -282,7 +276,6 @@ class Server:
         self._poller: asyncio.Task[None] | None = None
         #: Set after each reload pass (tests and admins await it).
         self.reloaded = asyncio.Event()
-        self.draining = False  # shutting down: new chunks are refused, the rest answered
         self._drained = asyncio.Event()
         self._sessions_moved = asyncio.Event()  # set (and replaced) by _sessions_move
         self._catalog = orjson.dumps({"models": self.repository.catalog()})
@@ -298,13 +291,12 @@ class Server:
         self._store_tasks: set[asyncio.Task[None]] = set()
         self._checkpoint_writes: set[asyncio.Task[None]] = set()
         #: Sessions a hand-off waits on until none of their chunks is in flight, by session id.
-        self._quiet: dict[str, asyncio.Future[None]] = {}
+        self._quiet = self.relay.quiet
         #: Checked at the handshake, taken by the connection's handler.
         #: Weak: a handshake that fails after it was admitted leaves nothing behind.
         self._grants: weakref.WeakKeyDictionary[ServerConnection, Grant] = (
             weakref.WeakKeyDictionary()
         )
-        self._quotas = Quotas(config.limits, config.keys, config.max_connections)
         #: Sessions whose connection was lost, until they resume or expire.
         self.parking = Parking(config.limits.resume_seconds, self._expired)
         #: The Open Inference Protocol: REST on this port (the HTTP door), gRPC on --grpc-port.
@@ -319,6 +311,15 @@ class Server:
         )
         self._grpc: Any = None  # grpc.aio.Server, imported only when --grpc-port is given
         self.grpc_port: int | None = None
+
+    @property
+    def draining(self) -> bool:
+        """Shutting down: new chunks are refused, the rest answered."""
+        return self.relay.draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self.relay.draining = value
 
     @property
     def port(self) -> int:
@@ -437,7 +438,7 @@ class Server:
         for link in list(self._links.values()):
             token = link.conn.session.resume_token if hand_off else None
             link.conn.going_away(drain * 1000.0, token)
-            self._flush(link)
+            self.relay.flush(link)
         self._check_drained()
         try:
             await asyncio.wait_for(
@@ -741,12 +742,12 @@ class Server:
         key = None if grant is None else grant.key
         self._quotas.enter(ip, key, time.monotonic())
         conn = self._new_connection(grant, key)
-        link = _Link(ws, conn, ip, key)
+        link = Link(ws, conn, ip, key)
         self._attach(link)
         self.traffic.sessions_total += 1
         log.info("event=connect session=%s peer=%s key=%s", conn.session.id, ip, key or "-")
-        ws.on_message = lambda text, data: self._on_message(link, text, data)
-        ws.on_writable = lambda: self._flush(link)
+        ws.on_message = partial(self.relay.on_message, link)
+        ws.on_writable = partial(self.relay.flush, link)
         ws.take_backlog()  # what arrived before this handler took the connection
         watchdog = asyncio.get_running_loop().create_task(self._watch_idle(link))
         try:
@@ -756,12 +757,12 @@ class Server:
             ws.on_message = ws.on_writable = None
             self._end(link)
 
-    def _attach(self, link: _Link) -> None:
+    def _attach(self, link: Link) -> None:
         sid = link.conn.session.id
         self._links[sid] = link
         self._conns[sid] = link.conn
 
-    def _end(self, link: _Link) -> None:
+    def _end(self, link: Link) -> None:
         """The socket is gone: park its session for a resume, or end it."""
         conn, ws = link.conn, link.ws
         sid = conn.session.id
@@ -815,7 +816,7 @@ class Server:
         if self.draining:
             self._check_drained()
 
-    async def _watch_idle(self, link: _Link) -> None:
+    async def _watch_idle(self, link: Link) -> None:
         """Close the connection once it has sent nothing for ``idle_seconds``."""
         idle = self.config.limits.idle_seconds
         while True:
@@ -826,41 +827,7 @@ class Server:
                 return
             await asyncio.sleep(idle - quiet)  # until it could first be idle: a timer
 
-    def _on_message(self, link: _Link, text: bool, data: bytes) -> None:
-        """One whole message from the client, straight from websockets' parser."""
-        if link.held is not None:  # a resume is being looked up: after it, in order
-            link.held.append((text, data))
-            return
-        conn = link.conn
-        if conn.state is State.HANDED_OFF or conn.state is State.CLOSED:
-            return  # the next server process has this session now
-        now = time.monotonic()
-        try:
-            if text:
-                self._on_text(link, data)
-            else:
-                submit = self.scheduler.submit
-                # Its real age: since the loop read its bytes (or took it from the backlog).
-                age = now - link.ws.arrived if self._shed_by_age else 0.0
-                for item in conn.receive_binary(data, now, self.draining, age):
-                    try:
-                        submit(item)
-                    except errors.ServingError as e:
-                        self._deliver(item, e)
-        except Exception as e:  # a bug: this client gets a typed error, nobody else notices
-            if not link.faulted:
-                link.faulted = True  # one log line per connection, whatever the client sends
-                log.exception("event=internal_error session=%s", conn.session.id)
-            conn.error(errors.InternalError(f"the server failed on this message: {e!r}"[:300]))
-        size = len(data)
-        pause = conn.throttle(size, now, self._quotas.charge(link.ip, link.key, size, now))
-        if pause:
-            link.ws.hold(pause)
-        if not link.flush_due and conn.has_output:
-            link.flush_due = True
-            link.ws.loop.call_soon(self._flush, link)  # not get_running_loop: a getpid() a call
-
-    def _on_text(self, link: _Link, data: bytes) -> None:
+    def _on_text(self, link: Link, data: bytes) -> None:
         conn = link.conn
         try:
             message = data.decode()
@@ -873,80 +840,22 @@ class Server:
             task = asyncio.get_running_loop().create_task(self._resume(link, resume))
             task.add_done_callback(lambda _: self._release_held(link))
 
-    def _release_held(self, link: _Link) -> None:
+    def _release_held(self, link: Link) -> None:
         held, link.held = link.held or [], None
         for text, data in held:
-            self._on_message(link, text, data)
-        self._flush(link)
+            self.relay.on_message(link, text, data)
+        self.relay.flush(link)
 
-    def _deliver(self, item: WorkItem, outcome: Outcome) -> None:
-        """An item's outcome from the scheduler, to its session (parked ones included)."""
-        sid = item.stream.session
-        conn = self._conns.get(sid)
-        if conn is None:
-            self.oip.deliver(item, outcome)  # an Open Inference Protocol request's, or nobody's
-            return
-        now = time.monotonic()
-        stream = item.stream
-        self.traffic.outcome(stream.model.key, (now - item.received) * 1000.0)
-        gather = item.gather
-        if gather is not None:  # live audio: how late, by the stream's own clock
-            stream.answered += 1
-            clock = min(stream.clock_min, stream.clock_prev)
-            if now * 1000.0 - gather.media_ms - clock > self._late_ms:
-                stream.late += 1
-        conn.outcome(item, outcome)
-        if not conn.inflight:
-            quiet = self._quiet.pop(sid, None)
-            if quiet is not None and not quiet.done():
-                quiet.set_result(None)
-            if conn.checkpoint_due:
-                self._checkpoint(conn)
-        link = self._links.get(sid)
-        if link is not None and not link.flush_due and conn.has_output:
-            link.flush_due = True
-            link.ws.loop.call_soon(self._flush, link)
-        if self.draining:
-            self._check_drained()
-
-    def _flush(self, link: _Link) -> None:
-        """Write what the session has to send, in one go (unless the socket cannot take more:
-        then when it can)."""
-        link.flush_due = False
-        ws, conn = link.ws, link.conn
-        protocol = ws.protocol
-        if protocol.state is not WsState.OPEN or self._links.get(conn.session.id) is not link:
-            return
-        if conn.close_code is not None:
-            if not link.closing:
-                link.closing = True
-                for frame, is_text, _ in conn.data_to_send():  # a refusal's server_busy
-                    if is_text:
-                        protocol.send_text(frame)
-                    else:
-                        protocol.send_binary(frame)
-                asyncio.get_running_loop().create_task(ws.close(conn.close_code, conn.close_reason))
-            return
-        if ws.paused:
-            return  # the client does not read: it piles up in the outbox (shed there)
-        frames = conn.data_to_send()
-        if not frames:
-            return
-        out: list[bytes] = []
-        for frame, is_text, _ in frames:
-            out += (framing.frame_head(len(frame), is_text), frame)
-        ws.transport.writelines(out)
-
-    async def _flush_and_close(self, link: _Link) -> None:
+    async def _flush_and_close(self, link: Link) -> None:
         """Send what is queued, then close as going away (1001)."""
-        self._flush(link)
+        self.relay.flush(link)
         if link.conn.has_output and link.ws.protocol.state is WsState.OPEN:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(link.ws.drain(), 5.0)
-            self._flush(link)
+            self.relay.flush(link)
         await link.ws.close(1001, "server shutting down")
 
-    async def _resume(self, link: _Link, msg: Any) -> None:
+    async def _resume(self, link: Link, msg: Any) -> None:
         """Give the session ``msg.resume`` names to ``link``'s socket and send it what it
         missed; a typed error to ``link`` if it cannot be resumed. The session is parked here,
         or handed off by the previous server process."""

@@ -1,0 +1,199 @@
+"""The per-chunk glue between a client's socket, its session and the scheduler.
+
+A chunk's message goes from the socket's reader to :meth:`Relay.on_message` (its session turns
+it into work for the scheduler); its outcome comes back to :meth:`Relay.deliver` (to the
+session, wherever it is now), and what the session has to send is written by
+:meth:`Relay.flush`, once per loop iteration. These run once or twice per chunk, so they live
+here, compiled with the other per-chunk modules (see setup.py), and not in ``server.py``, which
+keeps the lifecycle, the handshake, text messages and resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from websockets.protocol import State as WsState
+
+from realtime import errors, framing
+from realtime.connection import Connection, State
+from realtime.metrics import Traffic
+from realtime.quotas import Quotas
+from realtime.scheduler import Scheduler
+from realtime.session import Outcome, WorkItem
+
+log = logging.getLogger("realtime")
+
+
+class Socket(Protocol):
+    """What is used of server.py's websockets connection (a ``ServerConnection``)."""
+
+    arrived: float  # loop time its current messages' bytes were read
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+    protocol: Any  # websockets' sans-I/O protocol
+    paused: bool  # the client does not read: writes wait
+
+    @property
+    def close_code(self) -> int | None: ...
+
+    def hold(self, seconds: float) -> None: ...
+
+    def send_data(self) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    async def close(self, code: int = 1000, reason: str = "") -> None: ...
+
+
+class Link:
+    """One socket and the session it carries now (a resume swaps the session in)."""
+
+    def __init__(self, ws: Socket, conn: Connection, ip: str, key: str | None) -> None:
+        self.ws = ws
+        self.conn = conn
+        self.ip = ip
+        self.key = key
+        self.flush_due = False
+        self.closing = False
+        self.faulted = False  # an unexpected error was logged for this connection
+        #: While a resume is being looked up: messages that arrived meanwhile, in order.
+        self.held: list[tuple[bool, bytes]] | None = None
+        self.ended = asyncio.Event()
+
+
+class Relay:
+    """Messages from sockets to sessions and the scheduler, outcomes back, frames out.
+
+    ``on_text`` takes text messages (the server's); ``elsewhere`` the outcomes of items of no
+    session here (Open Inference Protocol requests); ``checkpoint`` a session to checkpoint
+    now that none of its chunks is in flight; ``check_drained`` is called after each outcome
+    while the server drains. ``scheduler`` is set once the scheduler (which delivers here) is.
+    """
+
+    scheduler: Scheduler
+
+    def __init__(
+        self,
+        traffic: Traffic,
+        quotas: Quotas,
+        late_ms: float,
+        shed_by_age: bool,
+        on_text: Callable[[Link, bytes], None],
+        elsewhere: Callable[[WorkItem, Outcome], None],
+        checkpoint: Callable[[Connection], None],
+        check_drained: Callable[[], None],
+    ) -> None:
+        self.traffic = traffic
+        self.quotas = quotas
+        self.late_ms = late_ms
+        #: Chunks past their deadline when the loop gets to them are refused (their real age:
+        #: since the loop read their bytes).
+        self.shed_by_age = shed_by_age
+        self.on_text = on_text
+        self.elsewhere = elsewhere
+        self.checkpoint = checkpoint
+        self.check_drained = check_drained
+        #: Every session with a socket, by session id.
+        self.links: dict[str, Link] = {}
+        #: Every session (with a socket or parked), by session id: where outcomes go.
+        self.conns: dict[str, Connection] = {}
+        #: Sessions a hand-off waits on until none of their chunks is in flight, by session id.
+        self.quiet: dict[str, asyncio.Future[None]] = {}
+        self.draining = False  # shutting down: new chunks are refused, the rest answered
+
+    def on_message(self, link: Link, text: bool, data: bytes) -> None:
+        """One whole message from the client, straight from the socket's reader."""
+        if link.held is not None:  # a resume is being looked up: after it, in order
+            link.held.append((text, data))
+            return
+        conn = link.conn
+        if conn.state is State.HANDED_OFF or conn.state is State.CLOSED:
+            return  # the next server process has this session now
+        now = time.monotonic()
+        try:
+            if text:
+                self.on_text(link, data)
+            else:
+                scheduler = self.scheduler
+                # Its real age: since the loop read its bytes (or took it from the backlog).
+                age = now - link.ws.arrived if self.shed_by_age else 0.0
+                for item in conn.receive_binary(data, now, self.draining, age):
+                    try:
+                        scheduler.submit(item)
+                    except errors.ServingError as e:
+                        self.deliver(item, e)
+        except Exception as e:  # a bug: this client gets a typed error, nobody else notices
+            if not link.faulted:
+                link.faulted = True  # one log line per connection, whatever the client sends
+                log.exception("event=internal_error session=%s", conn.session.id)
+            conn.error(errors.InternalError(f"the server failed on this message: {e!r}"[:300]))
+        size = len(data)
+        pause = conn.throttle(size, now, self.quotas.charge(link.ip, link.key, size, now))
+        if pause:
+            link.ws.hold(pause)
+        if not link.flush_due and conn.has_output:
+            link.flush_due = True
+            link.ws.loop.call_soon(self.flush, link)  # not get_running_loop: a getpid() a call
+
+    def deliver(self, item: WorkItem, outcome: Outcome) -> None:
+        """An item's outcome from the scheduler, to its session (parked ones included)."""
+        stream = item.stream
+        sid = stream.session
+        conn = self.conns.get(sid)
+        if conn is None:
+            self.elsewhere(item, outcome)  # an Open Inference Protocol request's, or nobody's
+            return
+        now = time.monotonic()
+        self.traffic.outcome(stream.model.key, (now - item.received) * 1000.0)
+        gather = item.gather
+        if gather is not None:  # live audio: how late, by the stream's own clock
+            stream.answered += 1
+            clock = min(stream.clock_min, stream.clock_prev)
+            if now * 1000.0 - gather.media_ms - clock > self.late_ms:
+                stream.late += 1
+        conn.outcome(item, outcome)
+        if not conn.inflight:
+            quiet = self.quiet.pop(sid, None)
+            if quiet is not None and not quiet.done():
+                quiet.set_result(None)
+            if conn.checkpoint_due:
+                self.checkpoint(conn)
+        link = self.links.get(sid)
+        if link is not None and not link.flush_due and conn.has_output:
+            link.flush_due = True
+            link.ws.loop.call_soon(self.flush, link)
+        if self.draining:
+            self.check_drained()
+
+    def flush(self, link: Link) -> None:
+        """Write what the session has to send, in one go (unless the socket cannot take more:
+        then when it can)."""
+        link.flush_due = False
+        ws, conn = link.ws, link.conn
+        protocol = ws.protocol
+        if protocol.state is not WsState.OPEN or self.links.get(conn.session.id) is not link:
+            return
+        if conn.close_code is not None:
+            if not link.closing:
+                link.closing = True
+                for frame, is_text, _ in conn.data_to_send():  # a refusal's server_busy
+                    if is_text:
+                        protocol.send_text(frame)
+                    else:
+                        protocol.send_binary(frame)
+                asyncio.get_running_loop().create_task(ws.close(conn.close_code, conn.close_reason))
+            return
+        if ws.paused:
+            return  # the client does not read: it piles up in the outbox (shed there)
+        frames = conn.data_to_send()
+        if not frames:
+            return
+        out: list[bytes] = []
+        for frame, is_text, _ in frames:
+            out.append(framing.frame_head(len(frame), is_text))
+            out.append(frame)
+        ws.transport.writelines(out)
