@@ -36,6 +36,7 @@ COMPILED = [
     "realtime/ratelimit.py",
     "realtime/quotas.py",
     "realtime/relay.py",
+    "realtime/traffic.py",
     "realtime/events/__init__.py",
     "realtime/events/speech.py",
     "realtime/events/segments.py",

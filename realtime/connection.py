@@ -27,7 +27,6 @@ from typing import Final
 
 from realtime import errors
 from realtime.handoff import HandedOff
-from realtime.metrics import Traffic
 from realtime.protocol import (
     CLIENT_MESSAGES,
     Chunk,
@@ -47,6 +46,7 @@ from realtime.protocol import (
 )
 from realtime.ratelimit import TokenBucket
 from realtime.session import Outcome, Session, Stream, WorkItem
+from realtime.traffic import Traffic
 
 #: Kinds of outbox entries: RESULT (a result, or a
 #: chunk's deadline_exceeded) may be shed for a slow reader, NOTICE is the one unsent

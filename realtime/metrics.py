@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from bisect import bisect_left
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -23,35 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from realtime.admission import LAG_BOUNDS_MS, Admission
-from realtime.scheduler import LATENCY_BOUNDS_MS, QueueSnapshot, new_histogram
-
-
-@dataclass(slots=True)
-class Traffic:
-    """What crossed the server's sockets; counters only grow (gauges are read live)."""
-
-    sessions_total: int = 0
-    messages_in: int = 0
-    bytes_in: int = 0
-    messages_out: int = 0
-    bytes_out: int = 0
-    errors: dict[str, int] = field(default_factory=dict)  # by wire code
-    reloads: dict[str, int] = field(default_factory=dict)  # model versions added/removed/refused
-    resumes: dict[str, int] = field(default_factory=dict)  # sessions parked/resumed/expired/refused
-    #: Open Inference Protocol requests, by front door (``rest``, ``grpc``).
-    requests: dict[str, int] = field(default_factory=dict)
-    #: Per model key: server-side latency (chunk received -> its outcome queued to send), ms.
-    latency_ms: dict[str, list[int]] = field(default_factory=dict)
-    latency_sum_ms: dict[str, float] = field(default_factory=dict)
-
-    def outcome(self, model: str, ms: float) -> None:
-        """Count one chunk's server-side latency."""
-        hist = self.latency_ms.get(model)
-        if hist is None:
-            hist = self.latency_ms[model] = new_histogram()
-            self.latency_sum_ms[model] = 0.0
-        hist[bisect_left(LATENCY_BOUNDS_MS, ms)] += 1
-        self.latency_sum_ms[model] += ms
+from realtime.scheduler import LATENCY_BOUNDS_MS, QueueSnapshot
+from realtime.traffic import Traffic
 
 
 def _buckets(counts: list[int], scale: float = 0.001) -> list[tuple[str, float]]:

@@ -27,11 +27,11 @@ import numpy as np
 from realtime import __version__, errors, oip
 from realtime.auth import Grant, credential
 from realtime.config import Config
-from realtime.metrics import Traffic
 from realtime.models.repository import ModelRepository
 from realtime.models.spec import Model
 from realtime.scheduler import Scheduler
 from realtime.session import Outcome, Prediction, Stream, WorkItem
+from realtime.traffic import Traffic
 
 log = logging.getLogger("realtime")
 #: What a sequence's callback gets: the request's id, then its response or its error.

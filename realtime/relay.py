@@ -20,10 +20,10 @@ from websockets.protocol import State as WsState
 
 from realtime import errors, framing
 from realtime.connection import Connection, State
-from realtime.metrics import Traffic
 from realtime.quotas import Quotas
 from realtime.scheduler import Scheduler
 from realtime.session import Outcome, WorkItem
+from realtime.traffic import Traffic
 
 log = logging.getLogger("realtime")
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 from realtime import errors
 from realtime.config import Config
-from realtime.metrics import Traffic
 from realtime.models.repository import ModelRepository, load_model, versions
 from realtime.models.spec import Model, RuntimeOptions
 from realtime.scheduler import Scheduler
+from realtime.traffic import Traffic
 
 log = logging.getLogger("realtime")
 

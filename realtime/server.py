@@ -42,7 +42,7 @@ from realtime.admission import Admission, Measurement, idle_seconds, median_late
 from realtime.auth import AuthFailed, Grant, check_origin, credential
 from realtime.config import Config, is_loopback
 from realtime.connection import Connection, State
-from realtime.metrics import AdmissionMetrics, Metrics, Traffic, merge_expositions
+from realtime.metrics import AdmissionMetrics, Metrics, merge_expositions
 from realtime.models.repository import BUILTIN_DIR, ModelRepository, scan
 from realtime.models.spec import Model, RuntimeOptions
 from realtime.oip_rest import RestRoutes, status_of
@@ -55,6 +55,7 @@ from realtime.reload import Reloader
 from realtime.routes import SERVER_NAME, Routes, load_static, response
 from realtime.scheduler import Scheduler
 from realtime.session import Session
+from realtime.traffic import Traffic
 
 log = logging.getLogger("realtime")
 #: websockets refuses (and closes on) frames this many times over our own limit; below it, an

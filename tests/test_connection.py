@@ -15,10 +15,10 @@ import pytest
 
 from realtime import errors
 from realtime.connection import CLOSE_TOO_SLOW, CLOSE_TRY_AGAIN, TRANSITIONS, Connection, State
-from realtime.metrics import Traffic
 from realtime.models.repository import ModelRepository, scan
 from realtime.protocol import Chunk, Open, decode_frame, encode_frame
 from realtime.session import Limits, Prediction, Session, Stream, WorkItem
+from realtime.traffic import Traffic
 
 
 def connect(tiny_models: Path, max_outbox: int = 64, **limits: Any) -> Connection:
