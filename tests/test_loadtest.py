@@ -106,7 +106,7 @@ def test_the_side_by_side_table(tmp_path: Path) -> None:
     r = subprocess.run(
         [
             *(sys.executable, "-m", "loadtest.table", "--out", str(tmp_path)),
-            *("--points", "audio=2", "--targets", "echo", "--seconds", "1"),
+            *("--points", "audio=2", "--targets", "echo", "--seconds", "1", "--repeat", "2"),
             *("--capacity-steps-audio", "2", "--capacity-seconds", "1"),
             *("--server-cpus", "any", "--load-cpus", "any"),
         ],
@@ -122,6 +122,8 @@ def test_the_side_by_side_table(tmp_path: Path) -> None:
     assert (point["kind"], point["clients"], echo["offered"]) == ("audio", 2, 100)
     # CPU is read from /proc in 10 ms ticks: a starved echo's steady window can read 0.
     assert echo["lost"] == 0 and echo["server"]["cpu_us_per_chunk"] is not None
+    assert len(echo["cpu_us_per_chunk_rounds"]) == 2  # the cell shows the median round's
+    assert echo["server"]["cpu_us_per_chunk"] in echo["cpu_us_per_chunk_rounds"]
     assert [s["clients"] for s in report["capacity"]["audio"]["targets"]["echo"]["steps"]] == [2]
     table = (tmp_path / "table.md").read_text()
     assert "| speech_activity (20 ms chunks), 2 clients (100 chunks/s) |" in table
