@@ -73,6 +73,32 @@ def cell(s: dict[str, Any]) -> str:
     return "<br>".join(parts)
 
 
+def ratio_text(point: dict[str, Any]) -> str:
+    """realtime's CPU per chunk over the echo's at one load: of the median rounds, and (with
+    rounds) each round's own, whose median pairs runs a minute apart, not five."""
+    ours, echo = point["runs"]["realtime"], point["runs"]["echo"]
+    a, b = ours["server"]["cpu_us_per_chunk"], echo["server"]["cpu_us_per_chunk"]
+    if not a or not b:
+        return ""
+    text = (
+        f"{NAMES.get(point['kind'], point['kind'])}, {point['clients']} clients: **{a / b:.2f}x**"
+    )
+    pairs = list(
+        zip(
+            ours.get("cpu_us_per_chunk_rounds", []),
+            echo.get("cpu_us_per_chunk_rounds", []),
+            strict=True,
+        )
+    )
+    if pairs:
+        each = sorted(x / y for x, y in pairs if x and y)
+        text += (
+            f" (medians' ratio); round by round {', '.join(f'{r:.2f}' for r in each)}, "
+            f"median **{each[len(each) // 2]:.2f}x**"
+        )
+    return text
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The table as the issue lays it out: a row per load, a column per target."""
     targets = result["targets"]
@@ -100,16 +126,8 @@ def markdown(result: dict[str, Any]) -> str:
             + " | ".join(cell(runs[t]) for t in targets)
             + f" | {client} |"
         )
-    ratios = [
-        f"{NAMES.get(p['kind'], p['kind'])}, {p['clients']} clients: "
-        f"**{p['runs']['realtime']['server']['cpu_us_per_chunk'] / echo:.2f}x**"
-        for p in result["points"]
-        if "realtime" in p["runs"]
-        and "echo" in p["runs"]
-        and p["runs"]["realtime"]["server"]["cpu_us_per_chunk"]
-        and (echo := p["runs"]["echo"]["server"]["cpu_us_per_chunk"])
-    ]
-    if ratios:
+    ratios = [ratio_text(p) for p in result["points"] if {"realtime", "echo"} <= set(p["runs"])]
+    if any(ratios):
         lines += ["", "realtime's CPU per chunk against the echo's: " + "; ".join(ratios) + "."]
     for kind, cap in result.get("capacity", {}).items():
         lines += ["", *report.capacity_lines({**cap, "kind": NAMES.get(kind, kind)})]

@@ -175,10 +175,10 @@ class Rechunker:
 
     def _append_scaled(self, data: np.ndarray[Any, Any]) -> None:
         out = self._room(data.shape[0])
+        out[:] = data  # cast in place: a multiply from the integers would cast to a temporary
         if data.dtype == self._dtype:
-            out[:] = data
             return
-        np.multiply(data, self._scale, out=out, casting="same_kind")
+        np.multiply(out, self._scale, out=out)
         if self._unsigned:
             out -= 1.0
 

@@ -297,10 +297,13 @@ def _front_door(door: HttpDoor, base: type[C]) -> type[C]:
                 super().connection_made(self._transport)
                 # From here on the transport calls websockets' side straight away, not through
                 # this method: one Python frame less per read (set_protocol has the event loop
-                # look the method up again).
-                self.data_received = super().data_received  # type: ignore[method-assign]
+                # look the method up again), to the connection's own ``receive`` if it has one.
+                receive = cast(
+                    "Callable[[bytes], None]", getattr(self, "receive", super().data_received)
+                )
+                self.data_received = receive  # type: ignore[method-assign,assignment]
                 self._transport.set_protocol(self)
-                super().data_received(first)
+                receive(first)
             else:
                 door.take(self._transport, first)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -27,11 +28,14 @@ from realtime.traffic import Traffic
 
 log = logging.getLogger("realtime")
 
+#: Messages of one client handed over per turn of the event loop (see :class:`Reader`).
+BURST = 4
+
 
 class Socket(Protocol):
     """What is used of server.py's websockets connection (a ``ServerConnection``)."""
 
-    arrived: float  # loop time its current messages' bytes were read
+    reader: Reader
     loop: asyncio.AbstractEventLoop
     transport: asyncio.Transport
     protocol: Any  # websockets' sans-I/O protocol
@@ -40,8 +44,6 @@ class Socket(Protocol):
     @property
     def close_code(self) -> int | None: ...
 
-    def hold(self, seconds: float) -> None: ...
-
     def send_data(self) -> None: ...
 
     async def drain(self) -> None: ...
@@ -49,11 +51,126 @@ class Socket(Protocol):
     async def close(self, code: int = 1000, reason: str = "") -> None: ...
 
 
+class Reader:
+    """A client socket's reading side: each whole data message handed to ``on_message`` as it
+    arrives (no queue, future or task switch per message). A whole binary message in one frame
+    (a chunk) is split off the bytes by :func:`framing.next_frame`; every other frame goes to
+    websockets' parser (``parse``) whole, so that it stays at a frame's start: text, fragments,
+    control frames, keepalive, the closing handshake and protocol errors stay websockets' own,
+    and come back through :meth:`message`.
+
+    A burst (many messages in one read) is handed over :data:`BURST` at a time, one batch per
+    turn of the event loop, with reading paused meanwhile: a client with a backlog does not hold
+    the loop while batches wait to be collected and sent.
+    """
+
+    def __init__(self, ws: Any, parse: Callable[[bytes], None]) -> None:
+        self.ws = ws  # server.py's connection (its transport is set once it is connected)
+        self.protocol: Any = ws.protocol  # websockets' sans-I/O protocol
+        self.loop: asyncio.AbstractEventLoop = ws.loop
+        self.parse = parse
+        self.on_message: Callable[[bool, bytes], None] | None = None
+        self.budget = BURST  # messages still to hand over in this turn of the loop
+        #: Messages read but not handed over yet (a burst, or before the handler took over).
+        self.backlog: deque[tuple[bool, bytes]] = deque()
+        self.held_until = 0.0  # reading is paused until then (a client over its rate)
+        self.pump: asyncio.Handle | None = None  # hands the backlog over next, at pump_at
+        self.pump_at = 0.0
+        #: Loop time the messages now handed over reached the loop: when their bytes were read,
+        #: or, from the backlog, when their turn came (a client's own burst and a hold for its
+        #: rate do not age its chunks; the loop falling behind does).
+        self.arrived = 0.0
+        self.rest = bytearray()  # the start of a frame not whole yet
+        self.need = 0  # the bytes rest must hold before it is looked at again
+
+    def data_received(self, data: bytes) -> None:
+        self.budget = BURST
+        self.arrived = self.loop.time()
+        if self.rest:
+            self.rest += data
+            if len(self.rest) < self.need:
+                return
+            data, self.rest = bytes(self.rest), bytearray()
+        protocol = self.protocol
+        limit: int = protocol.max_message_size or 1 << 62
+        pos, size = 0, len(data)
+        while pos < size:
+            # The handshake, or bytes of a frame pipelined behind it: websockets' own.
+            if protocol.state is not WsState.OPEN or protocol.reader.buffer:
+                self.parse(data[pos:] if pos else data)
+                return
+            start = pos
+            kind, frame, pos = framing.next_frame(data, start, limit)
+            if kind == framing.INCOMPLETE:
+                self.rest, self.need = bytearray(data[start:]), pos - start
+                return
+            if kind == framing.BINARY and protocol.current_size is None:
+                self.message(False, frame)
+            else:  # whole, even inside a fragmented message: websockets stays at a frame's start
+                self.parse(data[start:pos])
+
+    def message(self, text: bool, data: bytes) -> None:
+        """One whole message: to ``on_message`` now, or to the backlog."""
+        on_message = self.on_message
+        if (
+            on_message is not None
+            and self.budget > 0
+            and not self.backlog
+            and self.loop.time() >= self.held_until
+        ):
+            self.budget -= 1
+            on_message(text, data)
+            return
+        self.backlog.append((text, data))
+        self.wait(self.held_until)
+
+    def wait(self, until: float) -> None:
+        """Stop reading; hand the backlog over from ``until`` (loop time) on."""
+        transport = self.ws.transport
+        if transport.is_closing():
+            return
+        transport.pause_reading()
+        pump = self.pump
+        if pump is not None:
+            if self.pump_at <= until:
+                return
+            pump.cancel()
+        self.pump_at = until
+        self.pump = self.loop.call_at(until, self.take_backlog)
+
+    def take_backlog(self) -> None:
+        """Hand over up to :data:`BURST` waiting messages (unless reading is held); then go on
+        on the next turn, or read again."""
+        self.pump = None
+        backlog = self.backlog
+        loop = self.loop
+        self.arrived = loop.time()
+        for _ in range(BURST):
+            on_message = self.on_message
+            if not backlog or on_message is None or loop.time() < self.held_until:
+                break
+            text, data = backlog.popleft()
+            on_message(text, data)
+        if self.on_message is None:
+            return
+        transport = self.ws.transport
+        if backlog or loop.time() < self.held_until:
+            self.wait(self.held_until)
+        elif not transport.is_closing():
+            transport.resume_reading()
+
+    def hold(self, seconds: float) -> None:
+        """Stop reading from this client for ``seconds`` (it is over its rate)."""
+        self.held_until = max(self.held_until, self.loop.time() + seconds)
+        self.wait(self.held_until)
+
+
 class Link:
     """One socket and the session it carries now (a resume swaps the session in)."""
 
     def __init__(self, ws: Socket, conn: Connection, ip: str, key: str | None) -> None:
         self.ws = ws
+        self.reader = ws.reader
         self.conn = conn
         self.ip = ip
         self.key = key
@@ -120,7 +237,7 @@ class Relay:
             else:
                 scheduler = self.scheduler
                 # Its real age: since the loop read its bytes (or took it from the backlog).
-                age = now - link.ws.arrived if self.shed_by_age else 0.0
+                age = now - link.reader.arrived if self.shed_by_age else 0.0
                 for item in conn.receive_binary(data, now, self.draining, age):
                     try:
                         scheduler.submit(item)
@@ -134,7 +251,7 @@ class Relay:
         size = len(data)
         pause = conn.throttle(size, now, self.quotas.charge(link.ip, link.key, size, now))
         if pause:
-            link.ws.hold(pause)
+            link.reader.hold(pause)
         if not link.flush_due and conn.has_output:
             link.flush_due = True
             link.ws.loop.call_soon(self.flush, link)  # not get_running_loop: a getpid() a call

@@ -21,7 +21,6 @@ import ssl
 import sys
 import time
 import weakref
-from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
 from http import HTTPStatus
@@ -37,7 +36,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import Event
 from websockets.protocol import State as WsState
 
-from realtime import __version__, errors, framing, handoff, http11, store
+from realtime import __version__, errors, handoff, http11, store
 from realtime.admission import Admission, Measurement, idle_seconds, median_late_share
 from realtime.auth import AuthFailed, Grant, check_origin, credential
 from realtime.config import Config, is_loopback
@@ -50,7 +49,7 @@ from realtime.oip_service import OipService
 from realtime.parking import Parking
 from realtime.protocol import Open
 from realtime.quotas import Quotas
-from realtime.relay import Link, Relay, Socket
+from realtime.relay import Link, Reader, Relay, Socket
 from realtime.reload import Reloader
 from realtime.routes import SERVER_NAME, Routes, load_static, response
 from realtime.scheduler import Scheduler
@@ -63,8 +62,6 @@ log = logging.getLogger("realtime")
 HARD_SIZE_FACTOR = 4
 #: Close code for a session that sent nothing for ``Limits.idle_seconds``.
 CLOSE_IDLE = 4001
-#: Messages of one client handed over per turn of the event loop (see :class:`_Socket`).
-BURST = 4
 #: Frames a checkpoint keeps to send again (the newest): what a connection lost when its process
 #: died may not have delivered. A bound on Redis traffic per session (docs/deploy.md).
 CHECKPOINT_FRAME_BYTES = 4 * 1024
@@ -93,129 +90,48 @@ def load_models(config: Config) -> list[Model]:
 
 
 class _Socket(ServerConnection):
-    """websockets' server connection, each whole data message handed to ``on_message`` as it
-    arrives (no queue, future or task switch per message). A whole binary message in one frame
-    (a chunk) is split off the bytes by :func:`framing.next_frame`; every other frame is handed
-    to websockets' parser whole, so that it stays at a frame's start: text, fragments, control
-    frames, keepalive, the closing handshake and protocol errors stay websockets' own.
-
-    A burst (many messages in one read) is handed over :data:`BURST` at a time, one batch per
-    turn of the event loop, with reading paused meanwhile: a client with a backlog does not hold
-    the loop while batches wait to be collected and sent.
-    """
+    """websockets' server connection, read by a :class:`realtime.relay.Reader`: each whole data
+    message goes to ``on_message`` as it arrives; chunks' frames are split off the bytes, every
+    other frame goes through websockets' parser."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.on_message: Callable[[bool, bytes], None] | None = None
         self.on_writable: Callable[[], None] | None = None
         self._parts: list[bytes] = []  # a fragmented message so far
         self._text = False
-        self._budget = BURST  # messages still to hand over in this turn of the loop
-        #: Messages read but not handed over yet (a burst, or before the handler took over).
-        self._backlog: deque[tuple[bool, bytes]] = deque()
-        self._held_until = 0.0  # reading is paused until then (a client over its rate)
-        self._pump: asyncio.Handle | None = None  # hands the backlog over next, at _pump_at
-        self._pump_at = 0.0
-        #: Loop time the messages now handed over reached the loop: when their bytes were read,
-        #: or, from the backlog, when their turn came (a client's own burst and a hold for its
-        #: rate do not age its chunks; the loop falling behind does).
-        self.arrived = 0.0
-        self._rest = bytearray()  # the start of a frame not whole yet
-        self._need = 0  # the bytes _rest must hold before it is looked at again
+        self.reader = Reader(self, super().data_received)
+        #: The fastest way in for bytes (the HTTP front door hands them on here).
+        self.receive = self.reader.data_received
 
     def data_received(self, data: bytes) -> None:
-        self._budget = BURST
-        self.arrived = self.loop.time()
-        if self._rest:
-            self._rest += data
-            if len(self._rest) < self._need:
-                return
-            data, self._rest = bytes(self._rest), bytearray()
-        protocol = self.protocol
-        limit = protocol.max_message_size or 1 << 62
-        pos, size = 0, len(data)
-        while pos < size:
-            # The handshake, or bytes of a frame pipelined behind it: websockets' own.
-            if protocol.state is not WsState.OPEN or protocol.reader.buffer:
-                super().data_received(data[pos:] if pos else data)
-                return
-            start = pos
-            kind, frame, pos = framing.next_frame(data, start, limit)
-            if kind == framing.INCOMPLETE:
-                self._rest, self._need = bytearray(data[start:]), pos - start
-                return
-            if kind == framing.BINARY and protocol.current_size is None:
-                self._message(False, frame)
-            else:  # whole, even inside a fragmented message: websockets stays at a frame's start
-                super().data_received(data[start:pos])
+        self.reader.data_received(data)
+
+    @property
+    def on_message(self) -> Callable[[bool, bytes], None] | None:
+        return self.reader.on_message
+
+    @on_message.setter
+    def on_message(self, handler: Callable[[bool, bytes], None] | None) -> None:
+        self.reader.on_message = handler
 
     def process_event(self, event: Event) -> None:
         if self.request is None or not isinstance(event, Frame):
             super().process_event(event)  # the handshake request
             return
         opcode = event.opcode
+        message = self.reader.message
         if opcode is Opcode.BINARY or opcode is Opcode.TEXT:
             if event.fin:
-                self._message(opcode is Opcode.TEXT, bytes(event.data))
+                message(opcode is Opcode.TEXT, bytes(event.data))
             else:
                 self._text, self._parts = opcode is Opcode.TEXT, [bytes(event.data)]
         elif opcode is Opcode.CONT:
             self._parts.append(bytes(event.data))
             if event.fin:
                 data, self._parts = b"".join(self._parts), []
-                self._message(self._text, data)
+                message(self._text, data)
         else:
             super().process_event(event)
-
-    def _message(self, text: bool, data: bytes) -> None:
-        on_message = self.on_message
-        if (
-            on_message is not None
-            and self._budget > 0
-            and not self._backlog
-            and self.loop.time() >= self._held_until
-        ):
-            self._budget -= 1
-            on_message(text, data)
-            return
-        self._backlog.append((text, data))
-        self._wait(self._held_until)
-
-    def _wait(self, until: float) -> None:
-        """Stop reading; hand the backlog over from ``until`` (loop time) on."""
-        if self.transport.is_closing():
-            return
-        self.transport.pause_reading()
-        if self._pump is not None:
-            if self._pump_at <= until:
-                return
-            self._pump.cancel()
-        self._pump_at = until
-        self._pump = self.loop.call_at(until, self.take_backlog)
-
-    def take_backlog(self) -> None:
-        """Hand over up to :data:`BURST` waiting messages (unless reading is held); then go on
-        on the next turn, or read again."""
-        self._pump = None
-        backlog = self._backlog
-        self.arrived = self.loop.time()
-        for _ in range(BURST):
-            on_message = self.on_message
-            if not backlog or on_message is None or self.loop.time() < self._held_until:
-                break
-            text, data = backlog.popleft()
-            on_message(text, data)
-        if self.on_message is None:
-            return
-        if backlog or self.loop.time() < self._held_until:
-            self._wait(self._held_until)
-        elif not self.transport.is_closing():
-            self.transport.resume_reading()
-
-    def hold(self, seconds: float) -> None:
-        """Stop reading from this client for ``seconds`` (it is over its rate)."""
-        self._held_until = max(self._held_until, self.loop.time() + seconds)
-        self._wait(self._held_until)
 
     def resume_writing(self) -> None:
         super().resume_writing()
@@ -749,7 +665,7 @@ class Server:
         log.info("event=connect session=%s peer=%s key=%s", conn.session.id, ip, key or "-")
         ws.on_message = partial(self.relay.on_message, link)
         ws.on_writable = partial(self.relay.flush, link)
-        ws.take_backlog()  # what arrived before this handler took the connection
+        ws.reader.take_backlog()  # what arrived before this handler took the connection
         watchdog = asyncio.get_running_loop().create_task(self._watch_idle(link))
         try:
             await ws.wait_closed()
