@@ -277,17 +277,21 @@ def parse_mix(args: argparse.Namespace) -> list[str]:
 
 
 def capacity(
-    targets: list[str], kind: str, steps: list[int], seconds: float, setup: Setup
+    targets: list[str], kind: str, steps: list[int], seconds: float, setup: Setup, tries: int = 1
 ) -> dict[str, Any]:
     """Per target, the most real-time clients of ``kind`` with >= 99 % of chunks answered within
-    BAR_MS of their due time: steps up until a step misses the bar."""
+    BAR_MS of their due time: steps up until a step misses the bar. With ``tries`` > 1 a step
+    holds only if every one of its runs does (on a shared machine one run of a step can pass
+    and the next, a minute later, miss by 15 points: such a step is past what the server
+    carries dependably)."""
     found: dict[str, Any] = {}
     # An overloaded step answers late for long: past a few seconds it is lost either way.
     setup = dataclasses.replace(setup, settle_seconds=min(setup.settle_seconds, 5.0))
     for target in targets:
         rows = []
         best = 0
-        for n in steps:
+        runs = [(n, k) for n in steps for k in range(tries)]
+        for n, k in runs:
             rec, server = run_target(target, [kind] * n, seconds, setup)
             s = report.summarize(rec, seconds, DEADLINE_MS)
             ok = s["within_50ms"] >= CAPACITY_SHARE
@@ -313,11 +317,13 @@ def capacity(
             )
             if not ok:
                 break
-            best = n
+            if k == tries - 1:  # every run of this step held
+                best = n
         found[target] = {"clients": best, "steps": rows}
     return {
         "kind": kind,
-        "bar": f">= {100 * CAPACITY_SHARE:g} % of chunks answered within {report.BAR_MS:g} ms",
+        "bar": f">= {100 * CAPACITY_SHARE:g} % of chunks answered within {report.BAR_MS:g} ms"
+        + (f", in each of {tries} runs of a step" if tries > 1 else ""),
         "targets": found,
     }
 

@@ -265,6 +265,9 @@ def main() -> None:
     )
     parser.add_argument("--capacity-steps", default="50,60,70,80,90,100,110,120,140,160,180,200")
     parser.add_argument("--capacity-seconds", type=float, default=8.0)
+    parser.add_argument(
+        "--capacity-tries", type=int, default=1, help="runs per capacity step; every one must hold"
+    )
     parser.add_argument("--runs", default="2x,4x,burst")
     parser.add_argument("--seconds", type=float, default=14.0, help="length of each run")
     parser.add_argument("--ramp", type=float, default=4.0, help="seconds over which clients arrive")
@@ -294,7 +297,9 @@ def main() -> None:
     if cap is None:  # without admission control: every client is taken
         off = dataclasses.replace(setup, server_args=(*setup.server_args, "--admit-load", "0"))
         steps = [int(s) for s in args.capacity_steps.split(",")]
-        search = capacity(["realtime"], args.kind, steps, args.capacity_seconds, off)
+        search = capacity(
+            ["realtime"], args.kind, steps, args.capacity_seconds, off, args.capacity_tries
+        )
         result["capacity_search"] = search
         cap = search["targets"]["realtime"]["clients"]
         if not cap:

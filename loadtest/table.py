@@ -213,6 +213,9 @@ def main() -> None:
         help="rounds of every target per load, in turn; a cell shows the median round's",
     )
     parser.add_argument("--capacity-seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--capacity-tries", type=int, default=1, help="runs per capacity step; every one must hold"
+    )
     parser.add_argument("--capacity-steps-audio", default=STEPS["audio"])
     parser.add_argument("--capacity-steps-vad", default=STEPS["vad"])
     add_setup_flags(parser)
@@ -257,7 +260,7 @@ def main() -> None:
             steps = [int(s) for s in getattr(args, f"capacity_steps_{kind}", "").split(",") if s]
             if steps:
                 result["capacity"][kind] = capacity(
-                    targets, kind, steps, args.capacity_seconds, setup
+                    targets, kind, steps, args.capacity_seconds, setup, args.capacity_tries
                 )
     result["machine"]["load_average_after"] = os.getloadavg()
     result["plots"] = plot(latencies, result, args.out)

@@ -1,11 +1,11 @@
 """The per-chunk glue between a client's socket, its session and the scheduler.
 
-A chunk's message goes from the socket's reader to :meth:`Relay.on_message` (its session turns
-it into work for the scheduler); its outcome comes back to :meth:`Relay.deliver` (to the
-session, wherever it is now), and what the session has to send is written by
-:meth:`Relay.flush`, once per loop iteration. These run once or twice per chunk, so they live
-here, compiled with the other per-chunk modules (see setup.py), and not in ``server.py``, which
-keeps the lifecycle, the handshake, text messages and resumes.
+A chunk's frame is split off the socket's bytes by its :class:`Reader`, and its message goes
+to :meth:`Relay.on_message` (its session turns it into work for the scheduler); its outcome
+comes back to :meth:`Relay.deliver` (to the session, wherever it is now), and what the session
+has to send is written by :meth:`Relay.flush`, once per loop iteration. These run once or twice
+per chunk, so they live here, compiled with the other per-chunk modules (see setup.py), and not
+in ``server.py``, which keeps the lifecycle, the handshake, text messages and resumes.
 """
 
 from __future__ import annotations
