@@ -91,8 +91,8 @@ def load_models(config: Config) -> list[Model]:
 
 class _Socket(ServerConnection):
     """websockets' server connection, read by a :class:`realtime.relay.Reader`: each whole data
-    message goes to ``on_message`` as it arrives; chunks' frames are split off the bytes, every
-    other frame goes through websockets' parser."""
+    message goes to the reader's ``on_message`` as it arrives; chunks' frames are split off the
+    bytes, every other frame goes through websockets' parser."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -105,14 +105,6 @@ class _Socket(ServerConnection):
 
     def data_received(self, data: bytes) -> None:
         self.reader.data_received(data)
-
-    @property
-    def on_message(self) -> Callable[[bool, bytes], None] | None:
-        return self.reader.on_message
-
-    @on_message.setter
-    def on_message(self, handler: Callable[[bool, bytes], None] | None) -> None:
-        self.reader.on_message = handler
 
     def process_event(self, event: Event) -> None:
         if self.request is None or not isinstance(event, Frame):
@@ -663,7 +655,7 @@ class Server:
         self._attach(link)
         self.traffic.sessions_total += 1
         log.info("event=connect session=%s peer=%s key=%s", conn.session.id, ip, key or "-")
-        ws.on_message = partial(self.relay.on_message, link)
+        ws.reader.on_message = partial(self.relay.on_message, link)
         ws.on_writable = partial(self.relay.flush, link)
         ws.reader.take_backlog()  # what arrived before this handler took the connection
         watchdog = asyncio.get_running_loop().create_task(self._watch_idle(link))
@@ -671,7 +663,7 @@ class Server:
             await ws.wait_closed()
         finally:
             watchdog.cancel()
-            ws.on_message = ws.on_writable = None
+            ws.reader.on_message = ws.on_writable = None
             self._end(link)
 
     def _attach(self, link: Link) -> None:
