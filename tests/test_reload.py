@@ -30,7 +30,9 @@ def scale_graph(factor: float) -> onnx.GraphProto:
 
 async def stream_until(client: Client, stop: asyncio.Event) -> tuple[str, list[object]]:
     """Send a chunk, read its result, until told to stop; then close and collect the rest."""
-    stream = await client.open("double")
+    # A deadline far past any stall of a busy CI machine: this test is about versions, and a
+    # chunk shed as late would read as a chunk the reload lost.
+    stream = await client.open("double", deadline_ms=10_000)
     version = stream.opened.version
     got: list[object] = []
     seq = 0
