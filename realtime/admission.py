@@ -30,10 +30,15 @@ SMOOTHING_SECONDS = 0.5
 #: Below this share of its bottleneck the server counts as idle: what it measures then says
 #: nothing of what a session costs, and lag then comes from other processes, not its sessions.
 IDLE_LOAD = 0.05
-#: Refusals a second the server takes in its stride. Each costs the event loop ~0.6 ms (a
-#: handshake, a hello, a close: measured), so 25 a second are ~1.5 % of a core; past that rate a
-#: refused client is told to wait proportionally longer, so that a crowd trying again spreads
-#: out instead of taking the admitted sessions' CPU.
+#: CPU seconds one new WebSocket connection costs the event loop and the kernel, admitted or
+#: refused (a handshake, a hello, a welcome or a refusal, a close: measured, see
+#: docs/scheduler.md). A crowd arriving at once spends this on every connection; taken for
+#: what streaming sessions cost, it made one session look several times dearer than it is, and
+#: the server refused most of the crowd while it had room.
+CONNECTION_COST = 0.0006
+#: Refusals a second the server takes in its stride: 25 a second are ~1.5 % of a core; past
+#: that rate a refused client is told to wait proportionally longer, so that a crowd trying
+#: again spreads out instead of taking the admitted sessions' CPU.
 CALM_REFUSALS = 25.0
 #: Time constant (seconds) of the smoothed refusal rate.
 REFUSAL_SMOOTHING_SECONDS = 2.0
@@ -136,6 +141,9 @@ class Admission:
         self.figures = AdmissionFigures()
         self._last: Measurement | None = None
         self.load = 0.0  # smoothed share of the bottleneck in use
+        #: The same, less what new connections cost (:data:`CONNECTION_COST`): what the
+        #: sessions streaming use, and so what one of them costs.
+        self.session_load = 0.0
         self.lag = 0.0  # smoothed event-loop lag, seconds
         self.last_lag = 0.0  # the newest lag measured, seconds (chunk ages add it)
         self._streaming = 0.0  # smoothed sessions streaming
@@ -143,6 +151,7 @@ class Admission:
         self._model_full: dict[str, bool] = {}  # its queue at queue_share of max_queue
         self.refusal_rate = 0.0  # smoothed refusals a second
         self._refusals = 0  # refusals since the last measurement
+        self._connections = 0  # new connections since the last measurement
         #: Median share of late results over live audio streams, last window (None: unknown).
         self.late_share: float | None = None
 
@@ -162,6 +171,7 @@ class Admission:
             return
         dt = m.now - last.now
         rate, self._refusals = self._refusals / dt, 0
+        churn, self._connections = self._connections * CONNECTION_COST / dt, 0
         self.refusal_rate += (1.0 - math.exp(-dt / REFUSAL_SMOOTHING_SECONDS)) * (
             rate - self.refusal_rate
         )
@@ -171,6 +181,9 @@ class Admission:
         if m.idle is not None and last.idle is not None:  # the cores' busy share, all users
             cpu_share = max(cpu_share, 1.0 - (m.idle - last.idle) / (dt * max(m.cores, 1)))
         self.load += a * (max(loop_share, cpu_share) - self.load)
+        cores = max(m.cores, 1)
+        streaming_share = max(loop_share - churn, cpu_share - churn / cores, 0.0)
+        self.session_load += a * (streaming_share - self.session_load)
         self.lag += a * (m.lag - self.lag)
         self._streaming += a * (m.streaming - self._streaming)
         for name, (busy, _, workers, _) in m.models.items():
@@ -178,6 +191,10 @@ class Admission:
             share = 0.0 if before is None else (busy - before[0]) / (dt * max(workers, 1))
             old = self._model_load.get(name, 0.0)
             self._model_load[name] = old + a * (share - old)
+
+    def connected(self) -> None:
+        """A new WebSocket connection arrived (admitted or not): its cost is not a session's."""
+        self._connections += 1
 
     def observe_lateness(self, share: float | None) -> None:
         """Take in the newest window's median share of late results (see
@@ -187,9 +204,9 @@ class Admission:
     @property
     def session_cost(self) -> float | None:
         """Share of the bottleneck one streaming session uses; None while unknown (idle)."""
-        if self.load < IDLE_LOAD or self._streaming < 0.5:
+        if self.session_load < IDLE_LOAD or self._streaming < 0.5:
             return None
-        return self.load / self._streaming
+        return self.session_load / self._streaming
 
     @property
     def capacity(self) -> float | None:

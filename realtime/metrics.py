@@ -232,6 +232,11 @@ class AdmissionMetrics(Collector):
             "realtime_load", "Smoothed share of the bottleneck (event loop or cores) in use", a.load
         )
         yield GaugeMetricFamily(
+            "realtime_session_load",
+            "The same, less what new connections cost: what streaming sessions use",
+            a.session_load,
+        )
+        yield GaugeMetricFamily(
             "realtime_late_share",
             "Median over live audio streams of the share of results sent late, last second (NaN "
             "while no live audio stream is measured)",

@@ -576,6 +576,7 @@ class Server:
     ) -> Response | Awaitable[Response] | None:
         """A plain GET (``ws`` None: one the HTTP door serves), or a handshake to check."""
         if ws is not None and request.headers.get("Upgrade", "").lower() == "websocket":
+            self.admission.connected()
             try:
                 self._admit(ws, request)
             except AuthFailed as e:
