@@ -176,12 +176,12 @@ class Admission:
             rate - self.refusal_rate
         )
         a = 1.0 - math.exp(-dt / SMOOTHING_SECONDS)
-        loop_share = (m.loop_cpu - last.loop_cpu) / dt
-        cpu_share = (m.process_cpu - last.process_cpu) / (dt * max(m.cores, 1))
-        if m.idle is not None and last.idle is not None:  # the cores' busy share, all users
-            cpu_share = max(cpu_share, 1.0 - (m.idle - last.idle) / (dt * max(m.cores, 1)))
-        self.load += a * (max(loop_share, cpu_share) - self.load)
         cores = max(m.cores, 1)
+        loop_share = (m.loop_cpu - last.loop_cpu) / dt
+        cpu_share = (m.process_cpu - last.process_cpu) / (dt * cores)
+        if m.idle is not None and last.idle is not None:  # the cores' busy share, all users
+            cpu_share = max(cpu_share, 1.0 - (m.idle - last.idle) / (dt * cores))
+        self.load += a * (max(loop_share, cpu_share) - self.load)
         streaming_share = max(loop_share - churn, cpu_share - churn / cores, 0.0)
         self.session_load += a * (streaming_share - self.session_load)
         self.lag += a * (m.lag - self.lag)

@@ -233,7 +233,8 @@ class AdmissionMetrics(Collector):
         )
         yield GaugeMetricFamily(
             "realtime_session_load",
-            "The same, less what new connections cost: what streaming sessions use",
+            "Smoothed share of the bottleneck streaming sessions use (realtime_load less what "
+            "new connections cost), what admission divides by the sessions",
             a.session_load,
         )
         yield GaugeMetricFamily(
