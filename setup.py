@@ -15,6 +15,13 @@ A compiled class is pickled (a session handed to another server) only if it says
 ``@mypyc_attr(serializable=True)`` on dataclasses, with ``allow_interpreted_subclasses=True`` on
 classes with their own ``__init__`` (without it mypyc's serializable classes skip ``__init__``),
 and ``__reduce__`` (:func:`realtime.frozen.by_fields`) on frozen dataclasses.
+
+The ``__init__`` that ``@dataclass`` writes is made at import and runs interpreted, even in a
+compiled class: 6-7x the cost of one written out, which mypyc compiles (about 0.4 against
+0.06 µs). The dataclasses built once or more per chunk (``WorkItem``, ``Prediction``, ``Result``
+and the like) therefore say ``init=False`` and write theirs (and so take
+``allow_interpreted_subclasses=True`` to stay picklable); together they were 14 % of the event
+loop's instructions per chunk.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ part of the server's cost that the hot-path work changes, beside the transport's
 
     python -m loadtest.hotpath_bench --streams 100 --seconds 5
     python -m loadtest.hotpath_bench --profile       # and print cProfile's top functions
+    python -m loadtest.hotpath_bench --models examples/models --model silero_vad --chunk-ms 32
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import gc
 import pstats
 import resource
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,11 +38,18 @@ from realtime.server import Server
 from realtime.session import Outcome, Session, WorkItem
 
 
-async def run(model: str, streams: int, seconds: float, binary: bool) -> dict[str, Any]:
-    """Offer ``streams`` real-time streams' worth of chunks (20 ms of 16 kHz int16 each, or
-    one tensor) as fast as the loop takes them, in rounds of one chunk per stream; the CPU
+async def run(
+    model: str,
+    streams: int,
+    seconds: float,
+    binary: bool,
+    models: tuple[Path, ...] = (),
+    chunk_ms: float = 20.0,
+) -> dict[str, Any]:
+    """Offer ``streams`` real-time streams' worth of chunks (``chunk_ms`` of 16 kHz int16 each,
+    or one tensor) as fast as the loop takes them, in rounds of one chunk per stream; the CPU
     seconds per chunk answered."""
-    server = Server(Config(port=0, warm_up=True, workers=2))
+    server = Server(Config(port=0, warm_up=True, workers=2, model_dirs=models))
     await asyncio.get_running_loop().run_in_executor(None, server.scheduler.warm_up)
     spec = server.repository.get(model)
     assert spec is not None
@@ -79,10 +88,10 @@ async def run(model: str, streams: int, seconds: float, binary: bool) -> dict[st
         conns_by_id[session.id] = conn
     rng = np.random.default_rng(0)
     if spec.kind == "audio":
-        payload = rng.integers(-3000, 3000, 320, np.int16)
+        payload = rng.integers(-3000, 3000, round(16 * chunk_ms), np.int16)
     else:
         payload = rng.normal(0, 0.1, spec.item_shape).astype(spec.input.dtype)
-    frames = [encode_frame(Chunk(1, seq, 20.0 * seq, payload)) for seq in range(4096)]
+    frames = [encode_frame(Chunk(1, seq, chunk_ms * seq, payload)) for seq in range(4096)]
     submit = server.scheduler.submit
     rounds = 0
     loop_cpu = 0.0
@@ -140,6 +149,10 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--binary", action="store_true", help="binary results")
+    parser.add_argument(
+        "--models", type=Path, action="append", default=[], help="a model folder (repeatable)"
+    )
+    parser.add_argument("--chunk-ms", type=float, default=20.0, help="audio per chunk")
     parser.add_argument("--profile", action="store_true", help="print cProfile's top lines")
     args = parser.parse_args()
     import uvloop
@@ -147,7 +160,9 @@ def main() -> None:
     profile = cProfile.Profile() if args.profile else None
     if profile is not None:
         profile.enable()
-    out = uvloop.run(run(args.model, args.streams, args.seconds, args.binary))
+    out = uvloop.run(
+        run(args.model, args.streams, args.seconds, args.binary, tuple(args.models), args.chunk_ms)
+    )
     if profile is not None:
         profile.disable()
         pstats.Stats(profile).sort_stats("tottime").print_stats(25)

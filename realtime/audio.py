@@ -30,15 +30,27 @@ MIN_SAMPLE_RATE: Final = 1000
 MAX_SAMPLE_RATE: Final = 384_000
 
 
-# Not frozen: one is built per chunk, and a frozen dataclass's __init__ costs 3x a plain one's.
-@mypyc_attr(serializable=True)
-@dataclass(slots=True)
+# Built per chunk: its own __init__, which mypyc compiles (see setup.py).
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
+@dataclass(slots=True, init=False)
 class Windows:
     """The model windows one client chunk completed (possibly none), in stream order."""
 
-    data: list[np.ndarray[Any, Any]]  # each ``context + chunk`` samples, owned by the caller
+    #: Each ``context + chunk`` samples: a view of the stream's buffer, which is never written
+    #: again where a window was cut (read them, do not write them).
+    data: list[np.ndarray[Any, Any]]
     t: np.ndarray[Any, Any]  # float64 ms: client time of each window's first new sample
-    segment_end: float | None = None  # client ms where the segment ended, if this chunk ended it
+    segment_end: float | None  # client ms where the segment ended, if this chunk ended it
+
+    def __init__(
+        self,
+        data: list[np.ndarray[Any, Any]],
+        t: np.ndarray[Any, Any],
+        segment_end: float | None = None,
+    ) -> None:
+        self.data = data
+        self.t = t
+        self.segment_end = segment_end
 
 
 def _resampler(in_rate: int, out_rate: int) -> soxr.ResampleStream | None:
@@ -51,7 +63,7 @@ def _resampler(in_rate: int, out_rate: int) -> soxr.ResampleStream | None:
 #: A re-chunker's attributes that a checkpoint keeps (not its buffer, scratch or resampler).
 _KEPT = (
     "in_rate", "out_rate", "chunk", "context", "window", "_scale", "_unsigned", "_dtype",
-    "_size", "_fill", "_next", "_segment_t", "_client_samples",
+    "_size", "_next", "_segment_t", "_client_samples",
 )  # fmt: skip
 
 
@@ -78,9 +90,13 @@ class Rechunker:
         self._unsigned = in_dtype == "uint8"
         self._dtype = np.dtype(np.float32) if out_dtype is None else out_dtype
         self._resampler = _resampler(in_rate, out_rate)
-        # [0, fill) holds the context of the next window, then samples not yet in a window.
+        # [start, fill) holds the context of the next window, then samples not yet in a window.
+        # Windows are views of the buffer: nothing before ``fill`` is ever written again, and
+        # when the buffer is full the samples held move to a new one (the old one lives on
+        # while windows cut from it wait for their batch).
         self._size = 2 * self.window + 4096  # what the buffer shrinks back to after a long chunk
         self._buf = np.zeros(self._size, self._dtype)
+        self._start = 0
         self._fill = context
         self._scratch = np.empty(0, np.float32)
         self._next = 0  # model samples of the segment that already opened a window
@@ -92,13 +108,15 @@ class Rechunker:
         second), nor the resampler, which cannot be pickled: a session handed to another
         server restarts its filter (a few ms of filter history are lost at the hand-off)."""
         state = {name: getattr(self, name) for name in _KEPT}
-        state["_held"] = self._buf[: self._fill].copy()
+        state["_held"] = held = self._buf[self._start : self._fill].copy()
+        state["_fill"] = held.shape[0]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         held = state.pop("_held", None)  # None: handed off by an older one, buffers and all
         state.setdefault("_size", 2 * state["window"] + 4096)  # handed off by an older one
         state.setdefault("_scratch", np.empty(0, np.float32))
+        state["_start"] = 0
         for name, value in state.items():
             setattr(self, name, value)
         if held is not None:
@@ -114,7 +132,7 @@ class Rechunker:
     @property
     def pending(self) -> int:
         """Model-rate samples waiting for the next window (beyond its context)."""
-        return self._fill - self.context
+        return self._fill - self._start - self.context
 
     def push(self, data: np.ndarray[Any, Any], t: float, end_of_segment: bool = False) -> Windows:
         """Add one client chunk (1-D, the stream's dtype) sent at client time ``t`` (ms).
@@ -134,7 +152,7 @@ class Rechunker:
         segment_end = None
         if end_of_segment:
             if self.pending > 0:
-                self._append(np.zeros(self.window - self._fill, self._dtype))
+                self._append(np.zeros(self.chunk - self.pending, self._dtype))
                 more, more_t = self._cut()
                 windows += more
                 times += more_t
@@ -145,7 +163,7 @@ class Rechunker:
             if self._resampler is not None:
                 self._resampler.clear()
         if self._buf.shape[0] > self._size:  # a long chunk grew it: give the memory back
-            self._buf = self._buf[: max(self._size, self._fill)].copy()
+            self._move(0)
         if self._scratch.shape[0] > self._size:
             self._scratch = np.empty(0, np.float32)
         return Windows(windows, np.array(times, np.float64), segment_end)
@@ -163,15 +181,21 @@ class Rechunker:
         return out
 
     def _room(self, n: int) -> np.ndarray[Any, Any]:
-        """A view of ``n`` free samples at the end of the buffer (grown if needed)."""
+        """A view of ``n`` free samples at the end of the buffer (a new buffer if it is full)."""
+        if self._fill + n > self._buf.shape[0]:
+            self._move(n)
         end = self._fill + n
-        if end > self._buf.shape[0]:
-            grown = np.zeros(max(end, 2 * self._buf.shape[0]), self._dtype)
-            grown[: self._fill] = self._buf[: self._fill]
-            self._buf = grown
         view = self._buf[self._fill : end]
         self._fill = end
         return view
+
+    def _move(self, room: int) -> None:
+        """Move the samples held to the start of a new buffer with ``room`` free samples after
+        them (at least the usual size): windows cut from the old one may still be waiting."""
+        held = self._fill - self._start
+        buf = np.empty(max(self._size, held + room), self._dtype)
+        buf[:held] = self._buf[self._start : self._fill]
+        self._buf, self._start, self._fill = buf, 0, held
 
     def _append_scaled(self, data: np.ndarray[Any, Any]) -> None:
         out = self._room(data.shape[0])
@@ -186,19 +210,16 @@ class Rechunker:
         self._room(samples.shape[0])[:] = samples
 
     def _cut(self) -> tuple[list[np.ndarray[Any, Any]], list[float]]:
-        """Copy out every full window; keep the last window's context and the rest."""
-        buf, size, hop = self._buf, self.window, self.chunk
+        """Every full window, as a view; the last window's context and the rest stay held."""
+        buf, size, hop, fill = self._buf, self.window, self.chunk, self._fill
         windows: list[np.ndarray[Any, Any]] = []
         times: list[float] = []
-        start = 0
+        start = self._start
         assert self._segment_t is not None
-        while self._fill - start >= size:
-            windows.append(buf[start : start + size].copy())
+        while fill - start >= size:
+            windows.append(buf[start : start + size])
             times.append(self._segment_t + 1000.0 * self._next / self.out_rate)
             self._next += hop
             start += hop
-        if start:
-            rest = self._fill - start
-            buf[:rest] = buf[start : self._fill]
-            self._fill = rest
+        self._start = start
         return windows, times

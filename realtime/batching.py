@@ -37,13 +37,18 @@ class Policy:
     margin: float = 0.001
 
 
-@mypyc_attr(serializable=True)
-@dataclass(slots=True, eq=False)
+# Built per chunk: its own __init__, which mypyc compiles (see setup.py).
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
+@dataclass(slots=True, eq=False, init=False)
 class Entry:
     """One queued item."""
 
     item: WorkItem
-    taken: bool = False
+    taken: bool
+
+    def __init__(self, item: WorkItem, taken: bool = False) -> None:
+        self.item = item
+        self.taken = taken
 
 
 class RunTimes:

@@ -63,9 +63,9 @@ def _dims_size(ndim: int) -> int:
     return (4 * ndim + 7) & ~7
 
 
-# Not frozen: one is built per chunk, and a frozen dataclass's __init__ costs 3x a plain one's.
-@mypyc_attr(serializable=True)
-@dataclass(slots=True, eq=False)
+# Built per chunk: its own __init__, which mypyc compiles (see setup.py).
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
+@dataclass(slots=True, eq=False, init=False)
 class Chunk:
     """One array of a stream, client to server. ``data`` is a read-only view of the frame."""
 
@@ -73,8 +73,24 @@ class Chunk:
     seq: int
     t: float
     data: np.ndarray[Any, Any]
-    deadline_ms: int = 0
-    flags: int = 0
+    deadline_ms: int
+    flags: int
+
+    def __init__(
+        self,
+        stream: int,
+        seq: int,
+        t: float,
+        data: np.ndarray[Any, Any],
+        deadline_ms: int = 0,
+        flags: int = 0,
+    ) -> None:
+        self.stream = stream
+        self.seq = seq
+        self.t = t
+        self.data = data
+        self.deadline_ms = deadline_ms
+        self.flags = flags
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Chunk) and _frame_key(self) == _frame_key(other)
@@ -307,9 +323,9 @@ class GoingAway:
     resume_token: str | None = None
 
 
-# Not frozen: one is built per chunk, and a frozen dataclass's __init__ costs 3x a plain one's.
-@mypyc_attr(serializable=True)
-@dataclass(slots=True)
+# Built per chunk: its own __init__, which mypyc compiles (see setup.py).
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
+@dataclass(slots=True, init=False)
 class Timing:
     """Where a result's time went on the server, in milliseconds."""
 
@@ -317,10 +333,15 @@ class Timing:
     infer_ms: float
     batch: int
 
+    def __init__(self, queue_ms: float, infer_ms: float, batch: int) -> None:
+        self.queue_ms = queue_ms
+        self.infer_ms = infer_ms
+        self.batch = batch
 
-# Not frozen: one is built per chunk, and a frozen dataclass's __init__ costs 3x a plain one's.
-@mypyc_attr(serializable=True)
-@dataclass(slots=True, eq=False)
+
+# Built per chunk: its own __init__, which mypyc compiles (see setup.py).
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
+@dataclass(slots=True, eq=False, init=False)
 class Result:
     """The model outputs for one chunk, in stream order.
 
@@ -333,7 +354,23 @@ class Result:
     t: float
     outputs: dict[str, np.ndarray[Any, Any]]
     timing: Timing
-    windows: np.ndarray[Any, Any] | None = None
+    windows: np.ndarray[Any, Any] | None
+
+    def __init__(
+        self,
+        stream: int,
+        seq: int,
+        t: float,
+        outputs: dict[str, np.ndarray[Any, Any]],
+        timing: Timing,
+        windows: np.ndarray[Any, Any] | None = None,
+    ) -> None:
+        self.stream = stream
+        self.seq = seq
+        self.t = t
+        self.outputs = outputs
+        self.timing = timing
+        self.windows = windows
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Result):
@@ -352,16 +389,24 @@ class Result:
         )
 
 
-# Not frozen: one is built per chunk, and a frozen dataclass's __init__ costs 3x a plain one's.
-@mypyc_attr(serializable=True)
-@dataclass(slots=True)
+# Built per chunk: its own __init__, which mypyc compiles (see setup.py).
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
+@dataclass(slots=True, init=False)
 class Event:
     """Something that happened in a stream (speech_start, note_on, ...), at client time ``t``."""
 
     stream: int
     event: str
     t: float
-    data: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any]
+
+    def __init__(
+        self, stream: int, event: str, t: float, data: dict[str, Any] | None = None
+    ) -> None:
+        self.stream = stream
+        self.event = event
+        self.t = t
+        self.data = {} if data is None else data
 
 
 @dataclass(frozen=True, slots=True)

@@ -94,9 +94,9 @@ class Limits:
         return by_fields(self)
 
 
-# Not frozen: one is built per chunk, and a frozen dataclass's __init__ costs 3x a plain one's.
-@mypyc_attr(serializable=True)
-@dataclass(slots=True)
+# Built per chunk: its own __init__, which mypyc compiles (see setup.py).
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
+@dataclass(slots=True, init=False)
 class Prediction:
     """A chunk's model outputs (aligned with ``Model.outputs``) and where its time went."""
 
@@ -105,12 +105,21 @@ class Prediction:
     infer_ms: float
     batch: int
 
+    def __init__(
+        self, outputs: list[np.ndarray[Any, Any]], queue_ms: float, infer_ms: float, batch: int
+    ) -> None:
+        self.outputs = outputs
+        self.queue_ms = queue_ms
+        self.infer_ms = infer_ms
+        self.batch = batch
+
 
 Outcome = Prediction | errors.ServingError
 
 
-@mypyc_attr(serializable=True)
-@dataclass(slots=True, eq=False)
+# Built per chunk: its own __init__, which mypyc compiles (see setup.py).
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
+@dataclass(slots=True, eq=False, init=False)
 class Gather:
     """An audio chunk's model windows on their way through the scheduler: one outcome each."""
 
@@ -121,19 +130,49 @@ class Gather:
     outcomes: list[Outcome | None]
     left: int
     #: The stream's media clock at the chunk's end (ms of audio the stream sent, see Stream).
-    media_ms: float = 0.0
+    media_ms: float
+
+    def __init__(
+        self,
+        seq: int,
+        t: float,
+        window_t: np.ndarray[Any, Any],
+        segment_end: float | None,
+        outcomes: list[Outcome | None],
+        left: int,
+        media_ms: float = 0.0,
+    ) -> None:
+        self.seq = seq
+        self.t = t
+        self.window_t = window_t
+        self.segment_end = segment_end
+        self.outcomes = outcomes
+        self.left = left
+        self.media_ms = media_ms
 
 
-# Not frozen: one is built per chunk, and a frozen dataclass's __init__ costs 3x a plain one's.
-@mypyc_attr(serializable=True)
-@dataclass(slots=True)
+# Built per chunk: its own __init__, which mypyc compiles (see setup.py).
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
+@dataclass(slots=True, init=False)
 class Ready:
     """A chunk's outcome, waiting for earlier chunks' before it is sent."""
 
     t: float
     outcome: Outcome
     windows: np.ndarray[Any, Any] | None  # audio: each window's client time (ms)
-    segment_end: float | None = None
+    segment_end: float | None
+
+    def __init__(
+        self,
+        t: float,
+        outcome: Outcome,
+        windows: np.ndarray[Any, Any] | None,
+        segment_end: float | None = None,
+    ) -> None:
+        self.t = t
+        self.outcome = outcome
+        self.windows = windows
+        self.segment_end = segment_end
 
 
 @mypyc_attr(serializable=True)
@@ -187,8 +226,9 @@ class Stream:
     late: int = 0  # of which late (``AdmissionPolicy.late_ms``)
 
 
-@mypyc_attr(serializable=True)
-@dataclass(slots=True, eq=False)
+# Built per chunk: its own __init__, which mypyc compiles (see setup.py).
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
+@dataclass(slots=True, eq=False, init=False)
 class WorkItem:
     """One model input on its way through the scheduler: a chunk, or one window of an audio
     chunk (then ``gather`` collects the chunk's windows into its one outcome)."""
@@ -199,9 +239,31 @@ class WorkItem:
     inputs: np.ndarray[Any, Any]  # the model's input for this item, without the batch axis
     received: float  # monotonic seconds when the frame arrived
     deadline: float  # monotonic seconds by which the result is due
-    end_of_segment: bool = False
-    gather: Gather | None = None
-    window: int = 0  # index among the chunk's windows
+    end_of_segment: bool
+    gather: Gather | None
+    window: int  # index among the chunk's windows
+
+    def __init__(
+        self,
+        stream: Stream,
+        seq: int,
+        t: float,
+        inputs: np.ndarray[Any, Any],
+        received: float,
+        deadline: float,
+        end_of_segment: bool = False,
+        gather: Gather | None = None,
+        window: int = 0,
+    ) -> None:
+        self.stream = stream
+        self.seq = seq
+        self.t = t
+        self.inputs = inputs
+        self.received = received
+        self.deadline = deadline
+        self.end_of_segment = end_of_segment
+        self.gather = gather
+        self.window = window
 
 
 class Phase(Enum):

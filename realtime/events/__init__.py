@@ -55,9 +55,9 @@ class Timebase:
         return by_fields(self)
 
 
-# Not frozen: one is built per chunk, and a frozen dataclass's __init__ costs 3x a plain one's.
-@mypyc_attr(serializable=True)
-@dataclass(slots=True)
+# Built per chunk: its own __init__, which mypyc compiles (see setup.py).
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)
+@dataclass(slots=True, init=False)
 class Batch:
     """What one released chunk gives a processor chain.
 
@@ -69,8 +69,20 @@ class Batch:
 
     t: np.ndarray[Any, Any]
     outputs: Mapping[str, np.ndarray[Any, Any]]
-    events: list[Emitted] = field(default_factory=list)
-    segment_end: float | None = None
+    events: list[Emitted]
+    segment_end: float | None
+
+    def __init__(
+        self,
+        t: np.ndarray[Any, Any],
+        outputs: Mapping[str, np.ndarray[Any, Any]],
+        events: list[Emitted] | None = None,
+        segment_end: float | None = None,
+    ) -> None:
+        self.t = t
+        self.outputs = outputs
+        self.events = [] if events is None else events
+        self.segment_end = segment_end
 
 
 class PostProcessor(Protocol):
