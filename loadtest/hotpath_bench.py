@@ -45,12 +45,17 @@ async def run(
     binary: bool,
     models: tuple[Path, ...] = (),
     chunk_ms: float = 20.0,
+    rounds_wanted: int = 0,
+    warm_up: bool = True,
+    deadline_ms: int = 0,
 ) -> dict[str, Any]:
     """Offer ``streams`` real-time streams' worth of chunks (``chunk_ms`` of 16 kHz int16 each,
-    or one tensor) as fast as the loop takes them, in rounds of one chunk per stream; the CPU
-    seconds per chunk answered."""
-    server = Server(Config(port=0, warm_up=True, workers=2, model_dirs=models))
-    await asyncio.get_running_loop().run_in_executor(None, server.scheduler.warm_up)
+    or one tensor) as fast as the loop takes them, in rounds of one chunk per stream, for
+    ``seconds`` (or ``rounds_wanted`` rounds); the CPU seconds per chunk answered. The streams
+    ask for ``deadline_ms`` (0: the model's)."""
+    server = Server(Config(port=0, warm_up=warm_up, workers=2, model_dirs=models))
+    if warm_up:
+        await asyncio.get_running_loop().run_in_executor(None, server.scheduler.warm_up)
     spec = server.repository.get(model)
     assert spec is not None
     conns: list[Connection] = []
@@ -80,10 +85,14 @@ async def run(
             opened |= {"dtype": "int16", "sample_rate": 16000}
         else:
             opened |= {"dtype": spec.input.dtype.name}
+        if deadline_ms:
+            opened["deadline_ms"] = deadline_ms
         if binary:
             opened["results"] = "binary"
         conn.receive_text(orjson.dumps(opened).decode())
-        conn.data_to_send()
+        sent = conn.data_to_send()
+        if 1 not in session.streams:
+            raise SystemExit(f"the stream was not opened: {sent}")
         conns.append(conn)
         conns_by_id[session.id] = conn
     rng = np.random.default_rng(0)
@@ -99,7 +108,7 @@ async def run(
     gc0 = gc.get_stats()
     start = time.monotonic()
     loop_cpu0 = time.thread_time()
-    while time.monotonic() - start < seconds:
+    while rounds < rounds_wanted if rounds_wanted else time.monotonic() - start < seconds:
         frame = frames[rounds % len(frames)]
         now = time.monotonic()
         for conn in conns:
@@ -153,6 +162,9 @@ def main() -> None:
         "--models", type=Path, action="append", default=[], help="a model folder (repeatable)"
     )
     parser.add_argument("--chunk-ms", type=float, default=20.0, help="audio per chunk")
+    parser.add_argument("--rounds", type=int, default=0, help="this many rounds, not --seconds")
+    parser.add_argument("--no-warm-up", action="store_true", help="skip the model warm-up")
+    parser.add_argument("--deadline-ms", type=int, default=0, help="the streams' deadline")
     parser.add_argument("--profile", action="store_true", help="print cProfile's top lines")
     args = parser.parse_args()
     import uvloop
@@ -161,7 +173,17 @@ def main() -> None:
     if profile is not None:
         profile.enable()
     out = uvloop.run(
-        run(args.model, args.streams, args.seconds, args.binary, tuple(args.models), args.chunk_ms)
+        run(
+            args.model,
+            args.streams,
+            args.seconds,
+            args.binary,
+            tuple(args.models),
+            args.chunk_ms,
+            args.rounds,
+            not args.no_warm_up,
+            args.deadline_ms,
+        )
     )
     if profile is not None:
         profile.disable()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
 
 import orjson
+import pytest
 
+from loadtest import hotpath_bench
 from tests.conftest import REPO
 
 #: The errors a busy machine may give a load run: chunks shed, typed (``dropped``: an audio
@@ -153,3 +156,16 @@ def test_the_open_inference_protocol_benchmark_drives_each_door(tmp_path: Path) 
         # On a busy machine some requests may be shed (typed); none may fail otherwise.
         assert run["answered"] > 0, (door, run)
         assert set(run["errors"]) <= {"deadline_exceeded", "overloaded"}, (door, run)
+
+
+def test_the_hot_path_bench_answers_every_chunk_of_a_fixed_number_of_rounds() -> None:
+    """The bench :mod:`loadtest.instructions` runs under callgrind: so many rounds, every chunk
+    answered (a stream that failed to open would make it measure only refusals)."""
+    out = asyncio.run(
+        hotpath_bench.run(
+            "speech_activity", 4, 0.0, False, rounds_wanted=3, warm_up=False, deadline_ms=60_000
+        )
+    )
+    assert out["chunks"] == out["frames_out"] == 12
+    with pytest.raises(SystemExit, match="not opened"):
+        asyncio.run(hotpath_bench.run("speech_activity", 1, 0.0, False, deadline_ms=600_000))
