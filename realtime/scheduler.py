@@ -396,7 +396,7 @@ class ModelQueue:
                 if states:
                     for k, spec in enumerate(states):
                         index = (slice(None),) * spec.batch_axis + (slice(i, i + 1),)
-                        it.stream.state[k][...] = new_states[k][index]  # np.copyto costs 3x
+                        it.stream.state[k][...] = new_states[k][index]  # 0.61 µs; np.copyto 0.84
                 queue_ms = (started - it.received) * 1000.0
                 queue_sum += queue_ms
                 queue_hist[bisect_left(LATENCY_BOUNDS_MS, queue_ms)] += 1
