@@ -78,6 +78,15 @@ class RunTimes:
                 return known[m] * n / m
         return self._prior
 
+    def best_per_item(self) -> float | None:
+        """The least run time per item over the measured batch sizes (seconds): what an item
+        costs once batches are large; None before any is measured."""
+        best = math.inf
+        for n, seconds in enumerate(self._seconds):
+            if n and seconds < best * n:  # NaN compares False
+                best = seconds / n
+        return None if best == math.inf else best
+
     def as_dict(self) -> dict[int, float]:
         """The measured sizes and their estimates (seconds)."""
         return {n: s for n, s in enumerate(self._seconds) if not math.isnan(s)}

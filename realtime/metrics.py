@@ -238,6 +238,12 @@ class AdmissionMetrics(Collector):
             a.session_load,
         )
         yield GaugeMetricFamily(
+            "realtime_batching_slack_cores",
+            "Smoothed CPU (cores) the model workers spend past what their items cost in large "
+            "batches: small batches' price, which more sessions fill; not counted as their cost",
+            a.batching_slack,
+        )
+        yield GaugeMetricFamily(
             "realtime_late_share",
             "Median over live audio streams of the share of results sent late, last second (NaN "
             "while no live audio stream is measured)",

@@ -62,6 +62,8 @@ class QueueStats:
     failures: int = 0
     queue_seconds: float = 0.0
     infer_seconds: float = 0.0
+    #: CPU seconds the worker threads spent running batches (``infer_seconds`` is wall time).
+    infer_cpu_seconds: float = 0.0
     batch_sizes: dict[int, int] = field(default_factory=dict)
     queue_ms: list[int] = field(default_factory=new_histogram)
     infer_ms: list[int] = field(default_factory=new_histogram)
@@ -118,7 +120,7 @@ class _Running:
     slot: _Slot
     started: float
     feeds: dict[str, np.ndarray[Any, Any]] | None = None
-    work: concurrent.futures.Future[tuple[list[np.ndarray[Any, Any]], float]] | None = None
+    work: concurrent.futures.Future[tuple[list[np.ndarray[Any, Any]], float, float]] | None = None
     timer: asyncio.TimerHandle | None = None
     timed_out: bool = False
 
@@ -200,8 +202,8 @@ class ModelQueue:
             feeds[model.input.name] = np.zeros([n, *model.item_shape], model.input.dtype)
             for spec in model.states:
                 feeds[spec.input] = np.concatenate([spec.initial] * n, axis=spec.batch_axis)
-            _, seconds = _timed_run(model, feeds)  # the first run of a size pays the set-up
-            _, seconds = _timed_run(model, feeds)
+            _timed_run(model, feeds)  # the first run of a size pays the set-up
+            _, seconds, _ = _timed_run(model, feeds)
             self.run_times.observe(n, seconds)
 
     def submit(self, item: WorkItem) -> None:
@@ -336,11 +338,11 @@ class ModelQueue:
         assert timer is not None and work is not None
         timer.cancel()
         try:
-            outputs, seconds = work.result()
+            outputs, seconds, cpu_seconds = work.result()
         except Exception as e:
             self._finish(running, e)
         else:
-            self._finish(running, None, outputs, seconds)
+            self._finish(running, None, outputs, seconds, cpu_seconds)
 
     def _timed_out(self, running: _Running) -> None:
         """A worker that hangs: give up on it, and on the buffers it reads."""
@@ -359,6 +361,7 @@ class ModelQueue:
         failure: BaseException | None,
         outputs: list[np.ndarray[Any, Any]] | None = None,
         infer_seconds: float = 0.0,
+        cpu_seconds: float = 0.0,
     ) -> None:
         model, batch, deliver = self.model, running.batch, self._deliver
         n = len(batch)
@@ -384,6 +387,7 @@ class ModelQueue:
             stats.batches += 1
             stats.items += n
             stats.infer_seconds += infer_seconds
+            stats.infer_cpu_seconds += cpu_seconds
             stats.batch_sizes[n] = stats.batch_sizes.get(n, 0) + 1
             infer_ms = infer_seconds * 1000.0
             stats.infer_ms[bisect_left(LATENCY_BOUNDS_MS, infer_ms)] += 1
@@ -455,11 +459,12 @@ def _check_batch(
 
 def _timed_run(
     model: Model, feeds: dict[str, np.ndarray[Any, Any]]
-) -> tuple[list[np.ndarray[Any, Any]], float]:
-    """Run one batch in a worker thread; returns the outputs and the seconds it took."""
-    t0 = time.perf_counter()
+) -> tuple[list[np.ndarray[Any, Any]], float, float]:
+    """Run one batch in a worker thread; returns the outputs, the seconds it took and the CPU
+    seconds the thread spent on it."""
+    t0, c0 = time.perf_counter(), time.thread_time()
     outputs = model.runner.run(feeds)
-    return outputs, time.perf_counter() - t0
+    return outputs, time.perf_counter() - t0, time.thread_time() - c0
 
 
 class Scheduler:

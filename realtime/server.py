@@ -519,17 +519,14 @@ class Server:
         loop = asyncio.get_running_loop()
         now = loop.time()
         models: dict[str, tuple[float, int, int, int]] = {}
+        runs: dict[str, tuple[float, int, float | None]] = {}
         workers, max_queue = self.config.workers, self.config.max_queue
         cpus = os.sched_getaffinity(0)
-        for queue in self.scheduler.queues.values():
-            name = queue.model.name
+        for key, queue in self.scheduler.queues.items():
+            name, stats = queue.model.name, queue.stats
             busy, depth, _, _ = models.get(name, (0.0, 0, 0, 0))
-            models[name] = (
-                busy + queue.stats.infer_seconds,
-                depth + queue.depth,
-                workers,
-                max_queue,
-            )
+            models[name] = (busy + stats.infer_seconds, depth + queue.depth, workers, max_queue)
+            runs[key] = (stats.infer_cpu_seconds, stats.items, queue.run_times.best_per_item())
         self.admission.observe(
             Measurement(
                 now,
@@ -540,6 +537,7 @@ class Server:
                 sum(1 for link in self._links.values() if link.conn.session.streams),
                 models,
                 _confined_idle(cpus),
+                runs,
             )
         )
         if now >= self._lateness_due:

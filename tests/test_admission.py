@@ -214,6 +214,7 @@ async def test_a_full_server_refuses_hello_with_server_busy_then_closes(
     assert samples[("realtime_admitted_total", (("what", "session"),))] == 1.0
     assert samples[("realtime_load", ())] == pytest.approx(0.4, abs=0.05)
     assert samples[("realtime_session_load", ())] == pytest.approx(0.4, abs=0.05)
+    assert samples[("realtime_batching_slack_cores", ())] == 0.0  # measured without worker runs
     assert samples[("realtime_headroom_sessions", ())] == pytest.approx(0.25, abs=0.1)
     assert ("realtime_loop_lag_seconds_count", ()) in samples
 
@@ -254,6 +255,51 @@ def test_a_crowd_of_refused_clients_is_told_to_wait_longer() -> None:
     server.run(20.0)  # nobody knocks for a while: back to the policy's wait
     calm = admission.admit_session(80)
     assert isinstance(calm, errors.ServerBusy) and calm.retry_after_ms == 1000.0
+
+
+def test_small_batches_cost_of_a_model_does_not_count_as_what_sessions_cost() -> None:
+    # Pinned to one core: 60 streams of 31.25 chunks a second each, whose model costs 100 us an
+    # item in large batches, but 200 in the small ones it runs at this load. The loop costs
+    # 0.4 of the core whatever the batches. The workers' extra 0.1875 of the core is the price
+    # of small batches, and it does not grow with the streams: more fill the batches instead.
+    items_per_s, best, actual, loop = 60 * 31.25, 0.0001, 0.0002, 0.4
+
+    def run(admission: Admission, runs: bool) -> None:
+        now = cpu = workers = 0.0
+        items = 0
+        for _ in range(100):  # 5 s, measured every 50 ms
+            now += 0.05
+            items += round(items_per_s * 0.05)
+            workers += 0.05 * items_per_s * actual
+            cpu = loop * now + workers
+            report = {"vad@1": (workers, items, best)} if runs else {}
+            admission.observe(Measurement(now, 0.0, loop * now, cpu, 1, 60, {}, None, report))
+
+    counted = Admission(AdmissionPolicy(target_load=0.8))
+    run(counted, runs=False)
+    assert counted.load == pytest.approx(0.775, abs=0.01)
+    assert counted.capacity == pytest.approx(0.8 / (0.775 / 60), rel=0.02)  # 62: refuses the 63rd
+    seen = Admission(AdmissionPolicy(target_load=0.8))
+    run(seen, runs=True)
+    assert seen.load == pytest.approx(0.775, abs=0.01)  # the gross load (lag, lateness) stays
+    assert seen.batching_slack == pytest.approx(0.1875, abs=0.01)
+    assert seen.capacity == pytest.approx(0.8 / (0.5875 / 60), rel=0.02)  # 82
+    assert seen.full(70) is None and counted.full(70) == "load"
+
+
+def test_a_model_at_its_best_time_per_item_has_no_batching_slack() -> None:
+    admission = Admission(AdmissionPolicy(target_load=0.8))
+    now = workers = 0.0
+    items = 0
+    for _ in range(100):
+        now += 0.05
+        items += 100
+        workers += 100 * 0.0001 * 0.95  # CPU time a little under the wall-time best
+        cpu = 0.3 * now + workers
+        runs = {"vad@1": (workers, items, 0.0001), "new@1": (0.0, 0, None)}
+        admission.observe(Measurement(now, 0.0, 0.3 * now, cpu, 1, 50, {}, None, runs))
+    assert admission.batching_slack == 0.0
+    assert admission.session_load == pytest.approx(0.49, abs=0.01)
 
 
 def test_the_cores_idle_time_counts_what_the_process_itself_does_not_see() -> None:

@@ -116,6 +116,17 @@ def test_run_times_follow_the_measurements() -> None:
     assert run_times.as_dict() == {2: pytest.approx(0.003)}
 
 
+def test_the_best_time_per_item_is_the_least_over_the_measured_sizes() -> None:
+    run_times = RunTimes(64)
+    assert run_times.best_per_item() is None
+    run_times.observe(1, 0.000270)  # silero VAD: a fixed cost per run, then ~100 us an item
+    assert run_times.best_per_item() == pytest.approx(0.000270)
+    run_times.observe(16, 0.0016)
+    run_times.observe(64, 0.0064)
+    run_times.observe(4, 0.000430)
+    assert run_times.best_per_item() == pytest.approx(0.0001)
+
+
 def test_items_of_different_shapes_never_share_a_batch() -> None:
     queue = Queue(max_batch=4, max_delay=0.0)
     s = stream()

@@ -27,7 +27,11 @@ Outputs = list[dict[str, np.ndarray[Any, Any]]]
 
 
 async def run_streams(
-    models: list[Model], name: str, chunks: list[list[np.ndarray[Any, Any]]], together: bool
+    models: list[Model],
+    name: str,
+    chunks: list[list[np.ndarray[Any, Any]]],
+    together: bool,
+    used: list[Scheduler] | None = None,
 ) -> tuple[list[Outputs], int]:
     """Feed each stream its chunks through sessions and one scheduler; every result's outputs
     per stream, and the largest batch seen. ``together``: all streams' chunks are queued before
@@ -36,6 +40,8 @@ async def run_streams(
     repo = ModelRepository(models)
     outcomes = Outcomes()
     scheduler = Scheduler(models, workers=2, max_queue=1_000_000, deliver=outcomes.deliver)
+    if used is not None:
+        used.append(scheduler)
     model = repo.get(name)
     assert model is not None
     dtype = "float32" if model.kind == "audio" else model.input.dtype.name
@@ -174,6 +180,21 @@ async def test_builtin_models_batched_match_each_stream_run_alone(name: str) -> 
     alone, one = await run_streams(models, name, chunks, together=False)
     assert biggest > 4 and one == 1
     assert_same(batched, alone)
+
+
+async def test_a_batch_counts_the_wall_and_cpu_time_its_worker_spent() -> None:
+    """Admission subtracts what small batches cost past the model's best time per item (see
+    realtime.admission._batching_slack): it needs the workers' CPU time, and the best."""
+    models = scan(BUILTIN_DIR)
+    chunks = builtin_chunks(ModelRepository(models).get("pose"), 16, 8)  # type: ignore[arg-type]
+    used: list[Scheduler] = []
+    await run_streams(models, "pose", chunks, together=True, used=used)
+    queue = used[0].queues["pose@1"]
+    stats = queue.stats
+    assert stats.items == 16 * 8
+    assert 0.0 < stats.infer_cpu_seconds <= stats.infer_seconds * 1.05 + 0.001
+    best = queue.run_times.best_per_item()
+    assert best is not None and 0.0 < best <= max(queue.run_times.as_dict().values())
 
 
 async def test_a_batch_leaves_no_reference_cycle_for_the_garbage_collector() -> None:
