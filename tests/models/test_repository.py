@@ -46,6 +46,20 @@ def test_default_version_is_the_highest(tmp_path: Path) -> None:
     assert repo.get("double", "3") is None and repo.get("nope") is None
 
 
+def test_the_catalog_is_built_once_and_again_after_a_change(tmp_path: Path) -> None:
+    for v in ("1", "2"):
+        write_model(tmp_path, "double", double_graph(), version=v)
+    models = scan(tmp_path)
+    repo = ModelRepository(models[:1])
+    first = repo.catalog()
+    assert repo.catalog() is first  # every welcome lists it: not rebuilt per session
+    repo.add(models[1])
+    added = repo.catalog()
+    assert [(m["version"], m["default"]) for m in added] == [("1", False), ("2", True)]
+    repo.remove("double", "2")
+    assert [(m["version"], m["default"]) for m in repo.catalog()] == [("1", True)]
+
+
 @pytest.mark.parametrize(
     ("toml", "fragment"),
     [
