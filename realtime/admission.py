@@ -95,8 +95,9 @@ class Measurement:
     #: short of 1 (the kernel's network work takes the rest), and a target above that share
     #: would admit sessions without end; the core's idle time goes to 0 either way.
     idle: float | None = None
-    #: Per model name: (its worker threads' CPU seconds running batches so far, items run so
-    #: far, the least run time per item over its batch sizes, seconds, or None: unknown).
+    #: Per model version (its queue's key): (its worker threads' CPU seconds running batches
+    #: so far, items run so far, the least run time per item over its batch sizes, seconds, or
+    #: None: unknown).
     runs: dict[str, tuple[float, int, float | None]] = field(default_factory=dict)
 
 
@@ -136,11 +137,12 @@ def _batching_slack(
     A model with a fixed cost per run (silero VAD here: 270 µs for 1 item, ~100 per item from 4
     on) runs small batches while few sessions stream, and every batch pays that cost again. That
     CPU is real, but it does not grow with the sessions: more sessions fill the batches instead.
-    Counted as what sessions cost, it made one look half again as dear as it is (a server pinned
-    to one core read 0.8 busy at 60 silero streams, where 100 fit), and admission refused
-    clients the server had room for. The least time per item is wall time (the workers' run
-    times, :class:`realtime.batching.RunTimes`), never less than the CPU time: the slack is
-    never overstated."""
+    Counted as what sessions cost, it made one look a third again as dear as it is (a server
+    pinned to one core read 0.8 busy at 60 silero streams, where 100 fit), and admission
+    refused clients the server had room for. The least time per item is wall time (the
+    workers' run times, :class:`realtime.batching.RunTimes`), never less than the CPU time,
+    and the CPU is the calling thread's (ONNX Runtime's own intra-op threads, when there are
+    more than one, are not counted): the slack is never overstated."""
     slack = 0.0
     for name, (cpu, items, best) in now.items():
         old = before.get(name)
