@@ -34,7 +34,8 @@ IDLE_LOAD = 0.05
 #: refused (a handshake, a hello, a welcome or a refusal, a close: measured, see
 #: docs/scheduler.md). A crowd arriving at once spends this on every connection; taken for
 #: what streaming sessions cost, it made one session look several times dearer than it is, and
-#: the server refused most of the crowd while it had room.
+#: the server refused most of the crowd while it had room. It depends on the host (1.3-1.6 ms
+#: on another; ``python -m loadtest.connection_cost`` measures it).
 CONNECTION_COST = 0.0006
 #: Refusals a second the server takes in its stride: 25 a second are ~1.5 % of a core; past
 #: that rate a refused client is told to wait proportionally longer, so that a crowd trying

@@ -169,3 +169,19 @@ def test_the_hot_path_bench_answers_every_chunk_of_a_fixed_number_of_rounds() ->
     assert out["chunks"] == out["frames_out"] == 12
     with pytest.raises(SystemExit, match="not opened"):
         asyncio.run(hotpath_bench.run("speech_activity", 1, 0.0, False, deadline_ms=600_000))
+
+
+def test_the_connection_cost_tool_measures_the_server_per_connection() -> None:
+    """``loadtest.connection_cost`` gives the figure admission's CONNECTION_COST stands for."""
+    r = subprocess.run(
+        [sys.executable, "-m", "loadtest.connection_cost", "--connections", "100"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    figures = orjson.loads(r.stdout)
+    assert figures["connections"] == 100 and figures["connection_cost_ms_assumed"] == 0.6
+    # 100 connections cost a server tens of ms at least: many ticks of /proc's 10 ms clock.
+    assert figures["server_cpu_ms_per_connection"] > 0.0
