@@ -13,13 +13,10 @@ object.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
 import math
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -30,6 +27,7 @@ from realtime import errors
 from realtime.batching import BatchQueue, Entry, Policy, RunTimes
 from realtime.models.spec import Model
 from realtime.session import Outcome, Prediction, Stream, WorkItem
+from realtime.workers import Workers
 
 Clock = Callable[[], float]
 
@@ -116,11 +114,11 @@ Deliver = Callable[[WorkItem, Outcome], None]
 class _Running:
     """A batch handed to a worker thread, until it comes back or runs out of time."""
 
+    model: Model
     batch: list[Entry]
     slot: _Slot
     started: float
     feeds: dict[str, np.ndarray[Any, Any]] | None = None
-    work: concurrent.futures.Future[tuple[list[np.ndarray[Any, Any]], float, float]] | None = None
     timer: asyncio.TimerHandle | None = None
     timed_out: bool = False
 
@@ -131,7 +129,7 @@ class ModelQueue:
     def __init__(
         self,
         model: Model,
-        pool: ThreadPoolExecutor,
+        pool: Workers,
         slots: int,
         max_queue: int,
         clock: Clock,
@@ -288,10 +286,10 @@ class ModelQueue:
 
     def _start(self, batch: list[Entry], slot: _Slot, started: float) -> None:
         """Gather a batch into its slot's buffers and hand it to a worker thread. The outcome
-        comes back through ``call_soon_threadsafe``: no task, future wrapper or lock per batch."""
+        comes back through ``call_soon_threadsafe``: no task, future or lock per batch."""
         model = self.model
         n = len(batch)
-        running = _Running(batch, slot, started)
+        running = _Running(model, batch, slot, started)
         self._running.add(running)
         try:
             feeds: dict[str, np.ndarray[Any, Any]] = dict(model.constants)
@@ -313,35 +311,28 @@ class ModelQueue:
                 )
                 feeds[spec.input] = view
             running.feeds = feeds
-            loop = asyncio.get_running_loop()
-            running.work = work = self._pool.submit(_timed_run, model, feeds)
-        except Exception as e:  # inputs that cannot be stacked, or a pool shut down
+        except Exception as e:  # inputs that cannot be stacked
             self._finish(running, e)
             return
+        loop = asyncio.get_running_loop()
         running.timer = loop.call_later(self._run_timeout, self._timed_out, running)
+        self._pool.submit(_run_batch, running, loop, self._came_back)
 
-        def came_back(_: concurrent.futures.Future[Any]) -> None:  # in the worker thread
-            with contextlib.suppress(RuntimeError):  # the loop may be closed by then
-                loop.call_soon_threadsafe(self._came_back, running)
-
-        work.add_done_callback(came_back)
-
-    def _came_back(self, running: _Running) -> None:
-        # The timer and the future (through its done callback) both refer back to ``running``:
-        # let go of them, so that refcounting frees the batch and its items now, not the garbage
-        # collector later (a cycle per batch kept every item of it for the collector).
-        timer, work = running.timer, running.work
-        running.timer = running.work = None
+    def _came_back(self, running: _Running, result: Any) -> None:
+        # The timer refers back to ``running``: let go of it, so that refcounting frees the
+        # batch and its items now, not the garbage collector later (a cycle per batch kept
+        # every item of it for the collector).
+        timer = running.timer
+        running.timer = None
         if running.timed_out:  # failed already; its worker thread is free again
             self.stuck -= 1
             return
-        assert timer is not None and work is not None
+        assert timer is not None
         timer.cancel()
-        try:
-            outputs, seconds, cpu_seconds = work.result()
-        except Exception as e:
-            self._finish(running, e)
+        if isinstance(result, Exception):
+            self._finish(running, result)
         else:
+            outputs, seconds, cpu_seconds = result
             self._finish(running, None, outputs, seconds, cpu_seconds)
 
     def _timed_out(self, running: _Running) -> None:
@@ -457,6 +448,12 @@ def _check_batch(
             )
 
 
+def _run_batch(running: _Running) -> tuple[list[np.ndarray[Any, Any]], float, float]:
+    """A batch's run, in a worker thread (it reads the batch's model and feeds, nothing else)."""
+    assert running.feeds is not None
+    return _timed_run(running.model, running.feeds)
+
+
 def _timed_run(
     model: Model, feeds: dict[str, np.ndarray[Any, Any]]
 ) -> tuple[list[np.ndarray[Any, Any]], float, float]:
@@ -488,8 +485,8 @@ class Scheduler:
         for m in models:
             self.add_model(m)
 
-    def _new_pool(self) -> ThreadPoolExecutor:
-        return ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="realtime-infer")
+    def _new_pool(self) -> Workers:
+        return Workers(self._workers)
 
     def add_model(self, model: Model) -> ModelQueue:
         """A queue for a model version loaded while serving (warm it before taking traffic).
@@ -509,7 +506,7 @@ class Scheduler:
 
     def _replace_pool(self) -> None:
         """A worker is stuck in a model run: new batches go to a new pool of full size; the old
-        pool ends once its threads come back (a thread cannot be killed)."""
+        pool's threads end once they come back (a thread cannot be killed)."""
         self._pool.shutdown(wait=False)
         self._pool = self._new_pool()
         for q in self.queues.values():
