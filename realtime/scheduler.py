@@ -311,12 +311,13 @@ class ModelQueue:
                 )
                 feeds[spec.input] = view
             running.feeds = feeds
-        except Exception as e:  # inputs that cannot be stacked
+            loop = asyncio.get_running_loop()
+            # Its answer comes back through the loop, so after the timer below is set.
+            self._pool.submit(_run_batch, running, loop, self._came_back)
+        except Exception as e:  # inputs that cannot be stacked, or the workers shut down
             self._finish(running, e)
             return
-        loop = asyncio.get_running_loop()
         running.timer = loop.call_later(self._run_timeout, self._timed_out, running)
-        self._pool.submit(_run_batch, running, loop, self._came_back)
 
     def _came_back(self, running: _Running, result: Any) -> None:
         # The timer refers back to ``running``: let go of it, so that refcounting frees the

@@ -34,6 +34,7 @@ class Workers:
 
     def __init__(self, count: int, name: str = "realtime-infer") -> None:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._closed = False
         self._threads = [
             threading.Thread(target=self._work, name=f"{name}_{k}", daemon=True)
             for k in range(count)
@@ -49,7 +50,10 @@ class Workers:
         done: Callable[[Any, Any], None],
     ) -> None:
         """Run ``fn(arg)`` in a worker thread, then ``done(arg, result)`` on ``loop`` (with the
-        exception for the result if it raised; nothing if the loop is closed by then)."""
+        exception for the result if it raised; nothing if the loop is closed by then). Raises
+        RuntimeError once shut down: no thread would take the job."""
+        if self._closed:
+            raise RuntimeError("the model workers are shut down")
         self._jobs.put((fn, arg, loop, done))
 
     def _work(self) -> None:
@@ -69,6 +73,7 @@ class Workers:
 
     def shutdown(self, wait: bool = True) -> None:
         """No more jobs: each thread ends after the jobs already given (``wait``: join them)."""
+        self._closed = True
         for _ in self._threads:
             self._jobs.put(None)
         if wait:

@@ -60,6 +60,8 @@ async def test_jobs_run_side_by_side_on_as_many_threads() -> None:
     back = await _results(workers, [(meet, 1), (meet, 2)])
     workers.shutdown()
     assert sorted(result for _, result, _ in back) == [1, 2]
+    with pytest.raises(RuntimeError):  # shut down: no thread would take it
+        workers.submit(meet, 3, asyncio.get_running_loop(), lambda *_: None)
 
 
 def test_a_job_that_ends_after_its_loop_closed_is_dropped_quietly(
