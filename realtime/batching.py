@@ -163,13 +163,19 @@ class BatchQueue:
             return oldest
         n = bucket.count
         by_deadline = bucket.earliest_deadline() - self.run_times.estimate(n) - policy.margin
-        return min(oldest + policy.max_delay, by_deadline)
+        by_delay = oldest + policy.max_delay
+        return by_delay if by_delay < by_deadline else by_deadline
 
     def due(self) -> float:
         """When the next batch should be cut (clock seconds; ``inf`` if nothing waits). A time in
         the past means now."""
-        buckets = self._buckets.values()
-        return min((self._bucket_due(b) for b in buckets if b.count), default=math.inf)
+        best = math.inf  # a loop, not min() over a generator: this runs for every chunk
+        for bucket in self._buckets.values():
+            if bucket.count:
+                due = self._bucket_due(bucket)
+                if due < best:
+                    best = due
+        return best
 
     def cut(self, now: float, busy: set[Stream]) -> Cut:
         """Take the next batch from the bucket most due, round-robin over its sessions, shedding
