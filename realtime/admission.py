@@ -177,6 +177,10 @@ class Admission:
         #: Smoothed CPU (in cores) the model workers spend past what their items cost in large
         #: batches: the price of small batches, which falls as sessions are added.
         self.batching_slack = 0.0
+        #: Smoothed share of the bottleneck new connections take (handshakes, hellos,
+        #: refusals): kept free of sessions, so that refusing a crowd does not make the
+        #: admitted sessions late.
+        self.churn = 0.0
         self.lag = 0.0  # smoothed event-loop lag, seconds
         self.last_lag = 0.0  # the newest lag measured, seconds (chunk ages add it)
         self._streaming = 0.0  # smoothed sessions streaming
@@ -218,6 +222,7 @@ class Admission:
         slack = _batching_slack(last.runs, m.runs) / dt
         self.batching_slack += a * (slack - self.batching_slack)
         streaming_share = max(loop_share - churn, cpu_share - (churn + slack) / cores, 0.0)
+        self.churn += a * (churn - self.churn)
         self.session_load += a * (streaming_share - self.session_load)
         self.lag += a * (m.lag - self.lag)
         self._streaming += a * (m.streaming - self._streaming)
@@ -247,7 +252,7 @@ class Admission:
     def capacity(self) -> float | None:
         """Sessions the server can carry within its target load; None while unknown."""
         cost = self.session_cost
-        return None if cost is None else self.policy.target_load / cost
+        return None if cost is None else max(self.policy.target_load - self.churn, 0.0) / cost
 
     def headroom(self, sessions: int) -> float | None:
         """Sessions that may still be admitted beside ``sessions``; None while unknown."""
