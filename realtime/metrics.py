@@ -244,6 +244,12 @@ class AdmissionMetrics(Collector):
             a.batching_slack,
         )
         yield GaugeMetricFamily(
+            "realtime_churn_load",
+            "Smoothed share of the bottleneck new connections take (handshakes, hellos, "
+            "refusals): kept free of sessions by admission",
+            a.churn,
+        )
+        yield GaugeMetricFamily(
             "realtime_late_share",
             "Median over live audio streams of the share of results sent late, last second (NaN "
             "while no live audio stream is measured)",

@@ -223,6 +223,7 @@ async def test_a_full_server_refuses_hello_with_server_busy_then_closes(
     assert samples[("realtime_load", ())] == pytest.approx(0.4, abs=0.05)
     assert samples[("realtime_session_load", ())] == pytest.approx(0.4, abs=0.05)
     assert samples[("realtime_batching_slack_cores", ())] == 0.0  # measured without worker runs
+    assert samples[("realtime_churn_load", ())] == pytest.approx(0.0, abs=0.05)  # 3 hellos
     assert samples[("realtime_headroom_sessions", ())] == pytest.approx(0.25, abs=0.1)
     assert ("realtime_loop_lag_seconds_count", ()) in samples
 
