@@ -50,9 +50,11 @@ def test_all_three_targets_and_the_capacity_search(tmp_path: Path) -> None:
         assert run["lost"] == 0 and run["refused"] == 0 and run["early_answers"] == 0, run
         assert set(run["errors"]) <= LOAD_SHED, run
         assert run["server"]["cpu_cores_mean"] is not None
-        # None only if nothing was answered in the steady window (a stalled busy machine)
+        # None only if nothing was answered in the steady window (a stalled busy machine); 0
+        # when the server's CPU in that window is under one /proc tick (10 ms): the echo at
+        # 200 chunks a second spends ~5 ms a second on a fast day
         per_chunk = run["server"]["cpu_us_per_chunk"]
-        assert per_chunk is None or per_chunk > 0, run["server"]
+        assert per_chunk is None or per_chunk >= 0, run["server"]
     assert runs["realtime"]["split_ms"]["inference"]["p50"] is not None
     cpu_ratios = {
         f"server CPU per chunk realtime / {base}"
