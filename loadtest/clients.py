@@ -85,6 +85,7 @@ class Records:
     connect_failures: int
     refused: int = 0  # clients the server turned away (HTTP status, or an error at hello/open)
     refused_codes: dict[str, int] = field(default_factory=dict)  # refusals, by code
+    handshake_refusals: int = 0  # of them, at the handshake (an HTTP status, not at hello)
     #: Per client (raw client): when it said hello, ms until the welcome or the refusal, and
     #: whether it was admitted (welcome and opened).
     hello_at: np.ndarray[Any, Any] = field(default_factory=lambda: np.empty(0))

@@ -7,9 +7,9 @@ within 2 seconds (each streaming 2 s). Every client says hello at its arrival an
 streams real-time chunks from its welcome on (raw client, latency from each chunk's due time).
 A refused client tries again after the ``retry_after_ms`` it was told, doubled at each refusal
 and jittered, as docs/protocol.md asks (``--no-retry``: it gives up).
-Per run: clients admitted, refusals (and how fast each came), the admitted sessions' share
-of chunks within 50 ms and their percentiles, and a plot over time. Writes ``report.json``,
-``summary.md`` and the plots to ``--out``.
+Per run: clients admitted, refusals (how many at the handshake, how fast each came), the
+admitted sessions' share of chunks within 50 ms and their percentiles, and a plot over time.
+Writes ``report.json``, ``summary.md`` and the plots to ``--out``.
 
     flock /work/bench.lock python -m loadtest.overload                   # speech_activity
     flock /work/bench.lock python -m loadtest.overload --kind vad        # silero VAD streams
@@ -70,6 +70,7 @@ def admission_summary(rec: Records, base: np.ndarray[Any, Any] | None = None) ->
         "refused": int(refused.sum()),
         "refusals": len(rec.refusal_ms),
         "refusals_by_code": dict(rec.refused_codes),
+        "refusals_at_handshake": rec.handshake_refusals,
         "refusal_ms": {
             "p50": round(float(np.percentile(refused_ms, 50)), 1) if refused_ms.size else None,
             "max": round(float(refused_ms.max()), 1) if refused_ms.size else None,
@@ -178,7 +179,8 @@ def run_scenario(
     print(
         f"{kind} {name}: {len(kinds)} clients, admitted {summary['admitted']} "
         f"({summary['admitted_after_refusal']} after a refusal), {summary['refusals']} refusals "
-        f"(max {summary['refusal_ms']['max']} ms after hello), admitted "
+        f"({summary['refusals_at_handshake']} at the handshake, max "
+        f"{summary['refusal_ms']['max']} ms after hello), admitted "
         f"{100 * summary['admitted_within_50ms']:.2f}% within 50 ms, p50 {lat['p50']} p99 "
         f"{lat['p99']} ms, lost {summary['admitted_lost']}, errors {summary['admitted_errors']}",
         flush=True,
@@ -233,7 +235,7 @@ def markdown(result: dict[str, Any]) -> str:
         lat = r["admitted_latency_ms"]
         lines.append(
             f"| {name} | {r['offered_clients']} | {r['admitted']} | {r['admitted_after_refusal']} "
-            f"| {r['refusals']} | "
+            f"| {r['refusals']} ({r.get('refusals_at_handshake', 0)} at the handshake) | "
             f"{r['refusal_ms']['max']} | {100 * r['admitted_within_50ms']:.2f}% | {lat['p50']} | "
             f"{lat['p99']} | {lat['max']} | {r['admitted_lost']} | "
             + (", ".join(f"{k} {v}" for k, v in r["admitted_errors"].items()) or "0")

@@ -217,8 +217,8 @@ class _Run:
                 await asyncio.wait_for(conn.opened, 30)
             except HandshakeRefused as exc:
                 hello_ms[client.i] = (time.monotonic() - hello_at[client.i]) * 1000.0
-                self._refuse(client, f"http_{exc.status}")
-                return None
+                self.rec.handshake_refusals += 1
+                return self._refuse(client, _typed(exc))
             except (OSError, TimeoutError, ConnectionError):
                 self.rec.connect_failures += 1
                 return None
@@ -412,3 +412,12 @@ def run_process(plan: Plan) -> Records:
         return await _Run(plan).run()
 
     return uvloop.run(main())
+
+
+def _typed(refusal: HandshakeRefused) -> str | dict[str, Any]:
+    """A refused handshake's typed error (a 503's ``server_busy`` body), else ``http_<status>``."""
+    try:
+        body = orjson.loads(refusal.body)
+    except orjson.JSONDecodeError:
+        body = None
+    return body if isinstance(body, dict) and "code" in body else f"http_{refusal.status}"

@@ -31,11 +31,13 @@ _U64 = struct.Struct("!Q")
 
 
 class HandshakeRefused(Exception):
-    """The server answered the upgrade with something other than 101 (e.g. 429, 503)."""
+    """The server answered the upgrade with something other than 101 (e.g. 429, 503), and
+    ``body`` (as much of it as came before the connection closed)."""
 
-    def __init__(self, status: int) -> None:
+    def __init__(self, status: int, body: bytes = b"") -> None:
         super().__init__(f"HTTP {status}")
         self.status = status
+        self.body = body
 
 
 def mask_bytes(payload: bytes, key: bytes) -> bytes:
@@ -158,6 +160,15 @@ def check_upgrade(head: bytes, accept: bytes) -> None:
     raise ConnectionError("upgrade answered without the right Sec-WebSocket-Accept")
 
 
+def content_length(head: bytes) -> int:
+    """A response head's ``Content-Length`` (0 without one)."""
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length" and value.strip().isdigit():
+            return int(value)
+    return 0
+
+
 class RawConnection(asyncio.Protocol):
     """One client connection: the upgrade, then ``on_message(opcode, payload)`` for each text or
     binary message. Pings get pongs, a close gets its echo; ``closed`` resolves when the
@@ -172,6 +183,7 @@ class RawConnection(asyncio.Protocol):
         self._request, self._accept = upgrade_request(host, port, path)
         self._head = b""
         self._reader: FrameReader | None = None
+        self._refused: HandshakeRefused | None = None
         loop = asyncio.get_running_loop()
         self.opened: asyncio.Future[None] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
@@ -189,11 +201,15 @@ class RawConnection(asyncio.Protocol):
                 return
             try:
                 check_upgrade(head, self._accept)
+            except HandshakeRefused as exc:
+                # Its body (a 503's typed error) is kept: whole, or what came before the close.
+                exc.body = rest[: content_length(head)]
+                self._refused = exc
+                if len(exc.body) == content_length(head):
+                    self._fail(exc)
+                return
             except Exception as exc:
-                if not self.opened.done():
-                    self.opened.set_exception(exc)
-                assert self.transport is not None
-                self.transport.close()
+                self._fail(exc)
                 return
             self._reader = FrameReader()
             self._head = b""
@@ -214,6 +230,12 @@ class RawConnection(asyncio.Protocol):
                 assert self.transport is not None
                 self.transport.close()
 
+    def _fail(self, exc: Exception) -> None:
+        if not self.opened.done():
+            self.opened.set_exception(exc)
+        assert self.transport is not None
+        self.transport.close()
+
     def send(self, opcode: int, payload: bytes) -> None:
         """Send one message (masked with this connection's key)."""
         if self.transport is not None and not self.transport.is_closing():
@@ -227,6 +249,8 @@ class RawConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.opened.done():
-            self.opened.set_exception(exc or ConnectionError("closed during the upgrade"))
+            self.opened.set_exception(
+                self._refused or exc or ConnectionError("closed during the upgrade")
+            )
         if not self.closed.done():
             self.closed.set_result(None)

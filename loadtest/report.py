@@ -50,6 +50,7 @@ def merge(records: list[Records]) -> Records:
         connect_failures=sum(r.connect_failures for r in records),
         refused=sum(r.refused for r in records),
         refused_codes=dict(sum((Counter(r.refused_codes) for r in records), Counter())),
+        handshake_refusals=sum(r.handshake_refusals for r in records),
         hello_at=np.concatenate([r.hello_at for r in records]) if records else np.empty(0),
         hello_ms=np.concatenate([r.hello_ms for r in records]) if records else np.empty(0),
         admitted=np.concatenate([r.admitted for r in records]) if records else np.empty(0, bool),

@@ -37,9 +37,15 @@ IDLE_LOAD = 0.05
 #: the server refused most of the crowd while it had room. It depends on the host (1.3-1.6 ms
 #: on another; ``python -m loadtest.connection_cost`` measures it).
 CONNECTION_COST = 0.0006
-#: Refusals a second the server takes in its stride: 25 a second are ~1.5 % of a core; past
+#: CPU seconds a connection refused at the door costs (a handshake answered 503 before
+#: websockets takes it, while a crowd is refused: see :attr:`Admission.crowd`): 0.047 ms
+#: measured against 0.33 for a connection through a hello (``python -m loadtest.connection_cost
+#: --door``).
+DOOR_COST = 0.00006
+#: Refusals a second the server takes in its stride: 25 a second are ~1.5 % of a core. Past
 #: that rate a refused client is told to wait proportionally longer, so that a crowd trying
-#: again spreads out instead of taking the admitted sessions' CPU.
+#: again spreads out instead of taking the admitted sessions' CPU, and new connections are
+#: refused at the door (:attr:`Admission.crowd`), at a seventh of the cost.
 CALM_REFUSALS = 25.0
 #: Time constant (seconds) of the smoothed refusal rate.
 REFUSAL_SMOOTHING_SECONDS = 2.0
@@ -189,6 +195,7 @@ class Admission:
         self.refusal_rate = 0.0  # smoothed refusals a second
         self._refusals = 0  # refusals since the last measurement
         self._connections = 0  # new connections since the last measurement
+        self._door = 0  # of them, refused at the door
         #: Median share of late results over live audio streams, last window (None: unknown).
         self.late_share: float | None = None
 
@@ -208,7 +215,9 @@ class Admission:
             return
         dt = m.now - last.now
         rate, self._refusals = self._refusals / dt, 0
-        churn, self._connections = self._connections * CONNECTION_COST / dt, 0
+        through = self._connections - self._door
+        churn = (through * CONNECTION_COST + self._door * DOOR_COST) / dt
+        self._connections = self._door = 0
         self.refusal_rate += (1.0 - math.exp(-dt / REFUSAL_SMOOTHING_SECONDS)) * (
             rate - self.refusal_rate
         )
@@ -235,6 +244,20 @@ class Admission:
     def connected(self) -> None:
         """A new WebSocket connection arrived (admitted or not): its cost is not a session's."""
         self._connections += 1
+
+    def refuse_at_door(self, sessions: int, resume: bool) -> errors.ServerBusy | None:
+        """A new connection's handshake, while a crowd is refused (:attr:`crowd`): the refusal
+        to answer it with (HTTP 503, before the WebSocket handshake, which would cost the
+        admitted sessions' CPU seven times over), or None to let it through to its hello. A
+        connection that comes to ``resume`` a session is let through: a resume is admitted."""
+        if resume or not self.crowd:
+            return None
+        reason = self.full(sessions)
+        if reason is None:
+            return None
+        self._connections += 1
+        self._door += 1
+        return self._refuse(reason, sessions)
 
     def observe_lateness(self, share: float | None) -> None:
         """Take in the newest window's median share of late results (see
@@ -282,6 +305,11 @@ class Admission:
         return None
 
     @property
+    def crowd(self) -> bool:
+        """Whether the server refuses a crowd: more than :data:`CALM_REFUSALS` a second."""
+        return self.refusal_rate > CALM_REFUSALS
+
+    @property
     def retry_after_ms(self) -> float:
         """The wait to tell a refused client: the policy's, stretched in proportion while the
         server refuses more than :data:`CALM_REFUSALS` a second."""
@@ -297,6 +325,9 @@ class Admission:
         if reason is None:
             self.figures.admitted["session"] += 1
             return None
+        return self._refuse(reason, sessions)
+
+    def _refuse(self, reason: str, sessions: int) -> errors.ServerBusy:
         self.figures.refused[reason] += 1
         self._refusals += 1
         capacity = self.capacity

@@ -16,8 +16,9 @@ from ssl import SSLContext
 from typing import Any
 
 import numpy as np
+import orjson
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from realtime import errors
 from realtime.protocol import (
@@ -59,6 +60,22 @@ def raise_error(err: Error) -> errors.RealtimeError:
     if isinstance(exc, errors.Overloaded) and err.reason in ("inflight", "queue"):
         exc.reason = "inflight" if err.reason == "inflight" else "queue"
     return exc
+
+
+def _handshake_error(refused: InvalidStatus) -> Exception:
+    """A refused handshake's typed error (from its JSON body's ``code``: ``server_busy`` in a
+    503), else the refusal itself."""
+    try:
+        body = orjson.loads(refused.response.body or b"")
+    except orjson.JSONDecodeError:
+        return refused
+    cls = _CODES.get(str(body.get("code"))) if isinstance(body, dict) else None
+    if cls is None:
+        return refused
+    message = str(body.get("error", ""))
+    if cls is errors.ServerBusy:
+        return errors.ServerBusy(message, retry_after_ms=float(body.get("retry_after_ms") or 0))
+    return cls(message)
 
 
 class Stream:
@@ -180,7 +197,7 @@ class Client:
         self,
         ws: ClientConnection,
         welcome: Welcome,
-        dial: Callable[[], Awaitable[ClientConnection]] | None = None,
+        dial: Callable[[bool], Awaitable[ClientConnection]] | None = None,
         name: str = "realtime.client",
     ) -> None:
         self.ws = ws
@@ -227,10 +244,15 @@ class Client:
             headers["X-Api-Key"] = api_key
         tls: dict[str, Any] = {} if ssl is None else {"ssl": ssl}
 
-        def dial() -> Awaitable[ClientConnection]:
-            return connect(url, compression=None, max_size=None, additional_headers=headers, **tls)
+        def dial(resume: bool = False) -> Awaitable[ClientConnection]:
+            # A resume says so in its URL: a full server refusing a crowd at the door lets it in.
+            to = with_query(url, "resume=1") if resume else url
+            return connect(to, compression=None, max_size=None, additional_headers=headers, **tls)
 
-        ws = await dial()
+        try:
+            ws = await dial()
+        except InvalidStatus as e:  # refused at the handshake: its typed error, if it has one
+            raise _handshake_error(e) from e
         msg = await _greet(ws, Hello(client=name))
         return cls(ws, msg, dial, name)
 
@@ -405,7 +427,7 @@ class Client:
         delay = 0.05
         while True:
             try:
-                ws = await self._dial()
+                ws = await self._dial(True)
                 welcome = await _greet(ws, hello)  # a refusal raises its error: no retry
                 break
             except (OSError, InvalidHandshake, ConnectionClosed):
@@ -501,3 +523,9 @@ async def _greet(ws: ClientConnection, hello: Hello) -> Welcome:
         await ws.close()
         raise errors.BadMessage(f"expected welcome, got {msg!r}")
     return msg
+
+
+def with_query(url: str, param: str) -> str:
+    """``url`` with ``param`` (``name=value``) added to its query, before any fragment."""
+    base, hash_, fragment = url.partition("#")
+    return base + ("&" if "?" in base else "?") + param + hash_ + fragment

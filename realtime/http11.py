@@ -1,13 +1,16 @@
 """HTTP/1.1 on the WebSocket port: the front door, and a small server for what is not a WebSocket.
 
 websockets' server parses only GET requests (a handshake, or a plain GET answered by
-``process_request``). :class:`HttpDoor` gives the port a front door: its connection class (a
-``websockets`` ``ServerConnection`` passed as ``create_connection``) looks at the first bytes of
-each connection before websockets does. A ``GET`` outside ``/v2`` goes on to websockets as before;
+``process_request``). :class:`HttpDoor` gives the port a front door: passed to websockets as
+``create_connection``, it looks at the first bytes of each connection before websockets does,
+and builds websockets' ``ServerConnection`` only then. A ``GET`` outside ``/v2`` goes on to
+websockets as before;
 anything else (``POST /v2/models/.../infer``, ``GET /v2/...``) is taken off websockets' hands with
 ``transport.set_protocol`` and served here: keep-alive, ``Content-Length`` bodies up to a limit,
 ``Expect: 100-continue``, typed errors. websockets never sees such a connection, so neither its
-handshake timeout nor its shutdown touches it; this door closes its own connections.
+handshake timeout nor its shutdown touches it; this door closes its own connections. A handshake
+the server refuses anyway (:attr:`HttpDoor.gate`: a full server refusing a crowd) is answered
+here too, and closed: a seventh of the CPU of going through websockets' handshake and a hello.
 
 The request head is parsed by the pure :func:`parse_head` (tested with byte strings); the asyncio
 part only reads, calls the handler and writes, one request at a time per connection.
@@ -22,8 +25,9 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from http import HTTPStatus
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 from urllib.parse import unquote
 
 import orjson
@@ -179,10 +183,13 @@ class HttpDoor:
         self._busy: dict[asyncio.StreamWriter, bool] = {}
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Given a WebSocket handshake's whole head as it came in, the response that refuses it
+        #: before websockets takes it (then the connection closes), or None to let it through.
+        self.gate: Callable[[bytes], bytes | None] | None = None
 
     def front_door(self, base: type[C]) -> type[C]:
-        """The connection class for ``websockets.asyncio.server.serve(create_connection=...)``:
-        ``base`` (a ``ServerConnection``) for WebSocket connections, this door for the rest."""
+        """What to give ``websockets.asyncio.server.serve(create_connection=...)``: ``base`` (a
+        ``ServerConnection``) is built for WebSocket connections, this door takes the rest."""
         return _front_door(self, base)
 
     def take(self, transport: asyncio.Transport, first: bytes) -> None:
@@ -267,54 +274,58 @@ class HttpDoor:
             writer.transport.abort()
 
 
+class _Peek(asyncio.Protocol):
+    """A new connection until its first bytes say whose it is: websockets' (a GET outside
+    ``/v2``: the connection ``make`` builds then), this door's, or nobody's (refused by the
+    door's gate). It holds nothing else: a crowd refused here leaves no websockets connection
+    (~40 objects in reference cycles) for the garbage collector, whose full walks over every
+    admitted session's objects came 2-3 times a second under a burst, at 30-130 ms each."""
+
+    __slots__ = ("_door", "_first_bytes", "_make", "_peeked", "_transport")
+
+    def __init__(self, door: HttpDoor, make: Callable[[], ServerConnection]) -> None:
+        self._door = door
+        self._make = make
+        self._peeked = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        loop = asyncio.get_running_loop()
+        self._first_bytes = loop.call_later(FIRST_BYTES_SECONDS, self._transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        self._peeked += data
+        verdict = wants_websocket(self._peeked)
+        if verdict is None:
+            return
+        self._first_bytes.cancel()
+        first, self._peeked, transport = self._peeked, b"", self._transport
+        if not verdict:
+            self._door.take(transport, first)
+            return
+        gate = self._door.gate
+        if gate is not None and b"\r\n\r\n" in first:
+            refusal = gate(first)
+            if refusal is not None:  # answered here: websockets never sees it
+                transport.write(refusal)
+                transport.close()
+                return
+        conn = self._make()
+        conn.connection_made(transport)  # websockets' handshake starts
+        # The transport calls the connection's own ``receive`` if it has one, straight away:
+        # one Python frame less per read (set_protocol has the event loop look it up).
+        receive = cast("Callable[[bytes], None]", getattr(conn, "receive", conn.data_received))
+        conn.data_received = receive  # type: ignore[method-assign,assignment]
+        transport.set_protocol(conn)
+        receive(first)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._first_bytes.cancel()
+
+
 def _front_door(door: HttpDoor, base: type[C]) -> type[C]:
-    class FrontDoor(base):  # type: ignore[valid-type,misc]
-        """A connection that goes to websockets only once its first bytes say it is theirs."""
+    def peek(*args: Any, **kwargs: Any) -> _Peek:
+        """What websockets' server calls for each new connection, as it would ``base``."""
+        return _Peek(door, partial(base, *args, **kwargs))
 
-        _peeked = b""
-        _websocket = False
-        _transport: asyncio.Transport
-        _first_bytes: asyncio.TimerHandle
-
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            # websockets' own connection_made (which starts its handshake task) waits for the
-            # first bytes: a connection handed to the HTTP door never reaches websockets.
-            self._transport = cast(asyncio.Transport, transport)
-            self._first_bytes = self.loop.call_later(FIRST_BYTES_SECONDS, self._transport.abort)
-
-        def data_received(self, data: bytes) -> None:
-            if self._websocket:
-                super().data_received(data)
-                return
-            self._peeked += data
-            verdict = wants_websocket(self._peeked)
-            if verdict is None:
-                return
-            self._first_bytes.cancel()
-            first, self._peeked = self._peeked, b""
-            if verdict:
-                self._websocket = True
-                super().connection_made(self._transport)
-                # From here on the transport calls websockets' side straight away, not through
-                # this method: one Python frame less per read (set_protocol has the event loop
-                # look the method up again), to the connection's own ``receive`` if it has one.
-                receive = cast(
-                    "Callable[[bytes], None]", getattr(self, "receive", super().data_received)
-                )
-                self.data_received = receive  # type: ignore[method-assign,assignment]
-                self._transport.set_protocol(self)
-                receive(first)
-            else:
-                door.take(self._transport, first)
-
-        def eof_received(self) -> None:
-            if self._websocket:
-                super().eof_received()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self._websocket:
-                super().connection_lost(exc)
-            else:
-                self._first_bytes.cancel()
-
-    return cast(type[C], FrontDoor)
+    return cast(type[C], peek)

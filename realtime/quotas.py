@@ -63,14 +63,21 @@ class Quotas:
         self._by_ip: dict[str, _Holder] = {}
         self._by_key: dict[str, _Holder] = {}
 
+    def full(self) -> errors.ServerBusy | None:
+        """The refusal of a new connection past the connection cap, or None."""
+        if self.connected < self.max_connections:
+            return None
+        return errors.ServerBusy(
+            f"the server has its {self.max_connections} connections: try again later",
+            retry_after_ms=BUSY_RETRY_MS,
+        )
+
     def check_address(self, ip: str) -> None:
         """Whether a handshake from ``ip`` may go on (before its credential is checked):
         raises ``errors.ServerBusy`` past the connection cap, AuthFailed 429 past the address's."""
-        if self.connected >= self.max_connections:
-            raise errors.ServerBusy(
-                f"the server has its {self.max_connections} connections: try again later",
-                retry_after_ms=BUSY_RETRY_MS,
-            )
+        busy = self.full()
+        if busy is not None:
+            raise busy
         held = self._by_ip.get(ip)
         if held is not None and held.sessions >= self.limits.max_sessions_per_ip:
             raise AuthFailed(429, f"at most {self.limits.max_sessions_per_ip} sessions per address")

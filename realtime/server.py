@@ -16,6 +16,7 @@ import hmac
 import logging
 import math
 import os
+import re
 import secrets
 import ssl
 import sys
@@ -218,6 +219,7 @@ class Server:
             status_of,
             (config.limits.max_messages_per_second, config.limits.max_bytes_per_second),
         )
+        self._http_door.gate = self._door
         self._grpc: Any = None  # grpc.aio.Server, imported only when --grpc-port is given
         self.grpc_port: int | None = None
 
@@ -611,6 +613,21 @@ class Server:
         models = [m for m in self.repository.catalog() if grant.allows(m["name"])]
         return response(HTTPStatus.OK, orjson.dumps({"models": models}), "application/json")
 
+    def _door(self, head: bytes) -> bytes | None:
+        """A WebSocket handshake at the front door (its whole head): the HTTP 503 that refuses
+        it before websockets takes it, or None to let it through. Past ``--max-connections``;
+        and, while admission control refuses a crowd, a new session it would refuse (not a
+        resume): a seventh of the CPU of a refusal at ``hello``, kept for the admitted sessions."""
+        if _UPGRADE.search(head) is None:  # a plain GET (/metrics, /readyz): never refused here
+            return None
+        busy = self._quotas.full() or self.admission.refuse_at_door(
+            len(self._links), _resumes(head)
+        )
+        if busy is None:
+            return None
+        body, headers = _busy_body(busy)
+        return http11.serialize(http11.Reply(503, body, headers=headers), False, SERVER_NAME)
+
     def _admit(self, ws: ServerConnection, request: Request) -> None:
         """Check a WebSocket handshake: origin, the server's connections, the address's
         sessions, then the credential and its key's sessions (realtime.quotas)."""
@@ -897,12 +914,29 @@ def _confined_idle(cpus: set[int]) -> float | None:
         return None
 
 
-def _busy(e: errors.ServerBusy) -> Response:
-    """A handshake refused at capacity: HTTP 503 with the typed error as its JSON body."""
+def _busy_body(e: errors.ServerBusy) -> tuple[bytes, tuple[tuple[str, str], ...]]:
+    """A handshake's 503 refusal: the typed error as its JSON body, and its Retry-After."""
     body = {"error": e.message, "code": e.code, "retry_after_ms": e.retry_after_ms}
-    refusal = response(HTTPStatus.SERVICE_UNAVAILABLE, orjson.dumps(body), "application/json")
-    refusal.headers["Retry-After"] = str(math.ceil(e.retry_after_ms / 1000))
+    return orjson.dumps(body), (("Retry-After", str(math.ceil(e.retry_after_ms / 1000))),)
+
+
+def _busy(e: errors.ServerBusy) -> Response:
+    """A handshake refused at capacity (by websockets): HTTP 503, see :func:`_busy_body`."""
+    body, headers = _busy_body(e)
+    refusal = response(HTTPStatus.SERVICE_UNAVAILABLE, body, "application/json")
+    refusal.headers.update(headers)
     return refusal
+
+
+_UPGRADE = re.compile(rb"\r\nupgrade:[ \t]*websocket[ \t]*\r\n", re.IGNORECASE)
+
+
+def _resumes(head: bytes) -> bool:
+    """Whether a handshake's request target carries the ``resume`` query parameter: its
+    client comes to resume a session (docs/protocol.md), which admission control lets in."""
+    parts = head.partition(b"\r\n")[0].split(b" ")
+    query = parts[1].partition(b"?")[2] if len(parts) == 3 else b""
+    return any(p.partition(b"=")[0] == b"resume" for p in query.split(b"&"))
 
 
 async def run(config: Config) -> None:

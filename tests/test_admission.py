@@ -8,11 +8,14 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
-from websockets.exceptions import ConnectionClosed
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from realtime import errors
 from realtime.admission import (
+    CALM_REFUSALS,
     CONNECTION_COST,
+    DOOR_COST,
     MIN_ANSWERED,
     Admission,
     AdmissionPolicy,
@@ -228,6 +231,40 @@ async def test_a_full_server_refuses_hello_with_server_busy_then_closes(
     assert ("realtime_loop_lag_seconds_count", ()) in samples
 
 
+async def test_a_full_server_refusing_a_crowd_answers_the_handshake_503_server_busy(
+    start_server: ServerFactory, tiny_models: Path
+) -> None:
+    policy = AdmissionPolicy(target_load=0.5, retry_after_ms=750.0, period=3600.0)
+    server = await start_server((tiny_models,), builtin=False, admission=policy)
+    base = f"http://127.0.0.1:{server.port}"
+    first = await Raw.connect(server.url)
+    assert (await first.open(1, shape=[4]))["type"] == "opened"
+    _fill(server, 0.4)  # full, as above
+    server.admission.refusal_rate = 10 * CALM_REFUSALS  # and a crowd knocking
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(server.url)
+    response = refused.value.response
+    body = orjson.loads(response.body)
+    assert response.status_code == 503 and response.headers["Retry-After"] == "8"
+    assert (body["code"], body["retry_after_ms"]) == ("server_busy", 7500.0)
+    assert "full" in body["error"]
+    with pytest.raises(errors.ServerBusy):  # the Python client raises it typed
+        await Client.connect(server.url)
+
+    # A client that comes to resume a session is let through to its hello.
+    resuming = await connect(server.url + "?resume=1")
+    await resuming.send(
+        orjson.dumps({"type": "hello", "protocol": 1, "resume": "x" * 32, "received": 0}).decode()
+    )
+    assert orjson.loads(await resuming.recv())["code"] == "resume_unknown"
+    await resuming.close()
+    # Plain GETs are not handshakes: never refused at the door.
+    assert (await asyncio.to_thread(get, base + "/healthz"))[0] == 200
+    samples = await scrape(base)
+    assert samples[("realtime_refused_busy_total", (("reason", "load"),))] == 2.0
+    await first.still_works(1, 0)
+
+
 async def test_a_model_with_its_queue_half_full_refuses_a_new_stream(
     start_server: ServerFactory, tiny_models: Path
 ) -> None:
@@ -264,6 +301,33 @@ def test_a_crowd_of_refused_clients_is_told_to_wait_longer() -> None:
     server.run(20.0)  # nobody knocks for a while: back to the policy's wait
     calm = admission.admit_session(80)
     assert isinstance(calm, errors.ServerBusy) and calm.retry_after_ms == 1000.0
+
+
+def test_a_crowd_is_refused_at_the_door_but_a_resume_never() -> None:
+    admission = Admission(AdmissionPolicy(target_load=0.8))
+    server = FakeServer(admission, 0.01)  # full at 80 sessions
+    server.streaming = 80
+    server.run(5.0)
+    assert admission.refuse_at_door(80, resume=False) is None  # not a crowd: refused at hello
+    for _ in range(30):  # 3 s of 100 refusals a second at hello
+        for _ in range(10):
+            assert admission.admit_session(80) is not None
+        server.run(0.1)
+    assert admission.crowd and admission.refusal_rate > CALM_REFUSALS
+    assert admission.refuse_at_door(80, resume=True) is None
+    assert admission.refuse_at_door(40, resume=False) is None  # room: let through to its hello
+    refused = admission.refuse_at_door(80, resume=False)
+    assert isinstance(refused, errors.ServerBusy) and refused.retry_after_ms > 1000.0
+    assert admission.figures.refused["load"] == 301
+
+    for _ in range(30):  # 3 s of 100 refusals a second, all at the door: a seventh of the churn
+        for _ in range(10):
+            assert admission.refuse_at_door(80, resume=False) is not None
+        server.run(0.1)
+    assert admission.churn == pytest.approx(100 * DOOR_COST, rel=0.1)
+    assert DOOR_COST < CONNECTION_COST / 5
+    server.run(20.0)  # the crowd is gone: new sessions are refused at hello again
+    assert not admission.crowd and admission.refuse_at_door(80, resume=False) is None
 
 
 def test_small_batches_cost_of_a_model_does_not_count_as_what_sessions_cost() -> None:

@@ -173,10 +173,13 @@ def test_the_hot_path_bench_answers_every_chunk_of_a_fixed_number_of_rounds() ->
         asyncio.run(hotpath_bench.run("speech_activity", 1, 0.0, False, deadline_ms=600_000))
 
 
-def test_the_connection_cost_tool_measures_the_server_per_connection() -> None:
-    """``loadtest.connection_cost`` gives the figure admission's CONNECTION_COST stands for."""
+@pytest.mark.parametrize("door", [False, True])
+def test_the_connection_cost_tool_measures_the_server_per_connection(door: bool) -> None:
+    """``loadtest.connection_cost`` gives the figure admission's CONNECTION_COST stands for
+    (``--door``: DOOR_COST, every handshake answered 503 server_busy, or the tool fails)."""
     r = subprocess.run(
-        [sys.executable, "-m", "loadtest.connection_cost", "--connections", "100"],
+        [sys.executable, "-m", "loadtest.connection_cost", "--connections", "100"]
+        + (["--door"] if door else []),
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -184,6 +187,9 @@ def test_the_connection_cost_tool_measures_the_server_per_connection() -> None:
     )
     assert r.returncode == 0, r.stderr[-2000:]
     figures = orjson.loads(r.stdout)
-    assert figures["connections"] == 100 and figures["connection_cost_ms_assumed"] == 0.6
-    # 100 connections cost a server tens of ms at least: many ticks of /proc's 10 ms clock.
-    assert figures["server_cpu_ms_per_connection"] > 0.0
+    assert figures["connections"] == 100 and figures["refused_at_the_door"] is door
+    assert figures["connection_cost_ms_assumed"] == (0.06 if door else 0.6)
+    if not door:  # 100 connections cost tens of ms at least: ticks of /proc's 10 ms clock
+        assert figures["server_cpu_ms_per_connection"] > 0.0
+    else:  # 100 refusals at the door may cost less than one tick
+        assert figures["server_cpu_ms_per_connection"] >= 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import numpy as np
@@ -217,6 +218,13 @@ async def test_arriving_clients_refused_server_busy_are_counted(
     assert (summary["admitted"], summary["refused"]) == (0, 2)
     assert summary["refusals"] == 2 and summary["refusals_by_code"] == {"server_busy": 2}
     assert summary["refusal_ms"]["max"] is not None and summary["admitted_chunks"] == 0
+    assert summary["refusals_at_handshake"] == 0  # refused at hello
+
+    server.admission.refusal_rate = 100.0  # a crowd: refused at the handshake, typed all the same
+    plan = dataclasses.replace(plan, start=time.monotonic() + 0.2)
+    summary = admission_summary(report.merge([await _Run(plan).run()]))
+    assert (summary["admitted"], summary["refused"], summary["refusals_at_handshake"]) == (0, 2, 2)
+    assert summary["refusals_by_code"] == {"server_busy": 2}
 
 
 async def test_a_refused_client_tries_again_after_retry_after_ms(

@@ -14,13 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from prometheus_client import generate_latest
 
+from realtime import errors
+from realtime.admission import CALM_REFUSALS, AdmissionPolicy
 from realtime.client import Client
 from realtime.protocol import Error, Event, Result
 from realtime.server import Server
 from realtime.session import Limits
 from tests.conftest import ServerFactory
+from tests.test_admission import _fill
 from tests.test_cli import Served
 from tests.test_server import Raw
 
@@ -54,6 +58,26 @@ async def test_a_cut_connection_resumes_with_its_state_and_every_answer_once(
     assert "realtime_sessions 1.0" in scraped  # the resumed one; the socket's own is gone
     closed = await stream.close()
     assert (closed.results, closed.errors) == (40, 0)  # the server counted the same
+    await client.close()
+
+
+async def test_a_full_server_refusing_a_crowd_at_the_door_lets_a_resume_through(
+    start_server: ServerFactory, tiny_models: Path
+) -> None:
+    policy = AdmissionPolicy(target_load=0.5, period=3600.0)
+    server: Server = await start_server((tiny_models,), builtin=False, admission=policy)
+    client = await Client.connect(server.url)
+    stream = await client.open("accumulate", deadline_ms=10_000)
+    await stream.send(np.ones(3, np.float32))
+    assert totals([await stream.next()]) == [1.0]
+    _fill(server, 0.4)  # full (one session uses 40 % of a 50 % target)
+    server.admission.refusal_rate = 10 * CALM_REFUSALS  # and refusing a crowd at the door
+    with pytest.raises(errors.ServerBusy):
+        await Client.connect(server.url)  # a new session: 503 server_busy at the handshake
+    client.ws.transport.abort()
+    await stream.send(np.ones(3, np.float32))  # the client dials with ?resume=1: let in
+    assert totals([await stream.next()]) == [2.0]
+    assert client.resumes == 1
     await client.close()
 
 

@@ -197,9 +197,11 @@ export class RealtimeClient {
     return client;
   }
 
-  async _connect() {
+  async _connect(resume = false) {
     const WS = this.opts.WebSocket ?? globalThis.WebSocket;
-    const url = this.opts.token ? `${this.url}${this.url.includes("?") ? "&" : "?"}token=${encodeURIComponent(this.opts.token)}` : this.url;
+    // A resume says so in its URL: a full server refusing a crowd at the door lets it in.
+    const query = [this.opts.token && `token=${encodeURIComponent(this.opts.token)}`, resume && "resume=1"].filter(Boolean);
+    const url = query.length ? `${this.url}${this.url.includes("?") ? "&" : "?"}${query.join("&")}` : this.url;
     const ws = new WS(url);
     ws.binaryType = "arraybuffer";
     this.ws = ws;
@@ -424,7 +426,7 @@ export class RealtimeClient {
       await new Promise((r) => setTimeout(r, base * (0.5 + Math.random() / 2)));
       if (resume && Date.now() > until) giveUp("resume_expired");
       try {
-        await this._connect();
+        await this._connect(resume);
         if (resume) {
           try {
             await this._hello(true);

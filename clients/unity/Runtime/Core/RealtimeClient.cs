@@ -294,6 +294,8 @@ namespace Realtime
             if (_options.ApiKey != null) headers["X-Api-Key"] = _options.ApiKey;
             string url = _url;
             if (_options.Token != null) url += (url.Contains("?") ? "&" : "?") + "token=" + Uri.EscapeDataString(_options.Token);
+            // A resume says so in its URL: a full server refusing a crowd at the door lets it in.
+            if (resume) url += (url.Contains("?") ? "&" : "?") + "resume=1";
             link.Transport.Open(url, headers, link);
             return link;
         }
