@@ -73,8 +73,10 @@ def admission_summary(rec: Records, base: np.ndarray[Any, Any] | None = None) ->
         "refusals_at_handshake": rec.handshake_refusals,
         "refusal_ms": {
             "p50": round(float(np.percentile(refused_ms, 50)), 1) if refused_ms.size else None,
+            "p99": round(float(np.percentile(refused_ms, 99)), 1) if refused_ms.size else None,
             "max": round(float(refused_ms.max()), 1) if refused_ms.size else None,
         },
+        "refusals_over_100ms": int((refused_ms > REFUSED_WITHIN_MS).sum()),
         "refused_within_100ms": round(
             float((refused_ms <= REFUSED_WITHIN_MS).mean()) if refused_ms.size else 1.0, 4
         ),
@@ -179,8 +181,9 @@ def run_scenario(
     print(
         f"{kind} {name}: {len(kinds)} clients, admitted {summary['admitted']} "
         f"({summary['admitted_after_refusal']} after a refusal), {summary['refusals']} refusals "
-        f"({summary['refusals_at_handshake']} at the handshake, max "
-        f"{summary['refusal_ms']['max']} ms after hello), admitted "
+        f"({summary['refusals_at_handshake']} at the handshake, p99 "
+        f"{summary['refusal_ms']['p99']} max {summary['refusal_ms']['max']} ms after hello, "
+        f"{summary['refusals_over_100ms']} over 100 ms), admitted "
         f"{100 * summary['admitted_within_50ms']:.2f}% within 50 ms, p50 {lat['p50']} p99 "
         f"{lat['p99']} ms, lost {summary['admitted_lost']}, errors {summary['admitted_errors']}",
         flush=True,

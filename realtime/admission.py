@@ -61,7 +61,7 @@ class AdmissionPolicy:
 
     #: Share of the bottleneck (event loop or cores) admitted sessions may use; 0: admit all
     #: (and do not shed chunks by their age either: overload protection off).
-    target_load: float = 0.8
+    target_load: float = 0.9
     #: Smoothed event-loop lag past which new sessions and streams are refused (when the
     #: server's own load is at least half its target: lag on an idle server is a neighbour's).
     max_lag_ms: float = 20.0
