@@ -40,7 +40,7 @@ CONNECTION_COST = 0.0006
 #: CPU seconds a connection refused at the door costs (a handshake answered 503 before
 #: websockets takes it, while a crowd is refused: see :attr:`Admission.crowd`): 0.047 ms
 #: measured against 0.33 for a connection through a hello (``python -m loadtest.connection_cost
-#: --door``).
+#: --door``), counted a little high, so that admission errs towards refusing.
 DOOR_COST = 0.00006
 #: Refusals a second the server takes in its stride: 25 a second are ~1.5 % of a core. Past
 #: that rate a refused client is told to wait proportionally longer, so that a crowd trying

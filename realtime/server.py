@@ -583,8 +583,8 @@ class Server:
                 log.info("event=refused status=%d reason=%s", e.status, e.reason.replace(" ", "_"))
                 refusal = orjson.dumps({"error": e.reason})
                 return response(HTTPStatus(e.status), refusal, "application/json")
-            except errors.ServerBusy as e:
-                log.info("event=refused status=503 reason=server_busy")
+            except errors.ServerBusy as e:  # past --max-connections
+                self.admission.figures.refused["connections"] += 1
                 return _busy(e)
             return None
         path = request.path.split("?", 1)[0]
@@ -620,11 +620,13 @@ class Server:
         resume): a seventh of the CPU of a refusal at ``hello``, kept for the admitted sessions."""
         if _UPGRADE.search(head) is None:  # a plain GET (/metrics, /readyz): never refused here
             return None
-        busy = self._quotas.full() or self.admission.refuse_at_door(
-            len(self._links), _resumes(head)
-        )
-        if busy is None:
-            return None
+        busy = self._quotas.full()
+        if busy is not None:
+            self.admission.figures.refused["connections"] += 1
+        else:
+            busy = self.admission.refuse_at_door(len(self._links), _resumes(head))
+            if busy is None:
+                return None
         body, headers = _busy_body(busy)
         return http11.serialize(http11.Reply(503, body, headers=headers), False, SERVER_NAME)
 

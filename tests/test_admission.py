@@ -24,7 +24,7 @@ from realtime.admission import (
     median_late_share,
 )
 from realtime.client import Client
-from realtime.server import Server
+from realtime.server import Server, _resumes
 from tests.conftest import ServerFactory
 from tests.test_metrics import get, scrape
 from tests.test_server import Raw
@@ -263,6 +263,21 @@ async def test_a_full_server_refusing_a_crowd_answers_the_handshake_503_server_b
     samples = await scrape(base)
     assert samples[("realtime_refused_busy_total", (("reason", "load"),))] == 2.0
     await first.still_works(1, 0)
+
+
+@pytest.mark.parametrize(
+    ("target", "resumes"),
+    [
+        (b"/?resume=1", True),
+        (b"/rt?token=abc&resume", True),
+        (b"/", False),
+        (b"/?resumes=1", False),
+        (b"/resume", False),
+    ],
+)
+def test_a_handshake_comes_to_resume_when_its_query_says_so(target: bytes, resumes: bool) -> None:
+    head = b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n"
+    assert _resumes(head) is resumes
 
 
 async def test_a_model_with_its_queue_half_full_refuses_a_new_stream(

@@ -191,6 +191,7 @@ async def test_past_the_connection_cap_a_client_gets_503_server_busy(
     body = orjson.loads(response.body)
     assert response.status_code == 503 and response.headers["Retry-After"] == "1"
     assert (body["code"], body["retry_after_ms"]) == ("server_busy", 1000.0)
+    assert server.admission.figures.refused["connections"] == 1  # in realtime_refused_busy_total
     for ws in held:
         await ws.close()
 
