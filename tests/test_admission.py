@@ -9,7 +9,7 @@ import numpy as np
 import orjson
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed
 
 from realtime import errors
 from realtime.admission import (
@@ -27,6 +27,7 @@ from realtime.client import Client
 from realtime.server import Server, _resumes
 from tests.conftest import ServerFactory
 from tests.test_metrics import get, scrape
+from tests.test_security import refused_503
 from tests.test_server import Raw
 
 
@@ -194,14 +195,21 @@ def _fill(server: Server, sessions_cost: float) -> None:
         admission.observe(Measurement(t, 0.0, t * sessions_cost, t * sessions_cost, 1, 1, {}))
 
 
+async def _one_streaming(start_server: ServerFactory, tiny_models: Path) -> tuple[Server, Raw]:
+    """A server (target 0.5, retry_after_ms 750, measured only by the test) and the session
+    streaming on it, admitted while nothing was measured."""
+    policy = AdmissionPolicy(target_load=0.5, retry_after_ms=750.0, period=3600.0)
+    server = await start_server((tiny_models,), builtin=False, admission=policy)
+    first = await Raw.connect(server.url)
+    assert (await first.open(1, shape=[4]))["type"] == "opened"
+    return server, first
+
+
 async def test_a_full_server_refuses_hello_with_server_busy_then_closes(
     start_server: ServerFactory, tiny_models: Path
 ) -> None:
-    policy = AdmissionPolicy(target_load=0.5, retry_after_ms=750.0, period=3600.0)
-    server = await start_server((tiny_models,), builtin=False, admission=policy)
+    server, first = await _one_streaming(start_server, tiny_models)
     base = f"http://127.0.0.1:{server.port}"
-    first = await Raw.connect(server.url)  # admitted while nothing is measured
-    assert (await first.open(1, shape=[4]))["type"] == "opened"
     assert (await asyncio.to_thread(get, base + "/readyz"))[0] == 200
     _fill(server, 0.4)  # one session uses 40 %: a second would pass the 50 % target
     status, _, body = await asyncio.to_thread(get, base + "/readyz")
@@ -234,19 +242,12 @@ async def test_a_full_server_refuses_hello_with_server_busy_then_closes(
 async def test_a_full_server_refusing_a_crowd_answers_the_handshake_503_server_busy(
     start_server: ServerFactory, tiny_models: Path
 ) -> None:
-    policy = AdmissionPolicy(target_load=0.5, retry_after_ms=750.0, period=3600.0)
-    server = await start_server((tiny_models,), builtin=False, admission=policy)
+    server, first = await _one_streaming(start_server, tiny_models)
     base = f"http://127.0.0.1:{server.port}"
-    first = await Raw.connect(server.url)
-    assert (await first.open(1, shape=[4]))["type"] == "opened"
     _fill(server, 0.4)  # full, as above
     server.admission.refusal_rate = 10 * CALM_REFUSALS  # and a crowd knocking
-    with pytest.raises(InvalidStatus) as refused:
-        await connect(server.url)
-    response = refused.value.response
-    body = orjson.loads(response.body)
-    assert response.status_code == 503 and response.headers["Retry-After"] == "8"
-    assert (body["code"], body["retry_after_ms"]) == ("server_busy", 7500.0)
+    retry_after, body = await refused_503(server.url)
+    assert retry_after == "8" and (body["code"], body["retry_after_ms"]) == ("server_busy", 7500.0)
     assert "full" in body["error"]
     with pytest.raises(errors.ServerBusy):  # the Python client raises it typed
         await Client.connect(server.url)

@@ -178,6 +178,15 @@ async def test_many_sessions_of_one_address_or_key_share_its_rate(
     assert set(replies) == {"pong", "rate_limited"}
 
 
+async def refused_503(url: str) -> tuple[str, dict[str, Any]]:
+    """Connect to ``url``, which must refuse the handshake 503: its Retry-After and JSON body."""
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(url)
+    response = refused.value.response
+    assert response.status_code == 503
+    return response.headers["Retry-After"], orjson.loads(response.body)
+
+
 async def test_past_the_connection_cap_a_client_gets_503_server_busy(
     start_server: ServerFactory, tiny_models: Path
 ) -> None:
@@ -185,12 +194,8 @@ async def test_past_the_connection_cap_a_client_gets_503_server_busy(
     held = [await connect(server.url) for _ in range(3)]
     for ws in held:
         await _hello(ws)  # connected: the server counts them
-    with pytest.raises(InvalidStatus) as refused:
-        await connect(server.url)
-    response = refused.value.response
-    body = orjson.loads(response.body)
-    assert response.status_code == 503 and response.headers["Retry-After"] == "1"
-    assert (body["code"], body["retry_after_ms"]) == ("server_busy", 1000.0)
+    retry_after, body = await refused_503(server.url)
+    assert retry_after == "1" and (body["code"], body["retry_after_ms"]) == ("server_busy", 1000.0)
     assert server.admission.figures.refused["connections"] == 1  # in realtime_refused_busy_total
     for ws in held:
         await ws.close()
