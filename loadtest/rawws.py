@@ -203,9 +203,10 @@ class RawConnection(asyncio.Protocol):
                 check_upgrade(head, self._accept)
             except HandshakeRefused as exc:
                 # Its body (a 503's typed error) is kept: whole, or what came before the close.
-                exc.body = rest[: content_length(head)]
+                length = content_length(head)
+                exc.body = rest[:length]
                 self._refused = exc
-                if len(exc.body) == content_length(head):
+                if len(exc.body) == length:
                     self._fail(exc)
                 return
             except Exception as exc:
