@@ -4,8 +4,9 @@ A :class:`BatchQueue` holds the chunks waiting for one model version. It is told
 asked two questions: :meth:`BatchQueue.due` (when should the next batch be cut?) and
 :meth:`BatchQueue.cut` (which items make it, and which are shed because their deadline passed or
 their client is gone?). A batch is due when it would be full (``max_batch``), when its oldest item
-has waited ``max_delay``, or when waiting longer would make its earliest deadline unreachable given
-the model's measured run time (:class:`RunTimes`), whichever comes first.
+has waited the delay in force (``max_delay``, longer while the server is busy: see
+:attr:`BatchQueue.delay`), or when waiting longer would make its earliest deadline unreachable
+given the model's measured run time (:class:`RunTimes`), whichever comes first.
 
 Items of different input shapes never share a batch: each shape has its own bucket. Within a
 bucket, sessions are served round-robin, one item per session per turn, so a flooding client
@@ -133,6 +134,10 @@ class BatchQueue:
         self.policy = policy
         self.run_times = run_times
         self.stateful = stateful
+        #: Seconds the oldest item may wait for a fuller batch: the policy's ``max_delay``, or
+        #: longer while the server is busy (set by the scheduler: fewer, fuller batches cost
+        #: less CPU). The deadline still bounds it.
+        self.delay = policy.max_delay
         self._buckets: dict[tuple[int, ...], _Bucket] = {}
         self._order = itertools.count()
         self._len = 0
@@ -163,7 +168,7 @@ class BatchQueue:
             return oldest
         n = bucket.count
         by_deadline = bucket.earliest_deadline() - self.run_times.estimate(n) - policy.margin
-        by_delay = oldest + policy.max_delay
+        by_delay = oldest + self.delay
         return by_delay if by_delay < by_deadline else by_deadline
 
     def due(self) -> float:

@@ -124,6 +124,14 @@ def _parser() -> argparse.ArgumentParser:
         "%(default)s)",
     )
     s.add_argument(
+        "--batch-stretch",
+        type=float,
+        default=Config().batch_stretch,
+        help="while the server is busy, a model's batches wait up to this many times its "
+        "max_delay_ms to fill, which costs less CPU a chunk (default %(default)s; 1: never "
+        "longer; see docs/scheduler.md)",
+    )
+    s.add_argument(
         "--intra-op-threads",
         type=int,
         default=1,
@@ -450,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
                 redis_url=args.redis,
                 checkpoint_seconds=args.checkpoint_seconds,
                 intra_op_threads=args.intra_op_threads,
+                batch_stretch=args.batch_stretch,
                 admission=AdmissionPolicy(
                     target_load=args.admit_load,
                     max_lag_ms=args.admit_lag_ms,

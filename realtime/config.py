@@ -50,6 +50,9 @@ class Config:
     workers: int = field(default_factory=_default_workers)
     #: ONNX Runtime threads inside one batch; raise it for few, large models on many cores.
     intra_op_threads: int = 1
+    #: While the server is busy, a model's batches wait up to this many times its
+    #: ``max_delay_ms`` to fill (1: never longer; see :meth:`realtime.scheduler.Scheduler.pace`).
+    batch_stretch: float = 4.0
     #: Chunks waiting per model version before new ones are refused with ``overloaded``.
     max_queue: int = 4096
     #: Sessions connected at once in all; past it a handshake gets HTTP 503 (server_busy).
@@ -101,6 +104,8 @@ class Config:
             )
         if self.redis_url is not None and not self.checkpoint_seconds > 0:
             raise ConfigError("--checkpoint-seconds must be above 0")
+        if not self.batch_stretch >= 1:
+            raise ConfigError("--batch-stretch must be at least 1")
         if (self.certfile is None) != (self.keyfile is None):
             raise ConfigError("--certfile and --keyfile go together")
 

@@ -165,6 +165,7 @@ class Server:
             max_queue=config.max_queue,
             run_timeout=config.batch_timeout_seconds,
             deliver=self.relay.deliver,
+            stretch=config.batch_stretch,
         )
         self.relay.scheduler = self.scheduler
         #: Every session with a socket, by session id.
@@ -542,6 +543,7 @@ class Server:
                 runs,
             )
         )
+        self.scheduler.pace(self.admission.load)
         if now >= self._lateness_due:
             self._lateness(now)
         period = self.config.admission.period

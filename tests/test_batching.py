@@ -235,3 +235,15 @@ def test_clear_takes_everything() -> None:
         queue.push(stream(sid))
     assert sorted(tokens(queue.q.clear())) == [0, 1, 2]
     assert len(queue.q) == 0 and queue.q.due() == math.inf
+
+
+def test_a_stretched_delay_lets_a_partial_batch_wait_longer_but_not_past_its_deadline() -> None:
+    run_times = RunTimes(8)
+    run_times.observe(2, 0.004)
+    queue = Queue(max_batch=8, max_delay=0.005, run_times=run_times)
+    queue.q.delay = 0.020  # what Scheduler.pace sets while the server is busy
+    queue.push(stream(), deadline=0.100)
+    assert queue.q.due() == pytest.approx(0.020)
+    queue.push(stream("b"), deadline=0.015)
+    # 15 ms deadline - 4 ms to run two - 1 ms margin comes first
+    assert queue.q.due() == pytest.approx(0.010)

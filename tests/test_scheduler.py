@@ -16,7 +16,7 @@ from realtime import errors
 from realtime.models.repository import BUILTIN_DIR, ModelRepository, scan
 from realtime.models.spec import Model
 from realtime.protocol import Chunk, Event, Hello, Open, Result
-from realtime.scheduler import Scheduler
+from realtime.scheduler import PACE_FROM, Scheduler
 from realtime.session import Limits, Outcome, Prediction, Session, WorkItem
 from tests.conftest import REPO, SHARED, Outcomes, needs_shared, read_clip
 
@@ -277,3 +277,38 @@ async def test_a_chunk_that_would_wait_past_its_deadline_is_refused_at_the_door(
     await scheduler.close()
     outcomes = await asyncio.gather(*accepted, return_exceptions=True)
     assert all(isinstance(o, (Prediction, errors.ShuttingDown)) for o in outcomes)
+
+
+async def test_a_busy_server_lets_batches_wait_longer_to_fill(tiny_models: Path) -> None:
+    """Scheduler.pace: from PACE_FROM load up to full, a batch may wait up to ``stretch`` times
+    its model's max_delay_ms; when the load falls again, a batch already past the shorter wait
+    is cut at once, not when the longer wait's timer fires."""
+    models = scan(tiny_models)
+    double, accumulate = (m for name in ("double", "accumulate") for m in models if m.name == name)
+    now = [0.0]
+    outcomes = Outcomes()
+    scheduler = Scheduler(
+        [double], workers=1, clock=lambda: now[0], deliver=outcomes.deliver, stretch=10.0
+    )
+    queue = scheduler.queues["double@1"]
+    delay = double.max_delay_ms / 1000.0
+    for load, stretch in [(0.0, 1.0), (PACE_FROM, 1.0), (0.75, 5.5), (1.0, 10.0), (3.0, 10.0)]:
+        scheduler.pace(load)
+        assert queue.delay == pytest.approx(stretch * delay), load
+    # A model version loaded while busy waits as long as the others.
+    assert scheduler.add_model(accumulate).delay == pytest.approx(
+        10.0 * accumulate.max_delay_ms / 1000.0
+    )
+    session = Session("s", ModelRepository(models), ROOMY, "test")
+    session.hello(Hello(1))
+    session.open_stream(Open(1, "double", "tensor", "float32"))
+    item = WorkItem(session.streams[1], 0, 0.0, np.ones(4, np.float32), 0.0, 1.0)
+    done = outcomes.submit(scheduler, item)
+    now[0] = 2 * delay  # past the model's own wait, within the stretched one
+    scheduler.pace(0.9)
+    assert queue.depth == 1
+    scheduler.pace(0.0)
+    assert queue.depth == 0  # cut at once
+    prediction = await done
+    np.testing.assert_array_equal(prediction.outputs[0], np.full(4, 2.0, np.float32))
+    await scheduler.close()
