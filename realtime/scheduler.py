@@ -6,10 +6,9 @@ Each model version has a queue and a fixed number of batch slots; whenever a slo
 its :class:`BatchQueue` says a batch is due (full, waited ``max_delay_ms``, or its earliest
 deadline would slip), the batch is cut and run in the worker pool. While the server is busy,
 batches wait longer to fill (:meth:`Scheduler.pace`): a batch costs a fixed share of CPU
-whatever its size. Stateful streams never have
-two chunks in one batch or in flight at once, and their recurrent state is gathered into the
-batch and scattered back on the event loop, so no thread ever touches a stream or an asyncio
-object.
+whatever its size. Stateful streams never have two chunks in one batch or in flight at once,
+and their recurrent state is gathered into the batch and scattered back on the event loop, so
+no thread ever touches a stream or an asyncio object.
 """
 
 from __future__ import annotations
@@ -504,7 +503,7 @@ class Scheduler:
     ) -> None:
         self._workers, self._max_queue, self._clock = workers, max_queue, clock
         self._stretch = stretch
-        self._pace = 1.0  # the stretch in force
+        self._stretch_now = 1.0
         self._deliver = deliver
         self._run_timeout = run_timeout
         self._pool = self._new_pool()
@@ -529,7 +528,7 @@ class Scheduler:
             self._replace_pool,
         )
         self.queues[model.key] = queue
-        queue.pace(self._pace)
+        queue.pace(self._stretch_now)
         return queue
 
     def pace(self, load: float) -> None:
@@ -542,12 +541,12 @@ class Scheduler:
         VAD: ~0.2 ms) and the event loop's turns and thread hops around it (~0.35 ms). While
         the server has room, small batches cut early buy low latency with that CPU. Once it is
         busy, the same CPU serves more sessions: one core carrying 375 silero streams ran
-        ~320 batches a second of ~37 at 2 ms, 0.90 of the core busy; at 8 ms, ~180 batches of
-        64, 0.84 busy, for ~2 ms more latency. The deadline still bounds every wait."""
+        ~320 batches a second of ~37 at 2 ms, 0.90 of the core busy; paced, ~185 batches of
+        63, 0.83 busy, for ~2 ms more latency. The deadline still bounds every wait."""
         share = min(max((load - PACE_FROM) / (1.0 - PACE_FROM), 0.0), 1.0)
-        self._pace = 1.0 + (self._stretch - 1.0) * share
+        self._stretch_now = 1.0 + (self._stretch - 1.0) * share
         for q in self.queues.values():
-            q.pace(self._pace)
+            q.pace(self._stretch_now)
 
     def _replace_pool(self) -> None:
         """A worker is stuck in a model run: new batches go to a new pool of full size; the old
