@@ -1,16 +1,17 @@
 """HTTP/1.1 on the WebSocket port: the front door, and a small server for what is not a WebSocket.
 
 websockets' server parses only GET requests (a handshake, or a plain GET answered by
-``process_request``). :class:`HttpDoor` gives the port a front door: passed to websockets as
-``create_connection``, it looks at the first bytes of each connection before websockets does,
-and builds websockets' ``ServerConnection`` only then. A ``GET`` outside ``/v2`` goes on to
-websockets as before;
-anything else (``POST /v2/models/.../infer``, ``GET /v2/...``) is taken off websockets' hands with
-``transport.set_protocol`` and served here: keep-alive, ``Content-Length`` bodies up to a limit,
-``Expect: 100-continue``, typed errors. websockets never sees such a connection, so neither its
-handshake timeout nor its shutdown touches it; this door closes its own connections. A handshake
-the server refuses anyway (:attr:`HttpDoor.gate`: a full server refusing a crowd) is answered
-here too, and closed: a seventh of the CPU of going through websockets' handshake and a hello.
+``process_request``). :class:`HttpDoor` gives the port a front door: the protocol of each new
+connection (:meth:`HttpDoor.protocol`) looks at its first bytes before websockets does, and
+builds websockets' ``ServerConnection`` only then. A ``GET`` outside ``/v2`` goes on to
+websockets as before; anything else (``POST /v2/models/.../infer``, ``GET /v2/...``) is taken
+off websockets' hands with ``transport.set_protocol`` and served here: keep-alive,
+``Content-Length`` bodies up to a limit, ``Expect: 100-continue``, typed errors. websockets
+never sees such a connection, so neither its handshake timeout nor its shutdown touches it; this
+door closes its own connections. A handshake the server refuses anyway (:attr:`HttpDoor.gate`: a
+full server refusing a crowd) is answered here too, and closed: a seventh of the CPU of going
+through websockets' handshake and a hello (when its first bytes had come by the time it was
+accepted, ``realtime.listener`` answered it already, on the bare socket).
 
 The request head is parsed by the pure :func:`parse_head` (tested with byte strings); the asyncio
 part only reads, calls the handler and writes, one request at a time per connection.
@@ -25,9 +26,8 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from functools import partial
 from http import HTTPStatus
-from typing import Any, TypeVar, cast
+from typing import cast
 from urllib.parse import unquote
 
 import orjson
@@ -77,7 +77,6 @@ class Reply:
 
 
 Handler = Callable[[Request], Awaitable[Reply]]
-C = TypeVar("C", bound=ServerConnection)
 
 
 def wants_websocket(first: bytes) -> bool | None:
@@ -187,10 +186,10 @@ class HttpDoor:
         #: before websockets takes it (then the connection closes), or None to let it through.
         self.gate: Callable[[bytes], bytes | None] | None = None
 
-    def front_door(self, base: type[C]) -> type[C]:
-        """What to give ``websockets.asyncio.server.serve(create_connection=...)``: ``base`` (a
-        ``ServerConnection``) is built for WebSocket connections, this door takes the rest."""
-        return _front_door(self, base)
+    def protocol(self, make: Callable[[], ServerConnection]) -> asyncio.Protocol:
+        """A new connection's protocol until its first bytes say whose it is: ``make`` builds
+        websockets' connection for a WebSocket, this door serves the rest."""
+        return _Peek(self, make)
 
     def take(self, transport: asyncio.Transport, first: bytes) -> None:
         """Serve a connection from here on; ``first`` are the bytes already read from it."""
@@ -321,11 +320,3 @@ class _Peek(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._first_bytes.cancel()
-
-
-def _front_door(door: HttpDoor, base: type[C]) -> type[C]:
-    def peek(*args: Any, **kwargs: Any) -> _Peek:
-        """What websockets' server calls for each new connection, as it would ``base``."""
-        return _Peek(door, partial(base, *args, **kwargs))
-
-    return cast(type[C], peek)

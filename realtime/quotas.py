@@ -63,9 +63,14 @@ class Quotas:
         self._by_ip: dict[str, _Holder] = {}
         self._by_key: dict[str, _Holder] = {}
 
+    @property
+    def at_cap(self) -> bool:
+        """Whether the server has its ``max_connections`` sessions."""
+        return self.connected >= self.max_connections
+
     def full(self) -> errors.ServerBusy | None:
         """The refusal of a new connection past the connection cap, or None."""
-        if self.connected < self.max_connections:
+        if not self.at_cap:
             return None
         return errors.ServerBusy(
             f"the server has its {self.max_connections} connections: try again later",

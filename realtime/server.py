@@ -36,12 +36,14 @@ from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import Event
 from websockets.protocol import State as WsState
+from websockets.server import ServerProtocol
 
 from realtime import __version__, errors, handoff, http11, store
 from realtime.admission import Admission, Measurement, idle_seconds, median_late_share
 from realtime.auth import AuthFailed, Grant, check_origin, credential
 from realtime.config import Config, is_loopback
 from realtime.connection import Connection, State
+from realtime.listener import Listener, bind
 from realtime.metrics import AdmissionMetrics, Metrics, merge_expositions
 from realtime.models.repository import BUILTIN_DIR, ModelRepository, scan
 from realtime.models.spec import Model, RuntimeOptions
@@ -278,18 +280,20 @@ class Server:
         if self.config.certfile is not None:
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             tls.load_cert_chain(self.config.certfile, self.config.keyfile)
-        self._ws = await serve(
-            self._handle,
-            self.config.host,
-            self.config.port,
-            ssl=tls,
-            process_request=self._http,
-            compression=None,
-            max_size=limits.max_message_bytes * HARD_SIZE_FACTOR,
-            server_header=SERVER_NAME,
-            create_connection=self._http_door.front_door(_Socket),
-            reuse_port=self.config.reuse_port or None,
-        )
+        max_size = limits.max_message_bytes * HARD_SIZE_FACTOR
+        # websockets' Server runs the handshakes and the handlers; this process accepts the
+        # connections itself (realtime.listener), to refuse a crowd at the least cost.
+        ws = serve(self._handle, process_request=self._http, server_header=SERVER_NAME)
+        door = self._http_door
+
+        def protocol() -> asyncio.Protocol:
+            return door.protocol(lambda: _Socket(ServerProtocol(max_size=max_size), ws))
+
+        sockets = bind(self.config.host, self.config.port, self.config.reuse_port)
+        timeout = http11.FIRST_BYTES_SECONDS
+        listener = Listener(sockets, protocol, self._refusing, self._screen, tls, timeout)
+        ws.create_server = listener.start  # type: ignore[assignment]
+        self._ws = await ws
         if self.config.grpc_port is not None:
             from realtime import oip_grpc  # grpcio loads only for servers that speak gRPC
 
@@ -614,6 +618,16 @@ class Server:
             return response(HTTPStatus.OK, generate_latest(self._metrics), CONTENT_TYPE_LATEST)
         models = [m for m in self.repository.catalog() if grant.allows(m["name"])]
         return response(HTTPStatus.OK, orjson.dumps({"models": models}), "application/json")
+
+    def _refusing(self) -> bool:
+        """Whether new handshakes may be refused at the door now (a crowd, or the connection
+        cap reached): realtime.listener then looks at their first bytes itself."""
+        return self.admission.crowd or self._quotas.at_cap
+
+    def _screen(self, head: bytes) -> bytes | None:
+        """A new connection's first bytes, as the listener saw them: the refusal to answer it
+        with, or None to let it through (to websockets, or to the HTTP door)."""
+        return self._door(head) if http11.wants_websocket(head) else None
 
     def _door(self, head: bytes) -> bytes | None:
         """A WebSocket handshake at the front door (its whole head): the HTTP 503 that refuses

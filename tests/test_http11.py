@@ -7,10 +7,11 @@ import asyncio
 import numpy as np
 import orjson
 import pytest
+from websockets.asyncio.server import ServerConnection
 
 from realtime import errors
 from realtime.client import Client
-from realtime.http11 import Reply, parse_head, serialize, wants_websocket
+from realtime.http11 import HttpDoor, Reply, Request, parse_head, serialize, wants_websocket
 from realtime.server import Server
 from tests.conftest import ServerFactory
 
@@ -216,3 +217,34 @@ async def test_shutdown_does_not_wait_for_a_body_that_never_comes(
     await server.close()
     assert await reader.read() == b""
     writer.close()
+
+
+async def test_the_front_door_refuses_a_handshake_the_listener_did_not_see_whole() -> None:
+    # The listener refuses a crowd's handshake on the bare socket only when the whole head has
+    # come by the accept; one that comes later meets the same gate here, in the front door.
+    heads: list[bytes] = []
+
+    def gate(head: bytes) -> bytes | None:
+        heads.append(head)
+        return b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
+
+    async def never(_: Request) -> Reply:
+        raise AssertionError("a handshake is not the HTTP door's")
+
+    def websocket() -> ServerConnection:
+        raise AssertionError("a refused handshake builds no websockets connection")
+
+    door = HttpDoor(never, 1024, 10.0, "test", lambda e: 400)
+    door.gate = gate
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: door.protocol(websocket), "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+    head = b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n"
+    writer.write(head[:20])
+    await writer.drain()
+    writer.write(head[20:])
+    assert (await asyncio.wait_for(reader.read(), 10)).startswith(b"HTTP/1.1 503 ")
+    assert heads == [head]
+    writer.close()
+    server.close()
+    await server.wait_closed()
