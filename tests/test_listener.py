@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -17,10 +18,11 @@ from realtime.listener import Listener, bind
 
 HEAD = b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
 REFUSAL = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-
-
-LOOPS = pytest.mark.parametrize("loop", [asyncio.new_event_loop, uvloop.new_event_loop])
+LOOPS = pytest.mark.parametrize(
+    "loop", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"]
+)
 Loop = Callable[[], asyncio.AbstractEventLoop]
+Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
 def run(loop: Loop, test: Coroutine[Any, Any, None]) -> None:
@@ -35,7 +37,6 @@ class Echo(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.got = b""
-        self.arrived = asyncio.Event()
         Echo.made.append(self)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -43,12 +44,11 @@ class Echo(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.got += data
-        self.arrived.set()
         self.transport.write(data)
 
 
 class Screen:
-    """Refuses every handshake it is shown, or none; counts them."""
+    """Refuses every handshake it is shown, or none; keeps what it was shown."""
 
     def __init__(self, refuse: bool) -> None:
         self.refuse = refuse
@@ -59,36 +59,43 @@ class Screen:
         return REFUSAL if self.refuse else None
 
 
-async def listening(busy: bool, screen: Screen, start: bool = True) -> tuple[Listener, int]:
+@asynccontextmanager
+async def listening(busy: bool, screen: Screen) -> AsyncIterator[Listener]:
+    """A listener on loopback, not yet accepting; closed at the end."""
     Echo.made = []
     listener = Listener(bind("127.0.0.1", 0, False), Echo, lambda: busy, screen)
-    if start:
-        await listener.start()
-    return listener, listener.sockets[0].getsockname()[1]
+    try:
+        yield listener
+    finally:
+        listener.close()
+        await listener.wait_closed()
 
 
-async def read_all(reader: asyncio.StreamReader) -> bytes:
-    return await asyncio.wait_for(reader.read(), 10)
+async def client(listener: Listener, first: bytes = b"") -> Stream:
+    """A client of ``listener`` that sent ``first`` before it was accepted (connected, it waits
+    in the kernel's backlog): as a crowd's handshakes mostly have by the time a busy server gets
+    to them. The listener accepts from here on."""
+    sock = socket.create_connection(("127.0.0.1", listener.sockets[0].getsockname()[1]))
+    sock.sendall(first)
+    await listener.start()
+    return await asyncio.open_connection(sock=sock)
+
+
+async def echoed(stream: Stream, data: bytes) -> bytes:
+    return await asyncio.wait_for(stream[0].readexactly(len(data)), 10)
 
 
 @LOOPS
 def test_a_refused_handshake_is_answered_and_closed_on_the_bare_socket(loop: Loop) -> None:
     async def test() -> None:
         screen = Screen(refuse=True)
-        listener, port = await listening(True, screen, start=False)
-        # Connected (the kernel's backlog takes it) and its head sent before the accept: as a
-        # crowd's handshakes mostly are by the time a busy server gets to them.
-        client = socket.create_connection(("127.0.0.1", port))
-        client.sendall(HEAD)
-        await listener.start()
-        reader, writer = await asyncio.open_connection(sock=client)
-        # The whole answer, then a clean end of stream: the head was taken before the close,
-        # so the kernel sent FIN, not RST (which could have thrown the answer away).
-        assert await read_all(reader) == REFUSAL
-        assert listener.refused == 1 and Echo.made == [] and screen.shown == [HEAD]
-        writer.close()
-        listener.close()
-        await listener.wait_closed()
+        async with listening(True, screen) as listener:
+            reader, writer = await client(listener, HEAD)
+            # The whole answer, then a clean end of stream: the head was taken before the
+            # close, so the kernel sent FIN, not RST (which could have thrown the answer away).
+            assert await asyncio.wait_for(reader.read(), 10) == REFUSAL
+            assert listener.refused == 1 and Echo.made == [] and screen.shown == [HEAD]
+            writer.close()
 
     run(loop, test())
 
@@ -97,16 +104,11 @@ def test_a_refused_handshake_is_answered_and_closed_on_the_bare_socket(loop: Loo
 def test_a_handshake_the_screen_lets_through_reaches_its_protocol_whole(loop: Loop) -> None:
     async def test() -> None:
         screen = Screen(refuse=False)
-        listener, port = await listening(True, screen)
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(HEAD)
-        assert await asyncio.wait_for(reader.readexactly(len(HEAD)), 10) == HEAD  # echoed
-        # Looked at (when it had come by the accept) without being taken from the socket.
-        assert screen.shown in ([], [HEAD])
-        assert listener.refused == 0 and Echo.made[0].got == HEAD
-        writer.close()
-        listener.close()
-        await listener.wait_closed()
+        async with listening(True, screen) as listener:
+            stream = await client(listener, HEAD)
+            assert await echoed(stream, HEAD) == HEAD  # looked at, not taken from the socket
+            assert screen.shown == [HEAD] and listener.refused == 0 and Echo.made[0].got == HEAD
+            stream[1].close()
 
     run(loop, test())
 
@@ -115,16 +117,13 @@ def test_a_handshake_the_screen_lets_through_reaches_its_protocol_whole(loop: Lo
 def test_a_head_not_yet_whole_goes_to_the_event_loop(loop: Loop) -> None:
     async def test() -> None:
         screen = Screen(refuse=True)
-        listener, port = await listening(True, screen)
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(HEAD[:10])
-        assert await asyncio.wait_for(reader.readexactly(10), 10) == HEAD[:10]
-        writer.write(HEAD[10:])  # the event loop's protocol decides now (the server's front door)
-        assert await asyncio.wait_for(reader.readexactly(len(HEAD) - 10), 10) == HEAD[10:]
-        assert screen.shown == [] and listener.refused == 0
-        writer.close()
-        listener.close()
-        await listener.wait_closed()
+        async with listening(True, screen) as listener:
+            stream = await client(listener, HEAD[:10])
+            assert await echoed(stream, HEAD[:10]) == HEAD[:10]
+            stream[1].write(HEAD[10:])  # the event loop's protocol decides (the front door)
+            assert await echoed(stream, HEAD[10:]) == HEAD[10:]
+            assert screen.shown == [] and listener.refused == 0
+            stream[1].close()
 
     run(loop, test())
 
@@ -133,15 +132,12 @@ def test_a_head_not_yet_whole_goes_to_the_event_loop(loop: Loop) -> None:
 def test_while_the_server_is_not_refusing_nothing_is_looked_at(loop: Loop) -> None:
     async def test() -> None:
         screen = Screen(refuse=True)
-        listener, port = await listening(False, screen)
-        connections = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
-        for reader, writer in connections:
-            writer.write(HEAD)
-            assert await asyncio.wait_for(reader.readexactly(len(HEAD)), 10) == HEAD
-            writer.close()
-        assert screen.shown == [] and len(Echo.made) == 3
-        listener.close()
-        await listener.wait_closed()
+        async with listening(False, screen) as listener:
+            for _ in range(3):
+                stream = await client(listener, HEAD)
+                assert await echoed(stream, HEAD) == HEAD
+                stream[1].close()
+            assert screen.shown == [] and len(Echo.made) == 3
 
     run(loop, test())
 
@@ -149,19 +145,17 @@ def test_while_the_server_is_not_refusing_nothing_is_looked_at(loop: Loop) -> No
 @LOOPS
 def test_a_closed_listener_accepts_no_more_but_leaves_connections_open(loop: Loop) -> None:
     async def test() -> None:
-        listener, port = await listening(False, Screen(refuse=False))
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"x")
-        assert await asyncio.wait_for(reader.readexactly(1), 10) == b"x"
-        assert listener.is_serving()
-        listener.close()
-        await listener.wait_closed()
-        assert not listener.is_serving()
+        async with listening(False, Screen(refuse=False)) as listener:
+            port = listener.sockets[0].getsockname()[1]
+            stream = await client(listener, b"x")
+            assert await echoed(stream, b"x") == b"x"
+            assert listener.is_serving()
+        assert not listener.is_serving()  # closed on leaving the block
         with pytest.raises(ConnectionRefusedError):
             await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"y")  # the open connection stays
-        assert await asyncio.wait_for(reader.readexactly(1), 10) == b"y"
-        writer.close()
+        stream[1].write(b"y")  # the open connection stays
+        assert await echoed(stream, b"y") == b"y"
+        stream[1].close()
 
     run(loop, test())
 
