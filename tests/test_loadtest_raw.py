@@ -269,3 +269,30 @@ class _Notify(list[float]):
     def append(self, value: float) -> None:
         super().append(value)
         self.event.set()
+
+
+def test_the_overload_report_says_when_the_capacity_no_longer_held_after_the_runs() -> None:
+    from loadtest.overload import markdown
+
+    def result(ok: bool) -> dict[str, object]:
+        return {
+            "kind": "audio",
+            "capacity_clients": 450,
+            "command": "python -m loadtest.overload",
+            "machine": {
+                "cores": 2,
+                "load_average_before": [0.1] * 3,
+                "load_average_after": [0.2] * 3,
+            },
+            "seconds": 14.0,
+            "ramp": 4.0,
+            "retry": True,
+            "runs": {},
+            "checks": {"2x: admitted >= 90 % of capacity": False},
+            "plots": [],
+            "capacity_after": {"clients": 450, "ok": ok, "within_50ms": 0.932, "p99_ms": 71.0},
+        }
+
+    stale = markdown(result(False))
+    assert "450 clients, 93.2% within 50 ms, p99 71.0 ms: **no longer held**" in stale
+    assert "no longer held" not in markdown(result(True))
