@@ -97,7 +97,8 @@ class Listener:
         self._closed = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed_waiter: asyncio.Future[None] = self._loop.create_future()
-        #: Connections refused here (for tests and metrics).
+        #: Connections refused here, on the bare socket (admission control counts every refusal
+        #: by its reason; this tells how many took the short way).
         self.refused = 0
 
     # --- what websockets' Server uses of an asyncio.Server ----------------------------------
