@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -53,6 +53,13 @@ CALM_REFUSALS = 25.0
 REFUSAL_SMOOTHING_SECONDS = 2.0
 #: The longest wait told, as a multiple of ``retry_after_ms``.
 MAX_RETRY_FACTOR = 30.0
+#: Seconds a higher capacity must hold before admission goes by it: sessions admitted cannot
+#: be taken back, so the capacity admission uses is the least estimated over this window (a
+#: lower one counts at once). While sessions came in fast, each estimate ran ahead of what
+#: they would cost: the cost of a session read 2-5 % low, and a server admitted up to 0.93-0.97
+#: of its core against a target of 0.9, where one 20 ms stall (a garbage collection) put every
+#: session behind for a second (docs/scheduler.md).
+CAPACITY_HOLD_SECONDS = 1.0
 #: Lateness: a live audio stream counts in the median once it had this many results in a window.
 MIN_ANSWERED = 10
 
@@ -200,6 +207,9 @@ class Admission:
         self._door = 0  # of them, refused at the door
         #: Median share of late results over live audio streams, last window (None: unknown).
         self.late_share: float | None = None
+        #: Capacity estimates of the last :data:`CAPACITY_HOLD_SECONDS`, (time, sessions), each
+        #: lower than the ones after it: the first is the least (a sliding-window minimum).
+        self._estimates: deque[tuple[float, float]] = deque()
 
     # --- measuring ---------------------------------------------------------------------------
 
@@ -242,6 +252,21 @@ class Admission:
             share = 0.0 if before is None else (busy - before[0]) / (dt * max(workers, 1))
             old = self._model_load.get(name, 0.0)
             self._model_load[name] = old + a * (share - old)
+        self._hold(m.now)
+
+    def _hold(self, now: float) -> None:
+        """Keep the newest capacity estimate among the last :data:`CAPACITY_HOLD_SECONDS`."""
+        estimates = self._estimates
+        cost = self.session_cost
+        if cost is None:
+            estimates.clear()
+            return
+        estimate = max(self.policy.target_load - self.churn, 0.0) / cost
+        while estimates and estimates[-1][1] >= estimate:
+            estimates.pop()
+        estimates.append((now, estimate))
+        while estimates[0][0] < now - CAPACITY_HOLD_SECONDS:
+            estimates.popleft()
 
     def connected(self) -> None:
         """A new WebSocket connection arrived (admitted or not): its cost is not a session's."""
@@ -275,9 +300,9 @@ class Admission:
 
     @property
     def capacity(self) -> float | None:
-        """Sessions the server can carry within its target load; None while unknown."""
-        cost = self.session_cost
-        return None if cost is None else max(self.policy.target_load - self.churn, 0.0) / cost
+        """Sessions the server can carry within its target load (the least estimated over the
+        last :data:`CAPACITY_HOLD_SECONDS`); None while unknown."""
+        return self._estimates[0][1] if self._estimates else None
 
     def headroom(self, sessions: int) -> float | None:
         """Sessions that may still be admitted beside ``sessions``; None while unknown."""

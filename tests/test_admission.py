@@ -14,6 +14,7 @@ from websockets.exceptions import ConnectionClosed
 from realtime import errors
 from realtime.admission import (
     CALM_REFUSALS,
+    CAPACITY_HOLD_SECONDS,
     CONNECTION_COST,
     DOOR_COST,
     MIN_ANSWERED,
@@ -114,6 +115,32 @@ def test_a_crowd_arriving_does_not_make_a_streaming_session_look_dearer() -> Non
     server.run(5.0)
     assert admission.capacity == pytest.approx(80, rel=0.03)
     assert admission.admit_session(62) is None
+
+
+def test_a_higher_capacity_counts_once_it_held_a_lower_one_at_once() -> None:
+    # Admitted sessions cannot be taken back: a session that reads cheaper for a moment (while
+    # sessions come in fast the estimate ran ahead of their cost) must not let more in until it
+    # held; a dearer one (a slower machine) refuses at once.
+    admission = Admission(AdmissionPolicy(target_load=0.8))
+    server = FakeServer(admission, 0.01)
+    server.streaming = 40
+    server.run(5.0)
+    assert admission.capacity == pytest.approx(80, rel=0.02)
+    server.cost = 0.008  # 100 would fit
+    server.run(0.5)
+    assert admission.capacity == pytest.approx(80, rel=0.02)  # still the least of the window
+    assert isinstance(admission.admit_session(80), errors.ServerBusy)
+    server.run(CAPACITY_HOLD_SECONDS + 2.0)
+    assert admission.capacity == pytest.approx(100, rel=0.02)
+    assert admission.admit_session(80) is None
+    server.cost = 0.016  # 50 fit: the estimate falls, and the capacity with it
+    server.run(0.1)
+    assert admission.capacity is not None and admission.capacity < 100 - 5
+    server.run(3.0)
+    assert admission.capacity == pytest.approx(50, rel=0.02)
+    server.streaming, server.cost = 0, 0.0  # idle: the capacity is unknown again
+    server.run(5.0)
+    assert admission.capacity is None
 
 
 def test_the_bottleneck_is_the_busier_of_the_loop_and_the_cores() -> None:
