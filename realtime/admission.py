@@ -60,6 +60,10 @@ MAX_RETRY_FACTOR = 30.0
 #: of its core against a target of 0.9, where one 20 ms stall (a garbage collection) put every
 #: session behind for a second (docs/scheduler.md).
 CAPACITY_HOLD_SECONDS = 1.0
+#: ... from this share of the target load on. Below it the sessions are far from the capacity,
+#: and the first estimates of a ramp are rough (the first read 37 sessions, at 26 sessions and
+#: 0.09 of the core, while 450 fit): held for a second, it refused every client meanwhile.
+HOLD_FROM = 0.9
 #: Lateness: a live audio stream counts in the median once it had this many results in a window.
 MIN_ANSWERED = 10
 
@@ -262,6 +266,8 @@ class Admission:
             estimates.clear()
             return
         estimate = max(self.policy.target_load - self.churn, 0.0) / cost
+        if self.load < HOLD_FROM * self.policy.target_load:
+            estimates.clear()  # far from full: an estimate running ahead admits nothing amiss
         while estimates and estimates[-1][1] >= estimate:
             estimates.pop()
         estimates.append((now, estimate))

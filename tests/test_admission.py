@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from pathlib import Path
 
 import numpy as np
@@ -117,30 +118,42 @@ def test_a_crowd_arriving_does_not_make_a_streaming_session_look_dearer() -> Non
     assert admission.admit_session(62) is None
 
 
-def test_a_higher_capacity_counts_once_it_held_a_lower_one_at_once() -> None:
+def test_near_full_a_higher_capacity_counts_once_it_held_a_lower_one_at_once() -> None:
     # Admitted sessions cannot be taken back: a session that reads cheaper for a moment (while
     # sessions come in fast the estimate ran ahead of their cost) must not let more in until it
     # held; a dearer one (a slower machine) refuses at once.
     admission = Admission(AdmissionPolicy(target_load=0.8))
     server = FakeServer(admission, 0.01)
-    server.streaming = 40
+    server.streaming = 76  # 0.76 of the core: near the target
     server.run(5.0)
     assert admission.capacity == pytest.approx(80, rel=0.02)
-    server.cost = 0.008  # 100 would fit
+    server.cost = 0.0096  # 83 would fit
     server.run(0.5)
     assert admission.capacity == pytest.approx(80, rel=0.02)  # still the least of the window
     assert isinstance(admission.admit_session(80), errors.ServerBusy)
     server.run(CAPACITY_HOLD_SECONDS + 2.0)
-    assert admission.capacity == pytest.approx(100, rel=0.02)
+    assert admission.capacity == pytest.approx(83.3, rel=0.02)
     assert admission.admit_session(80) is None
-    server.cost = 0.016  # 50 fit: the estimate falls, and the capacity with it
+    server.cost = 0.012  # 66 fit: the estimate falls, and the capacity with it
     server.run(0.1)
-    assert admission.capacity is not None and admission.capacity < 100 - 5
+    assert admission.capacity is not None and admission.capacity < 83.3 - 3
     server.run(3.0)
-    assert admission.capacity == pytest.approx(50, rel=0.02)
+    assert admission.capacity == pytest.approx(66.7, rel=0.02)
     server.streaming, server.cost = 0, 0.0  # idle: the capacity is unknown again
     server.run(5.0)
     assert admission.capacity is None
+
+
+def test_far_from_full_the_capacity_follows_its_estimate() -> None:
+    # A ramp's first estimates are rough, and the sessions far below them: nothing is held.
+    admission = Admission(AdmissionPolicy(target_load=0.8))
+    server = FakeServer(admission, 0.02)
+    server.streaming = 10  # 0.2 of the core
+    server.run(5.0)
+    assert admission.capacity == pytest.approx(40, rel=0.02)
+    server.cost = 0.01
+    server.run(0.5)
+    assert admission.capacity == pytest.approx(0.8 / (0.01 + 0.01 * math.exp(-1)), rel=0.02)
 
 
 def test_the_bottleneck_is_the_busier_of_the_loop_and_the_cores() -> None:
