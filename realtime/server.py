@@ -940,6 +940,14 @@ def _confined_idle(cpus: set[int]) -> float | None:
 #: 2-3 a second at 30-130 ms under a burst of connections, where the server then stayed behind.
 #: At 20000 they die young (by reference count), and full collections come every ~10 s or more.
 GC_YOUNG = 20_000
+#: Young collections between two of the middle generation; Python's default is 10. The objects
+#: of a session that lives (its connection's tasks, futures, parsers: ~120) outlive their first
+#: young collection and wait in the middle generation: after a ramp of 450 sessions, the first
+#: middle collection walked ~75,000 objects, a 17-25 ms stall in every overload run (at 0.9 of
+#: the core, the model queue then backed up to 1000-2000 items). Collected every other young
+#: collection, the middle generation holds a few seconds' arrivals at most: 6-7 collections of
+#: at most 7-8 ms in such a run, and less collector time in all (docs/scheduler.md).
+GC_MIDDLE = 1
 
 
 def _busy_body(e: errors.ServerBusy) -> tuple[bytes, tuple[tuple[str, str], ...]]:
@@ -990,7 +998,7 @@ async def run(config: Config) -> None:
     # start: admission's first measurements should not count this collection's CPU.
     gc.collect()
     gc.freeze()
-    gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
+    gc.set_threshold(GC_YOUNG, GC_MIDDLE, gc.get_threshold()[2])
     await server.start()
     print(f"realtime {__version__} serving {len(server.models)} models on {server.url}", flush=True)
     if server.grpc_port is not None:
