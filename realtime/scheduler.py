@@ -2,9 +2,10 @@
 
 :meth:`Scheduler.submit` takes an accepted :class:`WorkItem`; its :class:`Prediction` (or a
 :class:`realtime.errors.ServingError`) is handed to the ``deliver`` callback on the event loop.
-Each model version has a queue and a fixed number of batch slots; whenever a slot is free and
-its :class:`BatchQueue` says a batch is due (full, waited ``max_delay_ms``, or its earliest
-deadline would slip), the batch is cut and run in the worker pool. While the server is busy,
+Each model version has a queue and a fixed number of batch slots (two per worker: the batch it
+runs and the next); whenever a slot is free and its :class:`BatchQueue` says a batch is due
+(full, waited ``max_delay_ms``, or its earliest deadline would slip), the batch is cut and run
+in the worker pool. While the server is busy,
 batches wait longer to fill (:meth:`Scheduler.pace`): a batch costs a fixed share of CPU
 whatever its size. Stateful streams never have two chunks in one batch or in flight at once,
 and their recurrent state is gathered into the batch and scattered back on the event loop, so
@@ -44,6 +45,16 @@ LATENCY_BOUNDS_MS: tuple[float, ...] = (
 #: batches wait longer than their ``max_delay_ms`` to fill, up to ``stretch`` times it at full
 #: load (see :meth:`Scheduler.pace`).
 PACE_FROM = 0.5
+
+
+#: Batches of one model version in flight per worker thread: the one it runs, and the next,
+#: waiting in its queue. A batch's end reaches the event loop as a callback, and only there is
+#: the next batch cut: with one slot per worker, the worker idled for a turn of the loop after
+#: each batch, and a busy loop's turns take milliseconds. On one core at ~445 speech_activity
+#: sessions (0.9 of it busy), one slow turn (12 ms) let 7 batches run in 50 ms instead of 17, the
+#: queue grew to 914 items, every turn then had more to do, and the server fell behind for a
+#: second (docs/scheduler.md, "Threads").
+BATCHES_PER_WORKER = 2
 
 
 def new_histogram() -> list[int]:
@@ -520,7 +531,7 @@ class Scheduler:
         queue = ModelQueue(
             model,
             self._pool,
-            self._workers,
+            BATCHES_PER_WORKER * self._workers,
             self._max_queue,
             self._clock,
             self._deliver,

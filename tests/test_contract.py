@@ -41,8 +41,9 @@ async def test_closed_counts_every_result_and_error_the_stream_got(
     assert (await raw.open(1, shape=[4]))["type"] == "opened"
     good = np.ones(4, np.float32)
     for seq in range(6):
-        # 0 runs (held), 1 and 2 fill the model's queue of 2, 3 and 4 are refused by the queue
-        # (accepted by the session: they keep their place), 5 meets the session's 5 in flight.
+        # 0 runs (held), 1 is cut as the worker's next batch, 2 and 3 fill the model's queue of 2,
+        # 4 is refused by the queue (accepted by the session: it keeps its place), 5 meets the
+        # session's 5 in flight.
         await raw.chunk(1, seq, good)
     await raw.chunk(1, 6, np.ones(5, np.float32))  # shape_mismatch
     await raw.chunk(1, 7, np.array([1, np.nan, 0, 0], np.float32))  # non_finite_input
@@ -74,8 +75,8 @@ async def test_closed_counts_every_result_and_error_the_stream_got(
         if msg.get("code") == "overloaded":
             reasons[msg["reason"]] += 1
     assert tally == {
-        "result": 3,
-        "overloaded": 3,
+        "result": 4,
+        "overloaded": 2,
         "shape_mismatch": 1,
         "non_finite_input": 1,
         "dtype_mismatch": 1,
@@ -84,7 +85,7 @@ async def test_closed_counts_every_result_and_error_the_stream_got(
         "stream_already_open": 1,
         "stream_not_open": 1,
     }
-    assert reasons == {"queue": 2, "inflight": 1}
+    assert reasons == {"queue": 1, "inflight": 1}
     assert (msg["results"], msg["errors"]) == (tally["result"], tally.total() - tally["result"])
 
 
@@ -101,11 +102,13 @@ async def test_overloaded_says_whose_limit_it_was(
     raw, other = await Raw.connect(server.url), await Raw.connect(server.url)
     assert (await raw.open(1, shape=[4]))["type"] == "opened"
     assert (await other.open(1, shape=[4]))["type"] == "opened"
+    assert (await other.open(2, shape=[4]))["type"] == "opened"
     await raw.chunk(1, 0, np.ones(4, np.float32))  # runs (held)
-    await raw.chunk(1, 1, np.ones(4, np.float32))  # queued: the queue of 1 is full
+    await raw.chunk(1, 1, np.ones(4, np.float32))  # cut as the worker's next batch
     await raw.chunk(1, 2, np.ones(4, np.float32))  # the stream's 2 in flight
     stream_bound = await raw.recv()
-    await other.chunk(1, 0, np.ones(4, np.float32))  # another session: the model's queue
+    await other.chunk(1, 0, np.ones(4, np.float32))  # another session: queued, the queue of 1 full
+    await other.chunk(2, 0, np.ones(4, np.float32))  # its other stream: the model's queue
     queue_full = await other.recv()
     gate.set()
     assert (stream_bound["code"], stream_bound["seq"], stream_bound["reason"]) == (
@@ -113,9 +116,9 @@ async def test_overloaded_says_whose_limit_it_was(
         2,
         "inflight",
     )
-    assert (queue_full["code"], queue_full["seq"], queue_full["reason"]) == (
+    assert (queue_full["code"], queue_full["stream"], queue_full["reason"]) == (
         "overloaded",
-        0,
+        2,
         "queue",
     )
     assert stream_bound["retryable"] and queue_full["retryable"]

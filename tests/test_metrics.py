@@ -165,7 +165,7 @@ async def test_readyz_says_full_while_a_model_queue_refuses_chunks(
         assert (await raw.open(1, shape=[4]))["type"] == "opened"
         assert (await raw.open(2, shape=[4]))["type"] == "opened"
         await raw.chunk(1, 0, np.full(4, 99.0, np.float32))  # runs, held
-        for seq in (1, 2):  # wait in the queue
+        for seq in (1, 2, 3):  # the worker's next batch, then the queue
             await raw.chunk(1, seq, np.ones(4, np.float32))
         await raw.chunk(2, 0, np.ones(4, np.float32))  # refused (answered at once: stream 2)
         refused = await raw.recv()
@@ -174,5 +174,5 @@ async def test_readyz_says_full_while_a_model_queue_refuses_chunks(
         assert (status, body) == (503, '{"status":"full","reason":"queue"}')
     finally:
         release.set()
-    assert [(await raw.recv())["seq"] for _ in range(3)] == [0, 1, 2]
+    assert [(await raw.recv())["seq"] for _ in range(4)] == [0, 1, 2, 3]
     assert (await asyncio.to_thread(get, base + "/readyz"))[:3:2] == (200, '{"status":"ready"}')

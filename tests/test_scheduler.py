@@ -262,21 +262,45 @@ async def test_a_chunk_that_would_wait_past_its_deadline_is_refused_at_the_door(
     session.open_stream(Open(1, "double", "tensor", "float32"))
     stream = session.streams[1]
     # No batch has run yet, so a batch is taken to cost the prior 2 ms: a queue of 160 is
-    # (160 // 32 + 1) * 2 = 12 ms of work, more than a 10 ms deadline allows. (The first 32 make
-    # a full batch at once, which takes them out of the queue.)
+    # (160 // 32 + 1) * 2 = 12 ms of work, more than a 10 ms deadline allows. (The first 64 make
+    # two full batches at once, the worker's and its next, which takes them out of the queue.)
     accepted, refused = [], []
-    for seq in range(200):
+    for seq in range(232):
         item = WorkItem(stream, seq, 0.0, np.zeros(4, np.float32), 0.0, 0.010)
         try:
             accepted.append(outcomes.submit(scheduler, item))
         except errors.Overloaded as e:
             refused.append((seq, str(e)))
-    assert len(accepted) == 192 and [s for s, _ in refused] == list(range(192, 200))
+    assert len(accepted) == 224 and [s for s, _ in refused] == list(range(224, 232))
     assert "would miss its deadline" in refused[0][1]
     assert scheduler.snapshot()["double@1"].stats.rejected == 8
     await scheduler.close()
     outcomes = await asyncio.gather(*accepted, return_exceptions=True)
     assert all(isinstance(o, (Prediction, errors.ShuttingDown)) for o in outcomes)
+
+
+async def test_a_worker_has_its_next_batch_waiting(tiny_models: Path) -> None:
+    """BATCHES_PER_WORKER: with a backlog, the batch after the running one is cut at once and
+    waits in the worker's queue; a batch's end reaches the loop only at its next turn."""
+    models = scan(tiny_models)
+    double = ModelRepository(models).get("double")
+    assert double is not None and double.max_batch == 32
+    outcomes = Outcomes()
+    scheduler = Scheduler(models, workers=1, clock=lambda: 0.0, deliver=outcomes.deliver)
+    session = Session("s", ModelRepository(models), ROOMY, "test")
+    session.hello(Hello(1))
+    session.open_stream(Open(1, "double", "tensor", "float32"))
+    stream = session.streams[1]
+    done = [
+        outcomes.submit(scheduler, WorkItem(stream, seq, 0.0, np.ones(4, np.float32), 0.0, 1.0))
+        for seq in range(3 * 32)
+    ]
+    snapshot = scheduler.snapshot()["double@1"]  # no turn of the loop yet: nothing came back
+    assert (snapshot.in_flight, snapshot.depth) == (2, 32)
+    for prediction in await asyncio.gather(*done):
+        np.testing.assert_array_equal(prediction.outputs[0], np.full(4, 2.0, np.float32))
+    assert scheduler.snapshot()["double@1"].stats.batch_sizes == {32: 3}
+    await scheduler.close()
 
 
 async def test_a_busy_server_lets_batches_wait_longer_to_fill(tiny_models: Path) -> None:

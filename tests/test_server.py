@@ -404,9 +404,10 @@ async def test_drop_oldest_streams_shed_old_chunks_with_a_typed_error(
     assert accepted == sorted(accepted)
     assert all(m["outputs"]["y"]["data"] == [2.0 * m["seq"]] * 4 for m in results)
     assert dropped and all(m["retryable"] for m in dropped + refused)
-    # Dropping makes room: every chunk is accepted (0 runs; 1, 2, 3 wait, and each newer one
-    # takes the oldest waiting one's place), where reject would have refused all but 4.
-    assert [m["seq"] for m in results] == [0, n - 3, n - 2, n - 1] and not refused
+    # Dropping makes room: every chunk is accepted (0 runs; 1 is cut as the worker's next batch;
+    # 2, 3 wait, and each newer one takes the oldest waiting one's place), where reject would
+    # have refused all but 4.
+    assert [m["seq"] for m in results] == [0, 1, n - 2, n - 1] and not refused
     await raw.still_works(1, n)
 
 
