@@ -17,7 +17,7 @@ from realtime.models.repository import BUILTIN_DIR, ModelRepository, scan
 from realtime.models.spec import Model
 from realtime.protocol import Chunk, Event, Hello, Open, Result
 from realtime.scheduler import PACE_FROM, Scheduler
-from realtime.session import Limits, Outcome, Prediction, Session, WorkItem
+from realtime.session import Limits, Outcome, Prediction, Session, Stream, WorkItem
 from tests.conftest import REPO, SHARED, Outcomes, needs_shared, read_clip
 
 #: Room for every chunk of every stream to be queued at once: nothing is refused or late.
@@ -249,9 +249,9 @@ async def test_a_failing_batch_gives_each_of_its_chunks_a_typed_error() -> None:
         del pose.runner.run
 
 
-async def test_a_chunk_that_would_wait_past_its_deadline_is_refused_at_the_door(
-    tiny_models: Path,
-) -> None:
+def _one_worker_on_double(tiny_models: Path) -> tuple[Scheduler, Outcomes, Stream]:
+    """A scheduler with one worker and a fixed clock, and a stream open on ``double`` (its
+    batches hold up to 32)."""
     models = scan(tiny_models)
     double = ModelRepository(models).get("double")
     assert double is not None and double.max_batch == 32
@@ -260,7 +260,13 @@ async def test_a_chunk_that_would_wait_past_its_deadline_is_refused_at_the_door(
     session = Session("s", ModelRepository(models), ROOMY, "test")
     session.hello(Hello(1))
     session.open_stream(Open(1, "double", "tensor", "float32"))
-    stream = session.streams[1]
+    return scheduler, outcomes, session.streams[1]
+
+
+async def test_a_chunk_that_would_wait_past_its_deadline_is_refused_at_the_door(
+    tiny_models: Path,
+) -> None:
+    scheduler, outcomes, stream = _one_worker_on_double(tiny_models)
     # No batch has run yet, so a batch is taken to cost the prior 2 ms: a queue of 160 is
     # (160 // 32 + 1) * 2 = 12 ms of work, more than a 10 ms deadline allows. (The first 64 make
     # two full batches at once, the worker's and its next, which takes them out of the queue.)
@@ -282,15 +288,7 @@ async def test_a_chunk_that_would_wait_past_its_deadline_is_refused_at_the_door(
 async def test_a_worker_has_its_next_batch_waiting(tiny_models: Path) -> None:
     """BATCHES_PER_WORKER: with a backlog, the batch after the running one is cut at once and
     waits in the worker's queue; a batch's end reaches the loop only at its next turn."""
-    models = scan(tiny_models)
-    double = ModelRepository(models).get("double")
-    assert double is not None and double.max_batch == 32
-    outcomes = Outcomes()
-    scheduler = Scheduler(models, workers=1, clock=lambda: 0.0, deliver=outcomes.deliver)
-    session = Session("s", ModelRepository(models), ROOMY, "test")
-    session.hello(Hello(1))
-    session.open_stream(Open(1, "double", "tensor", "float32"))
-    stream = session.streams[1]
+    scheduler, outcomes, stream = _one_worker_on_double(tiny_models)
     done = [
         outcomes.submit(scheduler, WorkItem(stream, seq, 0.0, np.ones(4, np.float32), 0.0, 1.0))
         for seq in range(3 * 32)
