@@ -5,11 +5,11 @@
 Each model version has a queue and a fixed number of batch slots (two per worker: the batch it
 runs and the next); whenever a slot is free and its :class:`BatchQueue` says a batch is due
 (full, waited ``max_delay_ms``, or its earliest deadline would slip), the batch is cut and run
-in the worker pool. While the server is busy,
-batches wait longer to fill (:meth:`Scheduler.pace`): a batch costs a fixed share of CPU
-whatever its size. Stateful streams never have two chunks in one batch or in flight at once,
-and their recurrent state is gathered into the batch and scattered back on the event loop, so
-no thread ever touches a stream or an asyncio object.
+in the worker pool. While the server is busy, batches wait longer to fill
+(:meth:`Scheduler.pace`): a batch costs a fixed share of CPU whatever its size. Stateful
+streams never have two chunks in one batch or in flight at once, and their recurrent state is
+gathered into the batch and scattered back on the event loop, so no thread ever touches a
+stream or an asyncio object.
 """
 
 from __future__ import annotations
