@@ -107,7 +107,11 @@ class Metrics(Collector):
 
         queues = sorted(self._queues().items())
         depth = GaugeMetricFamily("realtime_queue_depth", "Items waiting", labels=["model"])
-        running = GaugeMetricFamily("realtime_batches_running", "Batches", labels=["model"])
+        running = GaugeMetricFamily(
+            "realtime_batches_running",
+            "Batches cut and not yet back: each worker's running one and its next, waiting",
+            labels=["model"],
+        )
         stuck = GaugeMetricFamily(
             "realtime_batches_stuck",
             "Batches past the time limit still holding a worker thread",
