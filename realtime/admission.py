@@ -339,8 +339,13 @@ class Admission:
 
     @property
     def crowd(self) -> bool:
-        """Whether the server refuses a crowd: more than :data:`CALM_REFUSALS` a second."""
-        return self.refusal_rate > CALM_REFUSALS
+        """Whether the server refuses a crowd: more than :data:`CALM_REFUSALS` a second, as
+        smoothed, or at that rate already since the last measurement. A crowd that comes at
+        once to a calm server is refused at the door from its second refusal on: by the next
+        measurement, its first 50 ms had each cost a handshake and a hello (docs/scheduler.md)."""
+        return (
+            self.refusal_rate > CALM_REFUSALS or self._refusals > CALM_REFUSALS * self.policy.period
+        )
 
     @property
     def retry_after_ms(self) -> float:

@@ -386,6 +386,20 @@ def test_a_crowd_is_refused_at_the_door_but_a_resume_never() -> None:
     assert not admission.crowd and admission.refuse_at_door(80, resume=False) is None
 
 
+def test_a_crowd_coming_at_once_is_refused_at_the_door_before_the_next_measurement() -> None:
+    admission = Admission(AdmissionPolicy(target_load=0.8))
+    server = FakeServer(admission, 0.01)  # full at 80 sessions, and calm: nobody refused
+    server.streaming = 80
+    server.run(5.0)
+    assert admission.admit_session(80) is not None  # one refusal at hello: not yet a crowd
+    assert not admission.crowd and admission.refuse_at_door(80, resume=False) is None
+    assert admission.admit_session(80) is not None  # two within one period: 40 a second
+    assert admission.crowd and admission.refusal_rate < CALM_REFUSALS
+    assert isinstance(admission.refuse_at_door(80, resume=False), errors.ServerBusy)
+    server.run(0.05)  # measured: the rate, smoothed, is far from a crowd's
+    assert not admission.crowd and admission.refuse_at_door(80, resume=False) is None
+
+
 def test_small_batches_cost_of_a_model_does_not_count_as_what_sessions_cost() -> None:
     # Pinned to one core: 60 streams of 31.25 chunks a second each, whose model costs 100 us an
     # item in large batches, but 200 in the small ones it runs at this load. The loop costs
