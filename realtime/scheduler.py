@@ -135,8 +135,11 @@ class _Running:
     model: Model
     batch: list[Entry]
     slot: _Slot
-    started: float
+    started: float  # cut, on the queue's clock
     feeds: dict[str, np.ndarray[Any, Any]] | None = None
+    #: Handed to the worker threads (``time.perf_counter``): the batch may wait there behind
+    #: the worker's running one (BATCHES_PER_WORKER), and that wait is the items' too.
+    handed: float = 0.0
     timer: asyncio.TimerHandle | None = None
     timed_out: bool = False
 
@@ -346,6 +349,7 @@ class ModelQueue:
             running.feeds = feeds
             loop = asyncio.get_running_loop()
             # Its answer comes back through the loop, so after the timer below is set.
+            running.handed = time.perf_counter()
             self._pool.submit(_run_batch, running, loop, self._came_back)
         except Exception as e:  # inputs that cannot be stacked, or the workers shut down
             self._finish(running, e)
@@ -366,8 +370,8 @@ class ModelQueue:
         if isinstance(result, Exception):
             self._finish(running, result)
         else:
-            outputs, seconds, cpu_seconds = result
-            self._finish(running, None, outputs, seconds, cpu_seconds)
+            outputs, seconds, cpu_seconds, waited = result
+            self._finish(running, None, outputs, seconds, cpu_seconds, waited)
 
     def _timed_out(self, running: _Running) -> None:
         """A worker that hangs: give up on it, and on the buffers it reads."""
@@ -387,6 +391,7 @@ class ModelQueue:
         outputs: list[np.ndarray[Any, Any]] | None = None,
         infer_seconds: float = 0.0,
         cpu_seconds: float = 0.0,
+        waited: float = 0.0,
     ) -> None:
         model, batch, deliver = self.model, running.batch, self._deliver
         n = len(batch)
@@ -416,7 +421,7 @@ class ModelQueue:
             stats.batch_sizes[n] = stats.batch_sizes.get(n, 0) + 1
             infer_ms = infer_seconds * 1000.0
             stats.infer_ms[bisect_left(LATENCY_BOUNDS_MS, infer_ms)] += 1
-            started = running.started
+            started = running.started + waited  # its run's start, on the queue's clock
             queue_hist = stats.queue_ms
             states = model.states
             queue_sum = 0.0
@@ -482,10 +487,15 @@ def _check_batch(
             )
 
 
-def _run_batch(running: _Running) -> tuple[list[np.ndarray[Any, Any]], float, float]:
-    """A batch's run, in a worker thread (it reads the batch's model and feeds, nothing else)."""
+def _run_batch(
+    running: _Running,
+) -> tuple[list[np.ndarray[Any, Any]], float, float, float]:
+    """A batch's run, in a worker thread (it reads the batch's model, feeds and hand-over
+    time, nothing else): the outputs, the seconds it took and its CPU seconds, and the seconds
+    it waited for the worker since it was handed over."""
     assert running.feeds is not None
-    return _timed_run(running.model, running.feeds)
+    waited = time.perf_counter() - running.handed
+    return (*_timed_run(running.model, running.feeds), waited)
 
 
 def _timed_run(

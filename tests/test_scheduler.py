@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -298,6 +300,55 @@ async def test_a_worker_has_its_next_batch_waiting(tiny_models: Path) -> None:
     for prediction in await asyncio.gather(*done):
         np.testing.assert_array_equal(prediction.outputs[0], np.full(4, 2.0, np.float32))
     assert scheduler.snapshot()["double@1"].stats.batch_sizes == {32: 3}
+    await scheduler.close()
+
+
+class _Gate:
+    """A runner whose next run, once armed, holds until the test opens the gate."""
+
+    def __init__(self, runner: Any) -> None:
+        self.runner, self.armed = runner, False
+        self.open = threading.Event()
+
+    @property
+    def outputs(self) -> Any:
+        return self.runner.outputs
+
+    def run(self, feeds: dict[str, np.ndarray[Any, Any]]) -> list[np.ndarray[Any, Any]]:
+        if self.armed:
+            self.armed = False
+            self.open.wait(30)
+        return list(self.runner.run(feeds))
+
+
+async def test_a_batch_waiting_behind_the_running_one_counts_that_wait(tiny_models: Path) -> None:
+    """The queue wait an item reports (and realtime_queue_wait_seconds counts) runs to its
+    batch's start in the worker, so it takes in the wait behind the worker's running batch."""
+    models = scan(tiny_models)
+    double = next(m for m in models if m.name == "double")
+    gate = _Gate(double.runner)
+    double = dataclasses.replace(double, runner=gate)
+    outcomes = Outcomes()
+    scheduler = Scheduler([double], workers=1, clock=lambda: 0.0, deliver=outcomes.deliver)
+    session = Session("s", ModelRepository([double]), ROOMY, "test")
+    session.hello(Hello(1))
+    session.open_stream(Open(1, "double", "tensor", "float32"))
+    gate.armed = True
+    done = [
+        outcomes.submit(
+            scheduler, WorkItem(session.streams[1], seq, 0.0, np.ones(4, np.float32), 0.0, 60.0)
+        )
+        for seq in range(2 * 32)
+    ]
+    handed = time.perf_counter()  # both batches are cut and handed over by now
+    await asyncio.sleep(0)
+    held_ms = (time.perf_counter() - handed) * 1000.0
+    gate.open.set()
+    predictions = await asyncio.gather(*done)
+    # The clock stands still, so all of the second batch's wait is the worker's.
+    assert all(p.queue_ms >= held_ms for p in predictions[32:])
+    stats = scheduler.snapshot()["double@1"].stats
+    assert stats.queue_seconds * 1000.0 >= 32 * held_ms
     await scheduler.close()
 
 
