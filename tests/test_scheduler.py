@@ -341,7 +341,8 @@ async def test_a_batch_waiting_behind_the_running_one_counts_that_wait(tiny_mode
         for seq in range(2 * 32)
     ]
     handed = time.perf_counter()  # both batches are cut and handed over by now
-    await asyncio.sleep(0)
+    snapshot = scheduler.snapshot()["double@1"]
+    assert (snapshot.in_flight, snapshot.depth) == (2, 0)  # one held, one waiting behind it
     held_ms = (time.perf_counter() - handed) * 1000.0
     gate.open.set()
     predictions = await asyncio.gather(*done)
