@@ -8,8 +8,10 @@ away at the first bytes. :class:`Listener` accepts the connections itself, in ba
 ``busy()`` says the server refuses, looks at a new connection's first bytes without taking them
 (``MSG_PEEK``): a WebSocket handshake ``screen`` refuses is answered and closed right there, on the
 bare socket. Under 400 streaming sessions that took a refusal from ~200 µs of the server's core
-to ~130 (docs/scheduler.md). Every other connection goes to the event loop as it would have
-(``loop.connect_accepted_socket``), to the protocol ``factory`` builds.
+to ~130 (docs/scheduler.md). After a wake-up that refused, accepting rests :data:`REST_SECONDS`,
+so that the rest of a crowd is refused in batches (~50 µs each). Every other connection goes to
+the event loop as it would have (``loop.connect_accepted_socket``), to the protocol ``factory``
+builds.
 
 It stands in for the ``asyncio.Server`` that websockets' ``Server`` drives (``close``,
 ``wait_closed``, ``sockets``, ``is_serving``...), so websockets' handshakes, handlers and shutdown
@@ -37,6 +39,13 @@ BACKLOG = 1024
 PAUSE_SECONDS = 1.0
 #: The most of a new connection's first bytes looked at (a handshake's head is far smaller).
 PEEK_BYTES = 16 * 1024
+#: Seconds accepting rests after a wake-up that refused connections and emptied the backlog.
+#: Meanwhile a crowd's connections wait in the kernel's accept queue, and are refused in a
+#: batch at the next wake-up instead of one or two wake-ups each, among the sessions' work.
+#: Beside 330 streaming sessions a crowd's refusal took ~0.15 ms of the server's core one by
+#: one, ~0.05 in batches (docs/scheduler.md). A refusal, and a connection let through while a
+#: crowd is refused, comes up to this much later.
+REST_SECONDS = 0.02
 
 
 def bind(
@@ -85,6 +94,7 @@ class Listener:
         screen: Callable[[bytes], bytes | None],
         tls: ssl_module.SSLContext | None = None,
         tls_timeout: float | None = None,
+        rest: float = REST_SECONDS,
     ) -> None:
         self._sockets = sockets
         self._factory = factory
@@ -92,6 +102,10 @@ class Listener:
         self._screen = screen
         self._tls = tls
         self._tls_timeout = tls_timeout
+        self._rest = rest
+        #: Per listening socket resting (:data:`REST_SECONDS`, or out of file descriptors):
+        #: the timer that takes it up again.
+        self._resting: dict[int, asyncio.TimerHandle] = {}
         self._loop = asyncio.get_running_loop()
         self._serving = False
         self._closed = False
@@ -130,6 +144,9 @@ class Listener:
         if self._closed:
             return
         self._closed, self._serving = True, False
+        for timer in self._resting.values():
+            timer.cancel()
+        self._resting.clear()
         for sock in self._sockets:
             with contextlib.suppress(ValueError, OSError):
                 self._loop.remove_reader(sock.fileno())
@@ -149,23 +166,31 @@ class Listener:
     # --- accepting ---------------------------------------------------------------------------
 
     def _accept(self, listening: socket.socket) -> None:
+        refused = False
         for _ in range(ACCEPT_BATCH):
             try:
                 sock, _ = listening.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                if refused and self._rest > 0:  # a crowd: the next of it in one batch
+                    self._pause(listening, self._rest)
                 return
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     log.warning("event=accept_paused error=%s seconds=%g", e, PAUSE_SECONDS)
-                    self._loop.remove_reader(listening.fileno())
-                    self._loop.call_later(PAUSE_SECONDS, self._resume, listening)
+                    self._pause(listening, PAUSE_SECONDS)
                 return
             sock.setblocking(False)
             if self._busy() and self._refuse(sock):
+                refused = True
                 continue
             self._hand_on(sock)
 
+    def _pause(self, listening: socket.socket, seconds: float) -> None:
+        self._loop.remove_reader(listening.fileno())
+        self._resting[listening.fileno()] = self._loop.call_later(seconds, self._resume, listening)
+
     def _resume(self, listening: socket.socket) -> None:
+        self._resting.pop(listening.fileno(), None)
         if self._serving:
             self._loop.add_reader(listening.fileno(), self._accept, listening)
 

@@ -60,10 +60,11 @@ class Screen:
 
 
 @asynccontextmanager
-async def listening(busy: bool, screen: Screen) -> AsyncIterator[Listener]:
-    """A listener on loopback, not yet accepting; closed at the end."""
+async def listening(busy: bool, screen: Screen, rest: float = 0.0) -> AsyncIterator[Listener]:
+    """A listener on loopback, not yet accepting; closed at the end. It rests ``rest`` seconds
+    after refusing (0: never; the tests about resting say how long)."""
     Echo.made = []
-    listener = Listener(bind("127.0.0.1", 0, False), Echo, lambda: busy, screen)
+    listener = Listener(bind("127.0.0.1", 0, False), Echo, lambda: busy, screen, rest=rest)
     try:
         yield listener
     finally:
@@ -138,6 +139,61 @@ def test_while_the_server_is_not_refusing_nothing_is_looked_at(loop: Loop) -> No
                 assert await echoed(stream, HEAD) == HEAD
                 stream[1].close()
             assert screen.shown == [] and len(Echo.made) == 3
+
+    run(loop, test())
+
+
+@LOOPS
+def test_after_refusing_a_crowd_the_listener_rests_and_takes_the_next_in_one_batch(
+    loop: Loop,
+) -> None:
+    async def test() -> None:
+        rest = 0.2
+        screen = Screen(refuse=True)
+        async with listening(True, screen, rest) as listener:
+            first, _ = await client(listener, HEAD)
+            assert await asyncio.wait_for(first.read(), 10) == REFUSAL
+            refused_at = asyncio.get_running_loop().time()
+            # Two more of the crowd while the listener rests: both wait in the backlog, and
+            # are refused together when it wakes, no sooner.
+            later = [await client(listener, HEAD) for _ in range(2)]
+            answers = await asyncio.gather(*(asyncio.wait_for(r.read(), 10) for r, _ in later))
+            waited = asyncio.get_running_loop().time() - refused_at
+            assert answers == [REFUSAL, REFUSAL] and listener.refused == 3
+            # (A loop may fire a timer up to its clock's resolution early.)
+            assert waited >= rest - 0.02
+            assert len(screen.shown) == 3
+
+    run(loop, test())
+
+
+@LOOPS
+def test_a_connection_let_through_while_resting_is_served_when_the_rest_is_over(
+    loop: Loop,
+) -> None:
+    async def test() -> None:
+        screen = Screen(refuse=True)
+        async with listening(True, screen, 0.05) as listener:
+            refused, _ = await client(listener, HEAD)
+            assert await asyncio.wait_for(refused.read(), 10) == REFUSAL
+            screen.refuse = False  # a resume, say: let through
+            stream = await client(listener, HEAD)
+            assert await echoed(stream, HEAD) == HEAD
+            assert listener.refused == 1 and len(Echo.made) == 1
+            stream[1].close()
+
+    run(loop, test())
+
+
+@LOOPS
+def test_a_listener_closed_while_resting_stays_closed(loop: Loop) -> None:
+    async def test() -> None:
+        screen = Screen(refuse=True)
+        async with listening(True, screen, 3600.0) as listener:
+            refused, _ = await client(listener, HEAD)
+            assert await asyncio.wait_for(refused.read(), 10) == REFUSAL
+            assert listener._resting  # resting, for an hour
+        assert not listener._resting and not listener.is_serving()
 
     run(loop, test())
 
