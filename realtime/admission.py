@@ -40,9 +40,10 @@ CONNECTION_COST = 0.0006
 #: CPU seconds a connection refused at the door costs (a handshake answered 503 before
 #: websockets takes it, while a crowd is refused: see :attr:`Admission.crowd`): 0.05-0.07 ms
 #: on an idle server against 0.33-0.45 for a connection through a hello (``python -m
-#: loadtest.connection_cost --door``). Beside 400 streaming sessions a refusal costs the core
-#: 0.13-0.145 ms (it slows the sessions' own code too): counted at the idle figure, the rest
-#: of a crowd's cost is taken for the sessions', and admission errs towards refusing.
+#: loadtest.connection_cost --door``). Beside 330 streaming sessions, a crowd refused in
+#: batches (``realtime.listener.REST_SECONDS``) costs the core ~0.05 ms a refusal (0.01-0.08),
+#: one by one ~0.15 (it slowed the sessions' own code too). What it costs past this figure
+#: is taken for the sessions', and admission errs towards refusing.
 DOOR_COST = 0.00006
 #: Refusals a second the server takes in its stride: 25 a second are ~1.5 % of a core. Past
 #: that rate a refused client is told to wait proportionally longer, so that a crowd trying
