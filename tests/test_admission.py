@@ -386,6 +386,24 @@ def test_a_crowd_is_refused_at_the_door_but_a_resume_never() -> None:
     assert not admission.crowd and admission.refuse_at_door(80, resume=False) is None
 
 
+def test_connections_let_through_the_door_take_their_room_until_the_next_measurement() -> None:
+    admission = Admission(AdmissionPolicy(target_load=0.8))
+    server = FakeServer(admission, 0.01)  # full at 80 sessions
+    server.streaming = 78
+    server.run(5.0)
+    for _ in range(30):  # a crowd: 3 s of 100 refusals a second
+        for _ in range(10):
+            assert admission.admit_session(80) is not None
+        server.run(0.1)
+    assert admission.crowd and admission.capacity == pytest.approx(80, rel=0.01)
+    # A batch of the crowd at the door, the sessions still 78: room for two, not for all.
+    batch = [admission.refuse_at_door(78, resume=False) for _ in range(5)]
+    assert batch[:2] == [None, None]
+    assert all(isinstance(busy, errors.ServerBusy) for busy in batch[2:])
+    server.run(0.05)  # measured: by now the two are sessions, or gone
+    assert admission.crowd and admission.refuse_at_door(78, resume=False) is None
+
+
 def test_a_crowd_coming_at_once_is_refused_at_the_door_before_the_next_measurement() -> None:
     admission = Admission(AdmissionPolicy(target_load=0.8))
     server = FakeServer(admission, 0.01)  # full at 80 sessions, and calm: nobody refused
