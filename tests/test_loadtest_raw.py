@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -296,3 +297,53 @@ def test_the_overload_report_says_when_the_capacity_no_longer_held_after_the_run
     stale = markdown(result(False))
     assert "450 clients, 93.2% within 50 ms, p99 71.0 ms: **no longer held**" in stale
     assert "no longer held" not in markdown(result(True))
+
+
+def test_the_capacity_is_searched_again_from_the_one_found_before(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from loadtest import overload
+
+    tried: list[int] = []
+
+    def run(holds_up_to: int) -> int:
+        tried.clear()
+
+        def capacity(
+            targets: list[str], kind: str, steps: list[int], *args: object
+        ) -> dict[str, Any]:
+            (n,) = steps
+            tried.append(n)
+            row = {"clients": n, "ok": n <= holds_up_to}
+            return {"targets": {"realtime": {"clients": n if row["ok"] else 0, "steps": [row]}}}
+
+        monkeypatch.setattr(overload, "capacity", capacity)
+        near = overload.capacity_near("audio", [300, 350, 400, 450], 350, 8.0, None, 2)  # type: ignore[arg-type]
+        assert [row["clients"] for row in near["steps"]] == tried
+        return int(near["clients"])
+
+    assert run(400) == 400 and tried == [350, 400, 450]  # faster now: up while a step holds
+    assert run(300) == 300 and tried == [350, 300]  # slower: down until one holds
+    assert run(200) == 0 and tried == [350, 300]  # none holds
+    assert run(999) == 450 and tried == [350, 400, 450]  # the last step holds
+
+
+def test_each_run_is_checked_against_the_capacity_searched_before_it() -> None:
+    from loadtest.overload import checks
+
+    def run(admitted: int, capacity: int | None = None) -> dict[str, Any]:
+        r: dict[str, Any] = {"admitted": admitted, "admitted_within_50ms": 1.0}
+        r["refused_within_100ms"] = 1.0
+        if capacity is not None:
+            r["capacity_clients"] = capacity
+        return r
+
+    found = checks(
+        {
+            "capacity_clients": 450,
+            "runs": {"2x": run(371), "4x": run(371, 400), "8x": {"capacity_clients": 0}},
+        }
+    )
+    assert not found["2x: admitted >= 90 % of capacity"]  # 371 of the first search's 450
+    assert found["4x: admitted >= 90 % of capacity"]  # 371 of the 400 found before it
+    assert not found["8x: a capacity held before the run"]
