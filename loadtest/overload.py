@@ -281,10 +281,12 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {name} | none held: not run |" + " |" * 11)
             continue
         lat = r["admitted_latency_ms"]
+        share = f"{100 * r['admitted'] / cap:.0f} %"
+        if cap != first:  # searched again before this run (--fresh)
+            share += f"; {100 * r['admitted'] / first:.0f} % of {first}"
         lines.append(
-            f"| {name} | {cap} | {r['offered_clients']} | {r['admitted']} "
-            f"({100 * r['admitted'] / cap:.0f} %; {100 * r['admitted'] / first:.0f} % of "
-            f"{first}) | {r['admitted_after_refusal']} "
+            f"| {name} | {cap} | {r['offered_clients']} | {r['admitted']} ({share}) "
+            f"| {r['admitted_after_refusal']} "
             f"| {r['refusals']} ({r.get('refusals_at_handshake', 0)} at the handshake) | "
             f"{r['refusal_ms']['max']} | {100 * r['admitted_within_50ms']:.2f}% | {lat['p50']} | "
             f"{lat['p99']} | {lat['max']} | {r['admitted_lost']} | "
