@@ -503,7 +503,11 @@ class Session:
     # --- chunks -----------------------------------------------------------------------------
 
     def accept(
-        self, chunk: Chunk, now: float, make_room: Callable[[Stream], bool] | None = None
+        self,
+        chunk: Chunk,
+        now: float,
+        make_room: Callable[[Stream], bool] | None = None,
+        age: float = 0.0,
     ) -> list[WorkItem]:
         """Check a chunk against its stream and build its model inputs; raise if it is refused.
 
@@ -512,6 +516,11 @@ class Session:
         When the stream or the session has its limit of chunks in flight, a ``drop_oldest``
         stream calls ``make_room`` (the scheduler drops its oldest queued chunk, which gets a
         ``dropped`` error) and the new chunk is accepted; otherwise it is refused (``overloaded``).
+
+        ``age`` is how long (seconds) before ``now`` the loop read the chunk's bytes: its
+        deadline counts from then, and a chunk already past it is refused
+        (``deadline_exceeded``) before any work. An audio chunk refused here keeps its place
+        in the stream's timeline and media clock: a gap, not a shift.
         """
         if self.phase is not Phase.OPEN:
             raise errors.HelloRequired("send hello before anything else")
@@ -549,49 +558,60 @@ class Session:
             raise errors.NonFiniteInput("chunk holds NaN or infinity", stream=sid, seq=seq)
         limits = self.limits
         end = bool(chunk.flags & FLAG_END_OF_SEGMENT)
-        if stream.rechunker is not None:
-            try:
-                self._check_audio(stream, data.shape[0], seq)
-            except errors.Overloaded:  # its audio keeps its place: a gap, not a shift
-                stream.rechunker.push(data, chunk.t, end)
-                raise
-        # Chunks whose outcome is known but waits for an earlier one's do not count: dropped
-        # chunks wait so behind a running batch (a burst read at once can drop many while one
-        # batch runs); the session's bound on chunks in flight still holds them.
-        in_stream = len(stream.pending) - len(stream.done)
-        if (
-            in_stream >= limits.max_inflight_per_stream
-            or self.inflight >= limits.max_inflight_per_session
-        ) and not (
-            stream.overflow == "drop_oldest"
-            and self.inflight < limits.max_inflight_per_session
-            and make_room is not None
-            and make_room(stream)
-        ):
-            where = (
-                f"stream {sid} has {in_stream}"
-                if in_stream >= limits.max_inflight_per_stream
-                else f"session has {self.inflight}"
-            )
-            if stream.rechunker is not None:  # its audio keeps its place: a gap, not a shift
-                stream.rechunker.push(data, chunk.t, end)
-            raise errors.Overloaded(
-                f"{where} chunks in flight; wait for results",
-                stream=sid,
-                seq=seq,
-                reason="inflight",
-            )
+        rechunker = stream.rechunker
+        decoded, media = 0, 0.0
+        if rechunker is not None:
+            decoded = self._check_audio(stream, data.shape[0], seq)
+            # The stream's media clock counts every chunk sent, run or refused.
+            media = stream.media_ms = stream.media_ms + 1000.0 * data.shape[0] / rechunker.in_rate
+            lead = (now - age) * 1000.0 - media
+            if lead < stream.clock_min:
+                stream.clock_min = lead
+        try:
+            if age >= 0.001 and age * 1000.0 >= (chunk.deadline_ms or stream.deadline_ms):
+                raise errors.DeadlineExceeded(
+                    f"the chunk was {1000 * age:.0f} ms old when the server got to it, "
+                    "past its deadline: not run",
+                    stream=sid,
+                    seq=seq,
+                )
+            if decoded:
+                self._check_audio_room(stream, decoded, seq)
+            # Chunks whose outcome is known but waits for an earlier one's do not count:
+            # dropped chunks wait so behind a running batch (a burst read at once can drop many
+            # while one batch runs); the session's bound on chunks in flight still holds them.
+            in_stream = len(stream.pending) - len(stream.done)
+            if (
+                in_stream >= limits.max_inflight_per_stream
+                or self.inflight >= limits.max_inflight_per_session
+            ) and not (
+                stream.overflow == "drop_oldest"
+                and self.inflight < limits.max_inflight_per_session
+                and make_room is not None
+                and make_room(stream)
+            ):
+                where = (
+                    f"stream {sid} has {in_stream}"
+                    if in_stream >= limits.max_inflight_per_stream
+                    else f"session has {self.inflight}"
+                )
+                raise errors.Overloaded(
+                    f"{where} chunks in flight; wait for results",
+                    stream=sid,
+                    seq=seq,
+                    reason="inflight",
+                )
+        except errors.ServingError:
+            if rechunker is not None:  # its audio keeps its place: a gap, not a shift
+                rechunker.push(data, chunk.t, end)
+            raise
         stream.last_seq = seq
         stream.pending.append(seq)
         self.inflight += 1
-        deadline = now + (chunk.deadline_ms or stream.deadline_ms) / 1000.0
-        if stream.rechunker is None:
-            return [WorkItem(stream, seq, chunk.t, data, now, deadline, end)]
-        rechunker = stream.rechunker
-        media = stream.media_ms = stream.media_ms + 1000.0 * data.shape[0] / rechunker.in_rate
-        lead = now * 1000.0 - media
-        if lead < stream.clock_min:
-            stream.clock_min = lead
+        received = now - age
+        deadline = received + (chunk.deadline_ms or stream.deadline_ms) / 1000.0
+        if rechunker is None:
+            return [WorkItem(stream, seq, chunk.t, data, received, deadline, end)]
         windows = rechunker.push(data, chunk.t, end)
         k = len(windows.data)
         stream.audio_inflight += len(windows.t) * rechunker.chunk
@@ -607,7 +627,7 @@ class Session:
                 seq,
                 float(windows.t[i]),
                 w if shape is None else w.reshape(shape),
-                now,
+                received,
                 deadline,
                 i == end_at,
                 gather,
@@ -616,15 +636,14 @@ class Session:
             for i, w in enumerate(windows.data)
         ]
 
-    def _check_audio(self, stream: Stream, n: int, seq: int) -> None:
+    def _check_audio(self, stream: Stream, n: int, seq: int) -> int:
         """Refuse an audio chunk of ``n`` client samples that would bring more model-rate
-        audio than one chunk (``message_too_big``) or the stream's chunks in flight
-        (``overloaded``) may hold: from its length alone, before any of it is decoded."""
+        audio than one chunk may hold (``message_too_big``), from its length alone, before any
+        of it is decoded; the model-rate samples it brings."""
         rechunker = stream.rechunker
         assert rechunker is not None
         decoded = rechunker.decoded(n)
-        rate, limits = rechunker.out_rate, self.limits
-        per_chunk = max(round(limits.max_audio_chunk_seconds * rate), 2 * rechunker.window)
+        rate, per_chunk = rechunker.out_rate, self._per_chunk(rechunker)
         if decoded > per_chunk:
             raise errors.MessageTooBig(
                 f"{n} samples at {rechunker.in_rate} Hz are {decoded / rate:.1f} s at the "
@@ -632,7 +651,22 @@ class Session:
                 stream=stream.id,
                 seq=seq,
             )
-        per_stream = max(round(limits.max_audio_inflight_seconds * rate), per_chunk)
+        return decoded
+
+    def _per_chunk(self, rechunker: Rechunker) -> int:
+        """Model-rate samples one audio chunk may bring."""
+        limit = round(self.limits.max_audio_chunk_seconds * rechunker.out_rate)
+        return max(limit, 2 * rechunker.window)
+
+    def _check_audio_room(self, stream: Stream, decoded: int, seq: int) -> None:
+        """Refuse (``overloaded``) an audio chunk bringing ``decoded`` model-rate samples that
+        its stream's chunks in flight have no room for."""
+        rechunker = stream.rechunker
+        assert rechunker is not None
+        rate = rechunker.out_rate
+        per_stream = max(
+            round(self.limits.max_audio_inflight_seconds * rate), self._per_chunk(rechunker)
+        )
         if stream.audio_inflight + decoded > per_stream:
             raise errors.Overloaded(
                 f"stream {stream.id} has {stream.audio_inflight / rate:.1f} s of audio in "

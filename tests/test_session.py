@@ -207,3 +207,30 @@ def test_an_audio_streams_media_clock_comes_from_its_samples_not_its_t(tiny_mode
     (third,) = s.accept(Chunk(1, 2, 0.0, pcm), 1.010)  # 7 ms behind its audio: no new least
     assert third.gather is not None and third.gather.media_ms == pytest.approx(6.0)
     assert stream.clock_min == pytest.approx(997.0)
+
+
+def test_an_audio_chunk_past_its_deadline_keeps_its_place_in_time_and_clock(
+    tiny_models: Path,
+) -> None:
+    """A chunk older than its deadline when the loop gets to it is refused before any work;
+    on an audio stream its samples still count: the windows after it keep their times (a gap,
+    not a shift), and the media clock that measures lateness does not fall behind by it."""
+    s = session(tiny_models)
+    s.open_stream(Open(1, "window", "audio", "int16", sample_rate=8000, deadline_ms=50))
+    stream = s.streams[1]
+    pcm = np.zeros(160, np.int16)  # 20 ms at 8 kHz
+
+    def send(seq: int, now: float, age: float = 0.0) -> list[WorkItem]:
+        return s.accept(Chunk(1, seq, 20.0 * seq, pcm), now, age=age)
+
+    send(0, 1.000)
+    with pytest.raises(errors.DeadlineExceeded, match="60 ms old"):
+        send(1, 1.080, age=0.06)
+    assert stream.received == 1 and stream.last_seq == 0 and s.inflight == 1
+    assert stream.media_ms == pytest.approx(40.0)
+    items = send(2, 1.061, age=0.001)  # its deadline counts from when its bytes were read
+    assert items[0].t == pytest.approx(40.0)  # after the refused chunk's 20 ms
+    assert items[0].received == pytest.approx(1.06) and items[0].deadline == pytest.approx(1.11)
+    gather = items[0].gather
+    assert gather is not None and gather.media_ms == pytest.approx(60.0)
+    assert stream.clock_min == pytest.approx(980.0)  # on time: 1060 ms less 60 is no new least
