@@ -211,6 +211,20 @@ class Setup:
     warmup_seconds: float = 1.0  # left out of the server CPU window (ramp-up)
     processes: int = 1  # realtime's --processes
     server_args: tuple[str, ...] = ()  # more realtime flags (e.g. --redis URL)
+    #: (seconds into the run, milliseconds): the server's processes are stopped that long then
+    #: (SIGSTOP, SIGCONT): a noisy neighbour or a host's hiccup, at a known time.
+    stalls: tuple[tuple[float, float], ...] = ()
+
+
+def stall(pids: list[int], seconds: float) -> None:
+    """Stop ``pids`` for ``seconds``, then let them go on."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(seconds)  # the fault itself: how long the server does not run
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
 
 
 def run_target(
@@ -231,6 +245,7 @@ def run_target(
     server = ServerProcess(
         target, kinds, setup.server_cpus, setup.nice, setup.processes, setup.server_args
     )
+    timers: list[threading.Timer] = []
     try:
         procs = max(1, min(setup.procs, len(kinds)))
         entry = rawload.run_process if setup.client == "raw" else run_process
@@ -241,6 +256,13 @@ def run_target(
             # busy machine that alone can take longer than the allowance to connect.
             pool.map(all_ready, range(procs), chunksize=1)
             start = time.monotonic() + 1.0 + len(kinds) / 200  # time to connect everyone
+            for at, ms in setup.stalls:
+                timer = threading.Timer(
+                    start + at - time.monotonic(), stall, (server.pids, ms / 1000.0)
+                )
+                timer.daemon = True
+                timers.append(timer)
+                timer.start()
             plans = [
                 Plan(
                     server.url,
@@ -263,6 +285,10 @@ def run_target(
         warm = min(setup.warmup_seconds, seconds / 4)
         return rec, server.stats(start + warm, start + seconds, rec)
     finally:
+        for timer in timers:
+            timer.cancel()
+            if timer.is_alive():
+                timer.join()  # a stall under way ends (SIGCONT) before the server is stopped
         server.stop()
 
 

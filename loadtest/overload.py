@@ -268,6 +268,10 @@ def markdown(result: dict[str, Any]) -> str:
             "times 0.5-1.5."
             if result["retry"]
             else "gives up."
+        )
+        + "".join(
+            f" The server was stopped for {ms:g} ms at {at:g} s into each run."
+            for at, ms in result.get("stalls", ())
         ),
         "",
         "| run | capacity before it | clients | admitted | of them after a refusal | refusals "
@@ -363,10 +367,19 @@ def main() -> None:
         help="a client refused server_busy gives up (default: it tries again after "
         "retry_after_ms, doubled at each refusal, jittered, as docs/protocol.md asks)",
     )
+    parser.add_argument(
+        "--stall",
+        action="append",
+        default=[],
+        metavar="AT:MS",
+        help="stop the server for MS ms at AT seconds into each run (SIGSTOP, SIGCONT: a noisy "
+        "neighbour at a known time; not in the capacity runs; repeatable)",
+    )
     add_setup_flags(parser)
     parser.add_argument("--out", type=Path, default=REPO / "loadtest" / "results" / "overload")
     args = parser.parse_args()
-    setup = dataclasses.replace(setup_from(args), settle_seconds=5.0)
+    stalls = tuple((float(a), float(m)) for a, _, m in (s.partition(":") for s in args.stall))
+    setup = dataclasses.replace(setup_from(args), settle_seconds=5.0, stalls=stalls)
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
         "kind": args.kind,
@@ -376,10 +389,13 @@ def main() -> None:
         "ramp": args.ramp,
         "retry": args.retry,
         "deadline_ms": DEADLINE_MS,
+        "stalls": stalls,
     }
     cap = args.capacity_clients
     # Without admission control: every client is taken.
-    off = dataclasses.replace(setup, server_args=(*setup.server_args, "--admit-load", "0"))
+    off = dataclasses.replace(
+        setup, server_args=(*setup.server_args, "--admit-load", "0"), stalls=()
+    )
     steps = [int(s) for s in args.capacity_steps.split(",")]
     if cap is None:
         search = capacity(["realtime"], args.kind, steps, args.capacity_seconds, off, args.tries)

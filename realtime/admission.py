@@ -202,7 +202,7 @@ class Admission:
         #: admitted sessions late.
         self.churn = 0.0
         self.lag = 0.0  # smoothed event-loop lag, seconds
-        self.last_lag = 0.0  # the newest lag measured, seconds (chunk ages add it)
+        self.last_lag = 0.0  # the newest lag measured, seconds
         self._streaming = 0.0  # smoothed sessions streaming
         self._model_load: dict[str, float] = {}  # smoothed share of a model's workers in use
         self._model_full: dict[str, bool] = {}  # its queue at queue_share of max_queue
@@ -235,20 +235,28 @@ class Admission:
             return
         dt = m.now - last.now
         rate, self._refusals = self._refusals / dt, 0
+        # Shares are of the time the loop could run: not the lag, while it did not. A stall
+        # (the process stopped, a neighbour's hiccup) used no CPU, and counted as idle it made
+        # the sessions look cheap at the worst moment: after a 60 ms stall the smoothed load
+        # fell below HOLD_FROM, the capacity held was let go, and a 4x crowd's retries filled
+        # the server to 0.95-0.97 of its core (docs/scheduler.md, session 23). A loop that lags
+        # because it is busy reads busier: the shares are capped at 1.
+        span = dt - m.lag if m.lag < dt else dt
         through = self._connections - self._door
-        churn = (through * CONNECTION_COST + self._door * DOOR_COST) / dt
+        churn = (through * CONNECTION_COST + self._door * DOOR_COST) / span
         self._connections = self._door = self._passed = 0
         self.refusal_rate += (1.0 - math.exp(-dt / REFUSAL_SMOOTHING_SECONDS)) * (
             rate - self.refusal_rate
         )
-        a = 1.0 - math.exp(-dt / SMOOTHING_SECONDS)
+        a = 1.0 - math.exp(-span / SMOOTHING_SECONDS)
         cores = max(m.cores, 1)
-        loop_share = (m.loop_cpu - last.loop_cpu) / dt
-        cpu_share = (m.process_cpu - last.process_cpu) / (dt * cores)
+        loop_share = min((m.loop_cpu - last.loop_cpu) / span, 1.0)
+        cpu_share = min((m.process_cpu - last.process_cpu) / (span * cores), 1.0)
         if m.idle is not None and last.idle is not None:  # the cores' busy share, all users
-            cpu_share = max(cpu_share, 1.0 - (m.idle - last.idle) / (dt * cores))
+            busy = dt - (m.idle - last.idle) / cores
+            cpu_share = max(cpu_share, min(busy / span, 1.0))
         self.load += a * (max(loop_share, cpu_share) - self.load)
-        slack = _batching_slack(last.runs, m.runs) / dt
+        slack = _batching_slack(last.runs, m.runs) / span
         self.batching_slack += a * (slack - self.batching_slack)
         streaming_share = max(loop_share - churn, cpu_share - (churn + slack) / cores, 0.0)
         self.churn += a * (churn - self.churn)
@@ -257,7 +265,7 @@ class Admission:
         self._streaming += a * (m.streaming - self._streaming)
         for name, (busy, _, workers, _) in m.models.items():
             before = last.models.get(name)
-            share = 0.0 if before is None else (busy - before[0]) / (dt * max(workers, 1))
+            share = 0.0 if before is None else (busy - before[0]) / (span * max(workers, 1))
             old = self._model_load.get(name, 0.0)
             self._model_load[name] = old + a * (share - old)
         self._hold(m.now)

@@ -50,7 +50,7 @@ class FakeServer:
     def run(self, seconds: float, period: float = 0.05) -> None:
         """Let time pass with the sessions streaming, measured every ``period``."""
         for _ in range(round(seconds / period)):
-            self.now += period
+            self.now += period + self.lag  # the timer fires ``lag`` late
             arriving = round(self.arrivals * period)
             for _ in range(arriving):
                 self.admission.connected()
@@ -183,6 +183,23 @@ def test_lag_refuses_only_when_the_server_itself_is_loaded() -> None:
     server.lag = 0.0
     server.run(5.0)
     assert admission.admit_session(10) is None
+
+
+def test_a_stall_does_not_make_sessions_look_cheaper() -> None:
+    """While the process is stopped (a neighbour, a hiccup) it uses no CPU, and its measuring
+    timer fires late by as long: what the sessions cost counts over the time it ran."""
+    admission = Admission(AdmissionPolicy(target_load=0.9))
+    server = FakeServer(admission, 0.002)
+    server.streaming = 440
+    server.run(2.0)
+    assert admission.capacity == pytest.approx(450, rel=0.02)
+    server.lag = 0.06  # stopped for 60 ms: the timer fires that late
+    server.run(0.05)
+    server.lag = 0.0
+    assert admission.load == pytest.approx(0.88, rel=0.02)
+    assert admission.capacity == pytest.approx(450, rel=0.02)
+    busy = admission.admit_session(455)
+    assert isinstance(busy, errors.ServerBusy) and "sessions of about 450" in busy.message
 
 
 def test_a_stream_is_refused_on_a_model_whose_queue_fills_or_workers_are_busy() -> None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import subprocess
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,6 +15,7 @@ import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
 from loadtest import report
+from loadtest.__main__ import stall
 from loadtest.clients import OK, PENDING, UNUSED, Plan, Records
 from loadtest.rawload import _Run
 from loadtest.rawws import (
@@ -347,3 +351,25 @@ def test_each_run_is_checked_against_the_capacity_searched_before_it() -> None:
     assert not found["2x: admitted >= 90 % of capacity"]  # 371 of the first search's 450
     assert found["4x: admitted >= 90 % of capacity"]  # 371 of the 400 found before it
     assert not found["8x: a capacity held before the run"]
+
+
+def test_a_stall_stops_the_server_for_its_length_then_lets_it_go_on() -> None:
+    """``--stall``: the server's processes are stopped (a noisy neighbour at a known time),
+    and run again after it, whatever happens meanwhile."""
+
+    def state(pid: int) -> str:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        stopper = threading.Thread(target=stall, args=([proc.pid], 0.5))
+        stopper.start()
+        deadline = time.monotonic() + 5.0
+        while state(proc.pid) != "T" and time.monotonic() < deadline:
+            time.sleep(0.005)  # polling the process's state, not waiting for it
+        assert state(proc.pid) == "T"  # stopped while the stall lasts
+        stopper.join()
+        assert state(proc.pid) == "S"  # and sleeping again after it
+    finally:
+        proc.kill()
+        proc.wait()
