@@ -19,6 +19,8 @@ stretch is one the server no longer has ten minutes later (session 21). But each
 noisy too: a step at the edge passes two tries in one search and fails in the next, and
 searching before every run gives it more chances to pass (session 22, docs/scheduler.md:
 eleven ratio checks of 30 failed against the fresh capacities, ten against the first).
+``--stall AT:MS`` stops the server for MS ms at AT seconds into each run (SIGSTOP, SIGCONT): a
+noisy neighbour at a known time, to see what admission and shedding make of it.
 Writes ``report.json``, ``summary.md`` and the plots to ``--out``.
 
     flock /work/bench.lock python -m loadtest.overload                   # speech_activity
