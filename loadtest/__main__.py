@@ -20,6 +20,7 @@ fewer than 99 % are answered within 50 ms.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import itertools
@@ -217,14 +218,17 @@ class Setup:
 
 
 def stall(pids: list[int], seconds: float) -> None:
-    """Stop ``pids`` for ``seconds``, then let them go on."""
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
+    """Stop ``pids`` for ``seconds``, then let them go on (those still there: a process that
+    is gone leaves the others stopped no longer than the rest)."""
     try:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
         time.sleep(seconds)  # the fault itself: how long the server does not run
     finally:
         for pid in pids:
-            os.kill(pid, signal.SIGCONT)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
 
 def run_target(

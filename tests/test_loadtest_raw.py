@@ -360,9 +360,11 @@ def test_a_stall_stops_the_server_for_its_length_then_lets_it_go_on() -> None:
     def state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a process of the server's that has gone: the others are stopped all the same
     proc = subprocess.Popen(["sleep", "60"])
     try:
-        stopper = threading.Thread(target=stall, args=([proc.pid], 0.5))
+        stopper = threading.Thread(target=stall, args=([gone.pid, proc.pid], 0.5))
         stopper.start()
         deadline = time.monotonic() + 5.0
         while state(proc.pid) != "T" and time.monotonic() < deadline:
