@@ -559,9 +559,9 @@ class Session:
         limits = self.limits
         end = bool(chunk.flags & FLAG_END_OF_SEGMENT)
         rechunker = stream.rechunker
-        decoded, media = 0, 0.0
+        decoded, per_stream, media = 0, 0, 0.0
         if rechunker is not None:
-            decoded = self._check_audio(stream, data.shape[0], seq)
+            decoded, per_stream = self._check_audio(stream, data.shape[0], seq)
             # The stream's media clock counts every chunk sent, run or refused.
             media = stream.media_ms = stream.media_ms + 1000.0 * data.shape[0] / rechunker.in_rate
             lead = (now - age) * 1000.0 - media
@@ -576,7 +576,7 @@ class Session:
                     seq=seq,
                 )
             if decoded:
-                self._check_audio_room(stream, decoded, seq)
+                self._check_audio_room(stream, decoded, per_stream, seq)
             # Chunks whose outcome is known but waits for an earlier one's do not count:
             # dropped chunks wait so behind a running batch (a burst read at once can drop many
             # while one batch runs); the session's bound on chunks in flight still holds them.
@@ -636,14 +636,16 @@ class Session:
             for i, w in enumerate(windows.data)
         ]
 
-    def _check_audio(self, stream: Stream, n: int, seq: int) -> int:
+    def _check_audio(self, stream: Stream, n: int, seq: int) -> tuple[int, int]:
         """Refuse an audio chunk of ``n`` client samples that would bring more model-rate
         audio than one chunk may hold (``message_too_big``), from its length alone, before any
-        of it is decoded; the model-rate samples it brings."""
+        of it is decoded; the model-rate samples it brings, and those the stream's chunks in
+        flight may hold."""
         rechunker = stream.rechunker
         assert rechunker is not None
         decoded = rechunker.decoded(n)
-        rate, per_chunk = rechunker.out_rate, self._per_chunk(rechunker)
+        rate, limits = rechunker.out_rate, self.limits
+        per_chunk = max(round(limits.max_audio_chunk_seconds * rate), 2 * rechunker.window)
         if decoded > per_chunk:
             raise errors.MessageTooBig(
                 f"{n} samples at {rechunker.in_rate} Hz are {decoded / rate:.1f} s at the "
@@ -651,23 +653,13 @@ class Session:
                 stream=stream.id,
                 seq=seq,
             )
-        return decoded
+        return decoded, max(round(limits.max_audio_inflight_seconds * rate), per_chunk)
 
-    def _per_chunk(self, rechunker: Rechunker) -> int:
-        """Model-rate samples one audio chunk may bring."""
-        limit = round(self.limits.max_audio_chunk_seconds * rechunker.out_rate)
-        return max(limit, 2 * rechunker.window)
-
-    def _check_audio_room(self, stream: Stream, decoded: int, seq: int) -> None:
+    def _check_audio_room(self, stream: Stream, decoded: int, per_stream: int, seq: int) -> None:
         """Refuse (``overloaded``) an audio chunk bringing ``decoded`` model-rate samples that
-        its stream's chunks in flight have no room for."""
-        rechunker = stream.rechunker
-        assert rechunker is not None
-        rate = rechunker.out_rate
-        per_stream = max(
-            round(self.limits.max_audio_inflight_seconds * rate), self._per_chunk(rechunker)
-        )
+        its stream's chunks in flight (at most ``per_stream``) have no room for."""
         if stream.audio_inflight + decoded > per_stream:
+            rate = stream.rechunker.out_rate if stream.rechunker is not None else 1
             raise errors.Overloaded(
                 f"stream {stream.id} has {stream.audio_inflight / rate:.1f} s of audio in "
                 f"flight, at most {per_stream / rate:.1f} s; wait for results",
