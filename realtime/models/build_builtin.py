@@ -177,14 +177,10 @@ kind = "audio"
 input = "audio"
 sample_rate = {SAMPLE_RATE}
 chunk = {n}
-max_batch = 256
+max_batch = 64
 # A batch costs the server ~300 us of CPU whatever its size (the event loop's turn and a
 # worker's): at 100 clients, 5 ms batches of ~28 instead of 2 ms batches of ~13 cut the CPU a
 # chunk by a quarter, for ~2 ms more latency. Speech events are confirmed after 100 ms anyway.
-# An item costs ~3 us (0.7 ms a batch of 256), so a batch may be large: a model runs at most two
-# batches a turn of the event loop, and at 64 a batch 500 clients needed ~200 turns a second;
-# slower turns (a crowd's handshakes) left chunks 35-55 ms in the queue (docs/scheduler.md,
-# "Two batches a turn").
 max_delay_ms = 5.0
 deadline_ms = 100
 
