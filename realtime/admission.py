@@ -65,6 +65,13 @@ CAPACITY_HOLD_SECONDS = 1.0
 #: and the first estimates of a ramp are rough (the first read 37 sessions, at 26 sessions and
 #: 0.09 of the core, while 450 fit): held for a second, it refused every client meanwhile.
 HOLD_FROM = 0.9
+#: A lag of the measuring timer from this long (seconds) is taken for a stall, time the loop
+#: could not run, and not counted in the time its shares are of; a shorter one is a turn of a
+#: busy loop, which used the CPU it took. At 0.85-0.9 of the core the timer fires a few ms
+#: late on average, and counted out, that lag made the load read 3-5 % high (session 25).
+STALL_LAG = 0.02
+#: Seconds over which the cores' busy share is read from their idle time (in 10 ms ticks).
+BUSY_WINDOW = 0.5
 #: Lateness: a live audio stream counts in the median once it had this many results in a window.
 MIN_ANSWERED = 10
 
@@ -190,13 +197,20 @@ class Admission:
         self.policy = policy
         self.figures = AdmissionFigures()
         self._last: Measurement | None = None
-        self.load = 0.0  # smoothed share of the bottleneck in use
-        #: The same, less what new connections cost (:data:`CONNECTION_COST`): what the
-        #: sessions streaming use, and so what one of them costs.
-        self.session_load = 0.0
+        #: Smoothed shares of the event-loop thread, of the process (over its cores) and of
+        #: its cores' busy time (all users; None: not known), each on its own: the bottleneck is
+        #: the largest of them once smoothed (:attr:`load`).
+        self._loop_share = 0.0
+        self._cpu_share = 0.0
+        self._busy_share: float | None = None
+        #: The cores' idle seconds at the start of the busy share's window (None: not known),
+        #: the window's length so far, and its time the loop could run.
+        self._idle_from: float | None = None
+        self._window = self._window_span = 0.0
         #: Smoothed CPU (in cores) the model workers spend past what their items cost in large
         #: batches: the price of small batches, which falls as sessions are added.
         self.batching_slack = 0.0
+        self._cores = 1  # cores the process may run on, as last measured
         #: Smoothed share of the bottleneck new connections take (handshakes, hellos,
         #: refusals): kept free of sessions, so that refusing a crowd does not make the
         #: admitted sessions late.
@@ -235,13 +249,14 @@ class Admission:
             return
         dt = m.now - last.now
         rate, self._refusals = self._refusals / dt, 0
-        # Shares are of the time the loop could run: not the lag, while it did not. A stall
-        # (the process stopped, a neighbour's hiccup) used no CPU, and counted as idle it made
-        # the sessions look cheap at the worst moment: after a 60 ms stall the smoothed load
-        # fell below HOLD_FROM, the capacity held was let go, and a 4x crowd's retries filled
-        # the server to 0.95-0.97 of its core (docs/scheduler.md, session 23). A loop that lags
-        # because it is busy reads busier: the shares are capped at 1.
-        span = dt - m.lag if m.lag < dt else dt
+        # Shares are of the time the loop could run: not a stall's lag, while it did not. A
+        # stall (the process stopped, a neighbour's hiccup) used no CPU, and counted as idle it
+        # made the sessions look cheap at the worst moment: after a 60 ms stall the smoothed
+        # load fell below HOLD_FROM, the capacity held was let go, and a 4x crowd's retries
+        # filled the server to 0.95-0.97 of its core (docs/scheduler.md, session 23). A lag
+        # shorter than STALL_LAG is a busy loop's turn, which used the CPU it took: taken out
+        # too, it made a server at 0.86-0.87 of its core read 0.90 (session 25).
+        span = dt - m.lag if STALL_LAG <= m.lag < dt else dt
         through = self._connections - self._door
         churn = (through * CONNECTION_COST + self._door * DOOR_COST) / span
         self._connections = self._door = self._passed = 0
@@ -249,18 +264,15 @@ class Admission:
             rate - self.refusal_rate
         )
         a = 1.0 - math.exp(-span / SMOOTHING_SECONDS)
-        cores = max(m.cores, 1)
+        self._cores = cores = max(m.cores, 1)
         loop_share = min((m.loop_cpu - last.loop_cpu) / span, 1.0)
+        self._loop_share += a * (loop_share - self._loop_share)
         cpu_share = min((m.process_cpu - last.process_cpu) / (span * cores), 1.0)
-        if m.idle is not None and last.idle is not None:  # the cores' busy share, all users
-            busy = dt - (m.idle - last.idle) / cores
-            cpu_share = max(cpu_share, min(busy / span, 1.0))
-        self.load += a * (max(loop_share, cpu_share) - self.load)
+        self._cpu_share += a * (cpu_share - self._cpu_share)
+        self._busy(m, last, dt, span)
         slack = _batching_slack(last.runs, m.runs) / span
         self.batching_slack += a * (slack - self.batching_slack)
-        streaming_share = max(loop_share - churn, cpu_share - (churn + slack) / cores, 0.0)
         self.churn += a * (churn - self.churn)
-        self.session_load += a * (streaming_share - self.session_load)
         self.lag += a * (m.lag - self.lag)
         self._streaming += a * (m.streaming - self._streaming)
         for name, (busy, _, workers, _) in m.models.items():
@@ -269,6 +281,28 @@ class Admission:
             old = self._model_load.get(name, 0.0)
             self._model_load[name] = old + a * (share - old)
         self._hold(m.now)
+
+    def _busy(self, m: Measurement, last: Measurement, dt: float, span: float) -> None:
+        """The cores' busy share, all users, over windows of :data:`BUSY_WINDOW`. /proc/stat
+        counts in ticks (10 ms): over one 50 ms period a core's share reads in steps of a fifth.
+        Taken as the larger of it and the process's share in each period, the steps' upper
+        halves counted and the lower did not, and a core 0.85 busy read 0.89 (session 25)."""
+        if m.idle is None or last.idle is None:
+            self._busy_share = self._idle_from = None
+            return
+        if self._idle_from is None:
+            self._idle_from, self._window, self._window_span = last.idle, 0.0, 0.0
+        self._window += dt
+        self._window_span += span
+        if self._window < BUSY_WINDOW:
+            return
+        idle = (m.idle - self._idle_from) / self._cores
+        busy = min((self._window - idle) / self._window_span, 1.0)
+        old = busy if self._busy_share is None else self._busy_share
+        self._busy_share = old + (1.0 - math.exp(-self._window_span / SMOOTHING_SECONDS)) * (
+            busy - old
+        )
+        self._idle_from, self._window, self._window_span = m.idle, 0.0, 0.0
 
     def _hold(self, now: float) -> None:
         """Keep the newest capacity estimate among the last :data:`CAPACITY_HOLD_SECONDS`."""
@@ -315,6 +349,29 @@ class Admission:
         """Take in the newest window's median share of late results (see
         :func:`median_late_share`)."""
         self.late_share = share
+
+    @property
+    def load(self) -> float:
+        """Smoothed share of the bottleneck in use: the event loop, or the cores the process may
+        use (busy with it or anything else)."""
+        return max(self._loop_share, self._cores_share)
+
+    @property
+    def _cores_share(self) -> float:
+        busy = self._busy_share
+        return self._cpu_share if busy is None else max(self._cpu_share, busy)
+
+    @property
+    def session_load(self) -> float:
+        """The same, less what new connections cost (:data:`CONNECTION_COST`) and, on the
+        cores, the price of small batches: what the sessions streaming use, and so what one of
+        them costs."""
+        cores = self._cores
+        return max(
+            self._loop_share - self.churn,
+            self._cores_share - (self.churn + self.batching_slack) / cores,
+            0.0,
+        )
 
     @property
     def session_cost(self) -> float | None:

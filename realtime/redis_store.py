@@ -149,7 +149,7 @@ class RedisStore:
                 if await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.25):
                     return
         finally:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
 
     def _warn(self, op: str, e: Exception) -> None:
         """Log a Redis failure, at most once a second (one per checkpoint would flood)."""

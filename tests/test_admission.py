@@ -46,16 +46,25 @@ class FakeServer:
         self.lag = 0.0
         self.models: dict[str, tuple[float, int, int, int]] = {}
         self.arrivals = 0.0  # new connections a second, each costing CONNECTION_COST
+        #: Whether the lag is a busy loop's (its CPU goes on) or a stall's (the process stopped).
+        self.busy_lag = False
+        #: Whether the cores' idle time is given, as /proc/stat counts it (10 ms ticks).
+        self.ticks = False
 
     def run(self, seconds: float, period: float = 0.05) -> None:
         """Let time pass with the sessions streaming, measured every ``period``."""
         for _ in range(round(seconds / period)):
-            self.now += period + self.lag  # the timer fires ``lag`` late
+            elapsed = period + self.lag  # the timer fires ``lag`` late
+            self.now += elapsed
             arriving = round(self.arrivals * period)
             for _ in range(arriving):
                 self.admission.connected()
             work = self.cost * self.streaming + arriving * CONNECTION_COST / period
-            self.cpu += period * min(work, float(self.cores))
+            ran = elapsed if self.busy_lag else period
+            self.cpu += ran * min(work, float(self.cores))
+            idle = None
+            if self.ticks:  # the cores are busy with this process alone
+                idle = math.floor((self.now * self.cores - self.cpu) * 100) / 100
             self.admission.observe(
                 Measurement(
                     self.now,
@@ -65,6 +74,7 @@ class FakeServer:
                     self.cores,
                     self.streaming,
                     dict(self.models),
+                    idle,
                 )
             )
 
@@ -200,6 +210,28 @@ def test_a_stall_does_not_make_sessions_look_cheaper() -> None:
     assert admission.capacity == pytest.approx(450, rel=0.02)
     busy = admission.admit_session(455)
     assert isinstance(busy, errors.ServerBusy) and "sessions of about 450" in busy.message
+
+
+def test_a_busy_loop_that_lags_reads_the_load_it_has() -> None:
+    """A timer a few ms late on a busy loop is a turn that used the CPU it took: counted out of
+    the time, it made 0.85 of the core read 0.92."""
+    admission = Admission(AdmissionPolicy(target_load=0.9))
+    server = FakeServer(admission, 0.002)
+    server.streaming, server.lag, server.busy_lag = 425, 0.004, True
+    server.run(3.0)
+    assert admission.load == pytest.approx(0.85, abs=0.005)
+    assert admission.capacity == pytest.approx(450, rel=0.01)
+
+
+def test_the_cores_idle_time_in_ticks_reads_right_on_average() -> None:
+    """/proc/stat counts idle time in 10 ms ticks: over a 50 ms period a core's busy share reads
+    in fifths. Each period's larger of it and the process's own share made 0.85 read 0.89."""
+    admission = Admission(AdmissionPolicy(target_load=0.9))
+    server = FakeServer(admission, 0.002)
+    server.streaming, server.ticks = 425, True
+    server.run(3.0)
+    assert admission.load == pytest.approx(0.85, abs=0.01)
+    assert admission.capacity == pytest.approx(450, rel=0.02)
 
 
 def test_a_stream_is_refused_on_a_model_whose_queue_fills_or_workers_are_busy() -> None:
