@@ -241,11 +241,12 @@ function onPrediction(r) {
   if (sent) state.lastPair = { seq: r.seq, sent: Array.from(sent), predicted: Array.from(predicted) };
 }
 
-/** Where a world point lands in a view's viewport, in framebuffer pixels (origin bottom left). */
+/** Where a world point lands in a view's viewport, in framebuffer pixels (origin bottom left), and its clip w (> 0: in front). */
 function project(viewProj, viewport, p) {
   const m = viewProj;
   const clip = [0, 1, 2, 3].map((r) => m[r] * p[0] + m[4 + r] * p[1] + m[8 + r] * p[2] + m[12 + r]);
-  return [viewport.x + ((clip[0] / clip[3] + 1) / 2) * viewport.width, viewport.y + ((clip[1] / clip[3] + 1) / 2) * viewport.height];
+  const [x, y, w] = [clip[0] / clip[3], clip[1] / clip[3], clip[3]];
+  return [viewport.x + ((x + 1) / 2) * viewport.width, viewport.y + ((y + 1) / 2) * viewport.height, w];
 }
 
 /**
@@ -282,12 +283,14 @@ function frame(time, poses, framebuffer, views, opaque) {
   if (predicted) state.predictedDrawn++;
   if (predicted && state.probe) {
     // For tests and the curious: read back the pixel at the predicted right hand's centre.
-    // Only where it is on screen: slow frames extrapolate it further, out of view at times.
-    const [px, py] = project(mul(views[0].proj, views[0].view), views[0].viewport, predicted[2].p);
+    // Only where it is on screen, a few pixels in: slow frames extrapolate it further, out of
+    // view at times, and a centre on a viewport's last column rounds into the next view's first.
+    const [px, py, w] = project(mul(views[0].proj, views[0].view), views[0].viewport, predicted[2].p);
     const { x, y, width, height } = views[0].viewport;
-    if (px >= x && px < x + width && py >= y && py < y + height) {
+    const m = 4;
+    if (w > 0 && px >= x + m && px < x + width - m && py >= y + m && py < y + height - m) {
       const rgba = new Uint8Array(4);
-      gl.readPixels(Math.round(px), Math.round(py), 1, 1, gl.RGBA, gl.UNSIGNED_BYTE, rgba);
+      gl.readPixels(Math.floor(px), Math.floor(py), 1, 1, gl.RGBA, gl.UNSIGNED_BYTE, rgba);
       state.probed = { at: [px, py], rgba: Array.from(rgba), predicted: PREDICTED.map((c) => Math.round(255 * c)) };
       state.probe = false;
     }
