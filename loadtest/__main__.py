@@ -239,12 +239,16 @@ def run_target(
     arrivals: list[float] | None = None,
     stream_seconds: list[float] | None = None,
     retry: bool = False,
+    warm: float | None = None,
 ) -> tuple[Records, dict[str, Any]]:
     """Start one server, drive it with ``kinds`` (one client each) from ``setup.procs``
     processes, and return the merged records and the server's figures. With ``arrivals``
     (raw client), client i connects that many seconds after the start and streams from its
     welcome on (for ``stream_seconds[i]``, or to the end); with ``retry``, a client refused
-    ``server_busy`` tries again after ``retry_after_ms`` (:attr:`Plan.retry`)."""
+    ``server_busy`` tries again after ``retry_after_ms`` (:attr:`Plan.retry`). The server's
+    CPU figures leave out the first ``warm`` seconds (default ``setup.warmup_seconds``, at
+    most a quarter of the run): clients that arrive over a ramp are let out with it, or their
+    handshakes count as the streams' cost."""
     setup = setup or Setup()
     server = ServerProcess(
         target, kinds, setup.server_cpus, setup.nice, setup.processes, setup.server_args
@@ -286,8 +290,8 @@ def run_target(
                 for p in range(procs)
             ]
             rec = report.merge(pool.map(entry, plans, chunksize=1))
-        warm = min(setup.warmup_seconds, seconds / 4)
-        return rec, server.stats(start + warm, start + seconds, rec)
+        skip = min(setup.warmup_seconds, seconds / 4) if warm is None else min(warm, seconds / 2)
+        return rec, server.stats(start + skip, start + seconds, rec)
     finally:
         for timer in timers:
             timer.cancel()

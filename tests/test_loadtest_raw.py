@@ -332,6 +332,32 @@ def test_the_capacity_is_searched_again_from_the_one_found_before(
     assert run(999) == 450 and tried == [350, 400, 450]  # the last step holds
 
 
+def test_an_overload_runs_server_cpu_leaves_out_its_ramp(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The capacity runs connect every client before the CPU window opens; an overload run's
+    clients arrive over the ramp, and their handshakes, counted in, made a session look 5-8 %
+    dearer than in the capacity runs (session 25). Its window opens after the ramp."""
+    import argparse
+
+    from loadtest import overload
+
+    class Ran(Exception):
+        pass
+
+    seen: dict[str, Any] = {}
+
+    def run_target(target: str, kinds: list[str], seconds: float, *args: Any) -> Any:
+        seen.update(kinds=len(kinds), seconds=seconds, warm=args[-1], arrivals=args[1])
+        raise Ran
+
+    monkeypatch.setattr(overload, "run_target", run_target)
+    args = argparse.Namespace(ramp=4.0, seconds=14.0, retry=True, burst_at=6.0)
+    for name, clients in (("2x", 200), ("burst", 400)):
+        with pytest.raises(Ran):
+            overload.run_scenario(name, "audio", 100, args, None)  # type: ignore[arg-type]
+        assert seen["kinds"] == clients and seen["seconds"] == 14.0
+        assert seen["warm"] == 5.0 >= max(seen["arrivals"][:100]), seen
+
+
 def test_each_run_is_checked_against_the_capacity_searched_before_it() -> None:
     from loadtest.overload import checks
 
