@@ -247,8 +247,8 @@ def run_target(
     welcome on (for ``stream_seconds[i]``, or to the end); with ``retry``, a client refused
     ``server_busy`` tries again after ``retry_after_ms`` (:attr:`Plan.retry`). The server's
     CPU figures leave out the first ``warm`` seconds (default ``setup.warmup_seconds``, at
-    most a quarter of the run): clients that arrive over a ramp are let out with it, or their
-    handshakes count as the streams' cost."""
+    most a quarter of the run): a run whose clients arrive over a ramp leaves the ramp out
+    this way, or their handshakes count as the streams' cost."""
     setup = setup or Setup()
     server = ServerProcess(
         target, kinds, setup.server_cpus, setup.nice, setup.processes, setup.server_args

@@ -241,7 +241,10 @@ function onPrediction(r) {
   if (sent) state.lastPair = { seq: r.seq, sent: Array.from(sent), predicted: Array.from(predicted) };
 }
 
-/** Where a world point lands in a view's viewport, in framebuffer pixels (origin bottom left), and its clip w (> 0: in front). */
+/**
+ * Where a world point lands in a view's viewport, in framebuffer pixels (origin bottom left),
+ * and its clip w (> 0: in front of the viewer).
+ */
 function project(viewProj, viewport, p) {
   const m = viewProj;
   const clip = [0, 1, 2, 3].map((r) => m[r] * p[0] + m[4 + r] * p[1] + m[8 + r] * p[2] + m[12 + r]);
