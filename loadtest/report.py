@@ -61,7 +61,8 @@ def merge(records: list[Records]) -> Records:
     )
 
 
-def _percentiles(values: np.ndarray[Any, Any]) -> dict[str, float | None]:
+def percentiles(values: np.ndarray[Any, Any]) -> dict[str, float | None]:
+    """``values`` at each of :data:`PERCENTILES` (None each, if there are none)."""
     if not values.size:
         return {name: None for name, _ in PERCENTILES}
     return {name: round(float(np.percentile(values, q)), 2) for name, q in PERCENTILES}
@@ -83,22 +84,22 @@ def summarize(rec: Records, seconds: float, deadline_ms: float) -> dict[str, Any
         sel = ok[rows] & used[rows]
         by_kind[kind] = {
             "clients": int(rows.sum()),
-            "latency_ms": _percentiles(latency[rows][sel]),
+            "latency_ms": percentiles(latency[rows][sel]),
         }
     return {
         "clients": len(rec.kinds),
         "offered": offered,
         "offered_per_s": round(offered / seconds, 1),
         "answered_per_s": round(answered_ok / seconds, 1),
-        "latency_ms": _percentiles(lat_ok),
+        "latency_ms": percentiles(lat_ok),
         "split_ms": {
-            "queue": _percentiles(rec.queue_ms[ok & used & ~np.isnan(rec.queue_ms)]),
-            "inference": _percentiles(rec.infer_ms[ok & used & ~np.isnan(rec.infer_ms)]),
-            "network_and_other": _percentiles(
+            "queue": percentiles(rec.queue_ms[ok & used & ~np.isnan(rec.queue_ms)]),
+            "inference": percentiles(rec.infer_ms[ok & used & ~np.isnan(rec.infer_ms)]),
+            "network_and_other": percentiles(
                 (latency - np.nan_to_num(server))[ok & used & ~np.isnan(server)]
             ),
         },
-        "send_lag_ms": _percentiles(((rec.sent - rec.due) * 1000.0)[used & ~np.isnan(rec.sent)]),
+        "send_lag_ms": percentiles(((rec.sent - rec.due) * 1000.0)[used & ~np.isnan(rec.sent)]),
         "within_deadline": round(float((lat_ok <= deadline_ms).sum()) / max(offered, 1), 4),
         # Share of every chunk due (refused, lost and failed ones included) answered within
         # BAR_MS of its due time.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -259,6 +260,7 @@ async def test_a_refused_client_tries_again_after_retry_after_ms(
     assert rec.admitted.all() and rec.refused == 0 and rec.refusals.tolist() == [1]
     summary = admission_summary(report.merge([rec]))
     assert summary["admitted_after_refusal"] == 1 and summary["refusals"] == 1
+    assert summary["admitted_send_lag_ms"]["max"] is not None  # the client's own lateness
     # It waited about what it was told (times 0.5-1.5) and streamed from its welcome on.
     assert rec.hello_at[0] - rec.refusal_at[0] >= 0.5 * 0.2
     assert rec.due[0, 0] > rec.hello_at[0] and (rec.outcome[0] != UNUSED).sum() > 0
@@ -330,6 +332,28 @@ def test_the_capacity_is_searched_again_from_the_one_found_before(
     assert run(300) == 300 and tried == [350, 300]  # slower: down until one holds
     assert run(200) == 0 and tried == [350, 300]  # none holds
     assert run(999) == 450 and tried == [350, 400, 450]  # the last step holds
+
+
+def test_the_capacity_is_searched_over_as_long_as_a_run_lasts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A step at the edge held for 8 s twice and collapsed when run again (session 26): the
+    runs, 14 s long, were checked against a capacity the server had only for a moment."""
+    from loadtest import overload
+
+    class Searched(Exception):
+        pass
+
+    def capacity(targets: list[str], kind: str, steps: list[int], seconds: float, *a: Any) -> Any:
+        raise Searched(seconds)
+
+    monkeypatch.setattr(overload, "capacity", capacity)
+    for flags, seconds in (([], 9.0), (["--capacity-seconds", "3"], 3.0)):
+        argv = ["overload", "--seconds", "9", "--out", str(tmp_path), *flags]
+        monkeypatch.setattr(sys, "argv", argv)
+        with pytest.raises(Searched) as searched:
+            overload.main()
+        assert searched.value.args == (seconds,)
 
 
 def test_an_overload_runs_server_cpu_leaves_out_its_ramp(monkeypatch: pytest.MonkeyPatch) -> None:
