@@ -337,7 +337,7 @@ def test_the_capacity_is_searched_again_from_the_one_found_before(
 def test_the_capacity_is_searched_over_as_long_as_a_run_lasts(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """A step at the edge held for 8 s twice and collapsed when run again (session 26): the
+    """A step at the edge held for 8 s twice and collapsed when run again (session 25): the
     runs, 14 s long, were checked against a capacity the server had only for a moment."""
     from loadtest import overload
 
