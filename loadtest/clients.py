@@ -91,6 +91,8 @@ class Records:
     hello_at: np.ndarray[Any, Any] = field(default_factory=lambda: np.empty(0))
     hello_ms: np.ndarray[Any, Any] = field(default_factory=lambda: np.empty(0))
     admitted: np.ndarray[Any, Any] = field(default_factory=lambda: np.empty(0, bool))
+    #: Per client: whether the server ended its session ``server_busy`` after admitting it.
+    taken_back: np.ndarray[Any, Any] = field(default_factory=lambda: np.empty(0, bool))
     #: Every refusal (a client that tries again can have several): when its hello went out
     #: (monotonic seconds) and ms until the refusal came; and per client, how many it had.
     refusal_at: list[float] = field(default_factory=list)
@@ -119,6 +121,7 @@ class Records:
             hello_at=np.full(n_clients, np.nan),
             hello_ms=np.full(n_clients, np.nan),
             admitted=np.zeros(n_clients, bool),
+            taken_back=np.zeros(n_clients, bool),
             refusals=np.zeros(n_clients, np.int32),
         )
 

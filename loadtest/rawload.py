@@ -91,7 +91,7 @@ class _Client:
         k = self.next
         self.next = k + 1
         transport = self.conn.transport if self.conn is not None else None
-        if transport is None or transport.is_closing():
+        if k >= self.n or transport is None or transport.is_closing():
             return  # the server closed us: this chunk is never sent and stays unanswered
         frames = self.frames
         self.sent[k] = time.monotonic()
@@ -128,12 +128,31 @@ class _Client:
             seq = msg.get("seq")
             if seq is not None and self.control is None:
                 self._answered(seq, now, self.codes[code])
+            elif code == "server_busy" and self.control is None and self.run.rec.admitted[self.i]:
+                self._taken_back(now)
             elif self.control is not None:
                 self.control.put_nowait(msg)
             else:
                 self.run.unattributed[code] = self.run.unattributed.get(code, 0) + 1
         elif self.control is not None and kind != "event":
             self.control.put_nowait(msg)
+
+    def _taken_back(self, now: float) -> None:
+        """The server ended this admitted session (it fell behind): the chunks sent and not
+        answered get none (they count as failed, ``taken_back``); those not yet sent are not
+        this session's any more, and are never sent."""
+        run = self.run
+        run.rec.taken_back[self.i] = True
+        if "taken_back" not in self.codes:
+            self.codes["taken_back"] = len(self.codes) + 1
+        for seq in range(self.n):
+            if self.outcome[seq] == PENDING:
+                if seq < self.next:
+                    self._answered(seq, now, self.codes["taken_back"])
+                else:
+                    self.outcome[seq] = UNUSED
+                    run.answered()
+        self.n = min(self.n, self.next)
 
     def _answered(self, seq: int, now: float, outcome: int) -> None:
         if 0 <= seq < self.n and self.outcome[seq] == PENDING:

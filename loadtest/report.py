@@ -54,6 +54,9 @@ def merge(records: list[Records]) -> Records:
         hello_at=np.concatenate([r.hello_at for r in records]) if records else np.empty(0),
         hello_ms=np.concatenate([r.hello_ms for r in records]) if records else np.empty(0),
         admitted=np.concatenate([r.admitted for r in records]) if records else np.empty(0, bool),
+        taken_back=(
+            np.concatenate([r.taken_back for r in records]) if records else np.empty(0, bool)
+        ),
         refusal_at=[t for r in records for t in r.refusal_at],
         refusal_ms=[t for r in records for t in r.refusal_ms],
         refusals=np.concatenate([r.refusals for r in records]) if records else np.empty(0, int),

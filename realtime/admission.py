@@ -74,6 +74,14 @@ STALL_LAG = 0.02
 BUSY_WINDOW = 0.5
 #: Lateness: a live audio stream counts in the median once it had this many results in a window.
 MIN_ANSWERED = 10
+#: Past this median share of late results, a lateness window counts towards taking sessions
+#: back (:meth:`Admission.take_back`): most streams are late, not a few.
+OVERRUN_SHARE = 0.5
+#: The fewest and the most sessions taken back at once, as shares of those streaming: the
+#: capacity estimate sizes it, these bound a wrong one (late while it reads room to spare: the
+#: bottleneck is a model's queue, not the CPU it sees).
+TAKE_BACK_AT_LEAST = 0.05
+TAKE_BACK_AT_MOST = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +107,11 @@ class AdmissionPolicy:
     #: Past this share of late results (median over live audio streams), new sessions and
     #: streams are refused: the admitted ones already miss their deadlines.
     late_share: float = 0.01
+    #: Seconds the admitted sessions may stay late (past :data:`OVERRUN_SHARE` of their results,
+    #: in each lateness window) before the newest are taken back (``server_busy``, then the
+    #: close): the server slowed (a neighbour took the cores) below what it admitted, and would
+    #: otherwise never catch up. 0: never.
+    take_back_seconds: float = 2.0
 
     @property
     def enabled(self) -> bool:
@@ -186,6 +199,7 @@ class AdmissionFigures:
 
     admitted: Counter[str] = field(default_factory=Counter)  # "session" / "stream"
     refused: Counter[str] = field(default_factory=Counter)  # by reason
+    taken_back: int = 0  # sessions ended server_busy after they were admitted
     lag_buckets: list[int] = field(default_factory=lambda: [0] * len(LAG_BOUNDS_MS))
     lag_sum: float = 0.0  # seconds
 
@@ -229,6 +243,9 @@ class Admission:
         self._passed = 0
         #: Median share of late results over live audio streams, last window (None: unknown).
         self.late_share: float | None = None
+        #: Seconds the admitted sessions have been late in a row (lateness windows past
+        #: :data:`OVERRUN_SHARE`), since the last sessions were taken back.
+        self.overrun = 0.0
         #: Capacity estimates of the last :data:`CAPACITY_HOLD_SECONDS`, (time, sessions), each
         #: lower than the ones after it: the first is the least (a sliding-window minimum).
         self._estimates: deque[tuple[float, float]] = deque()
@@ -345,10 +362,34 @@ class Admission:
         self._door += 1
         return self._refuse(reason, sessions)
 
-    def observe_lateness(self, share: float | None) -> None:
-        """Take in the newest window's median share of late results (see
+    def observe_lateness(self, share: float | None, seconds: float) -> None:
+        """Take in the newest window's (``seconds`` long) median share of late results (see
         :func:`median_late_share`)."""
         self.late_share = share
+        p = self.policy
+        late = share is not None and share > OVERRUN_SHARE and self.load >= p.target_load / 2
+        self.overrun = self.overrun + seconds if late and p.enabled else 0.0
+
+    def take_back(self, sessions: int) -> int:
+        """How many of the ``sessions`` streaming to take back now (the newest: the server ends
+        them ``server_busy``), 0 unless they have been late for ``take_back_seconds``.
+
+        Admission keeps the sessions within what the server served in time; when the server
+        then slows (a neighbour takes the cores, the host throttles), every admitted session is
+        late, and stays late: the chunks shed by their age still cost their reading. Taking
+        back those past the estimated capacity (bounded by :data:`TAKE_BACK_AT_LEAST` and
+        :data:`TAKE_BACK_AT_MOST` of them) lets the rest be on time again. The sessions must
+        then be late as long again before more go."""
+        p = self.policy
+        if not p.take_back_seconds or self.overrun < p.take_back_seconds or not sessions:
+            return 0
+        self.overrun = 0.0
+        capacity = self.capacity
+        excess = sessions - (capacity if capacity is not None else 0.0)
+        least = math.ceil(TAKE_BACK_AT_LEAST * sessions)
+        n = max(least, min(math.ceil(excess), math.ceil(TAKE_BACK_AT_MOST * sessions)))
+        self.figures.taken_back += n
+        return n
 
     @property
     def load(self) -> float:

@@ -110,6 +110,14 @@ def _parser() -> argparse.ArgumentParser:
         "streams are refused (default %(default)s)",
     )
     s.add_argument(
+        "--admit-take-back-seconds",
+        type=float,
+        default=policy.take_back_seconds,
+        help="admission control: once most live audio streams' results have been late this "
+        "long, the newest sessions are ended server_busy, so that the rest are on time again "
+        "(default %(default)s; 0: never)",
+    )
+    s.add_argument(
         "--busy-retry-ms",
         type=float,
         default=policy.retry_after_ms,
@@ -463,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
                     target_load=args.admit_load,
                     max_lag_ms=args.admit_lag_ms,
                     late_ms=args.admit_late_ms,
+                    take_back_seconds=args.admit_take_back_seconds,
                     retry_after_ms=args.busy_retry_ms,
                 ),
                 reload_seconds=args.reload_seconds,

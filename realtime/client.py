@@ -223,6 +223,9 @@ class Client:
         self._unrouted: asyncio.Queue[Error] = asyncio.Queue()
         #: Set when the server announced its shutdown (send nothing more; reconnect later).
         self.going_away: GoingAway | None = None
+        #: Set when the server ended this session ``server_busy`` after admitting it (it fell
+        #: behind: connect again after ``retry_after_ms``, or elsewhere).
+        self.taken_back: errors.ServerBusy | None = None
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
     @classmethod
@@ -409,7 +412,9 @@ class Client:
             lost = ConnectionError(
                 f"connection closed ({self.ws.close_code} {self.ws.close_reason})"
                 + ("" if exc is None else f"; not resumed: {exc}")
+                + ("" if self.taken_back is None else f": {self.taken_back}")
             )
+            lost.__cause__ = self.taken_back
             for fut, _ in self._waiting.values():
                 if not fut.done():
                     fut.set_exception(lost)
@@ -487,6 +492,10 @@ class Client:
                 waiting[0].set_result(msg)
             return
         if isinstance(msg, Error):
+            if msg.stream is None and msg.code == errors.ServerBusy.code:
+                busy = raise_error(msg)  # the server took this session back; the close follows
+                assert isinstance(busy, errors.ServerBusy)
+                self.taken_back = busy
             if msg.seq is None and msg.stream is not None:
                 for kind in ("opened", "closed"):
                     waiting = self._waiting.get((kind, msg.stream))

@@ -220,6 +220,11 @@ class AdmissionMetrics(Collector):
             "reason",
             dict(f.refused),
         )
+        yield CounterMetricFamily(
+            "realtime_taken_back",
+            "Admitted sessions ended server_busy because the admitted ones stayed late",
+            f.taken_back,
+        )
         lag = HistogramMetricFamily("realtime_loop_lag_seconds", "Event-loop lag, per measurement")
         lag.add_metric(
             [],

@@ -42,7 +42,7 @@ from realtime import __version__, errors, handoff, http11, store
 from realtime.admission import Admission, Measurement, idle_seconds, median_late_share
 from realtime.auth import AuthFailed, Grant, check_origin, credential
 from realtime.config import Config, is_loopback
-from realtime.connection import Connection, State
+from realtime.connection import CLOSE_TRY_AGAIN, Connection, State
 from realtime.listener import Listener, bind
 from realtime.metrics import AdmissionMetrics, Metrics, merge_expositions
 from realtime.models.repository import BUILTIN_DIR, ModelRepository, scan
@@ -569,7 +569,29 @@ class Server:
                     stream.answered = stream.late = 0
                 if move:
                     stream.clock_prev, stream.clock_min = stream.clock_min, math.inf
-        self.admission.observe_lateness(median_late_share(counts))
+        admission = self.admission
+        admission.observe_lateness(median_late_share(counts), LATENESS_SECONDS)
+        streaming = [link for link in self._links.values() if link.conn.session.streams]
+        n = admission.take_back(len(streaming))
+        if n:
+            self._take_back(streaming[-n:], admission.late_share or 0.0)
+
+    def _take_back(self, links: list[Link], late_share: float) -> None:
+        """End these sessions (the newest connected) ``server_busy``, then close (1013): the
+        admitted sessions have been late too long, and the rest are to be on time again."""
+        busy = errors.ServerBusy(
+            f"the server fell behind ({100 * late_share:.0f} % of results late for "
+            f"{self.config.admission.take_back_seconds:g} s) and ends the newest sessions: this "
+            "one ends, and chunks without an answer yet get none. Try again later or elsewhere",
+            retry_after_ms=self.admission.retry_after_ms,
+        )
+        for link in links:
+            conn = link.conn
+            if conn.close_code is None:
+                conn.error(busy)
+                conn.close_code, conn.close_reason = CLOSE_TRY_AGAIN, "server fell behind"
+                self.relay.flush(link)
+        log.warning("event=take_back sessions=%d late_share=%.2f", len(links), late_share)
 
     def _check_drained(self) -> None:
         if self.draining and all(conn.inflight == 0 for conn in self._conns.values()):

@@ -569,6 +569,9 @@ class Session:
                 stream.clock_min = lead
         try:
             if age >= 0.001 and age * 1000.0 >= (chunk.deadline_ms or stream.deadline_ms):
+                if rechunker is not None:  # live audio: an answer, and a late one
+                    stream.answered += 1
+                    stream.late += 1
                 raise errors.DeadlineExceeded(
                     f"the chunk was {1000 * age:.0f} ms old when the server got to it, "
                     "past its deadline: not run",

@@ -19,6 +19,8 @@ from realtime.admission import (
     CONNECTION_COST,
     DOOR_COST,
     MIN_ANSWERED,
+    TAKE_BACK_AT_LEAST,
+    TAKE_BACK_AT_MOST,
     Admission,
     AdmissionPolicy,
     Measurement,
@@ -560,7 +562,7 @@ def test_late_results_refuse_new_sessions_and_streams_once_the_server_is_loaded(
     server = FakeServer(admission, 0.01)
     server.streaming = 20  # 0.2 of the core: under half the target
     server.run(2.0)
-    admission.observe_lateness(0.5)
+    admission.observe_lateness(0.5, 1.0)
     assert admission.full(20) is None  # lateness on an idle server is not its sessions'
     server.streaming = 50
     server.run(2.0)
@@ -569,8 +571,115 @@ def test_late_results_refuse_new_sessions_and_streams_once_the_server_is_loaded(
     assert admission.figures.refused["late"] == 1
     refused = admission.admit_stream("m", 3)
     assert isinstance(refused, errors.ServerBusy) and refused.stream == 3
-    admission.observe_lateness(0.01)  # at the share, not past it
+    admission.observe_lateness(0.01, 1.0)  # at the share, not past it
     assert admission.admit_session(50) is None
+
+
+def test_sessions_late_for_take_back_seconds_lose_the_newest_past_the_capacity() -> None:
+    admission = Admission(AdmissionPolicy(target_load=0.8, take_back_seconds=2.0))
+    server = FakeServer(admission, 0.01)
+    server.streaming = 100  # the whole core: 80 fit within the target
+    server.run(2.0)
+    assert admission.capacity == pytest.approx(80, abs=1)
+    admission.observe_lateness(0.9, 1.0)
+    assert admission.take_back(100) == 0  # late for a second: a hiccup may pass
+    admission.observe_lateness(0.2, 1.0)  # most streams on time again: it passed
+    admission.observe_lateness(0.9, 1.0)
+    assert admission.take_back(100) == 0
+    admission.observe_lateness(0.9, 1.0)
+    capacity = admission.capacity
+    assert capacity is not None
+    assert admission.take_back(100) == math.ceil(100 - capacity)  # those past the capacity
+    assert admission.figures.taken_back == math.ceil(100 - capacity)
+    assert admission.take_back(80) == 0  # late as long again before more go
+    admission.observe_lateness(0.9, 1.0)
+    admission.observe_lateness(None, 1.0)  # no live audio stream measured: none late
+    admission.observe_lateness(0.9, 1.0)
+    assert admission.take_back(80) == 0
+
+
+def test_how_many_are_taken_back_is_bounded_whatever_the_capacity_reads() -> None:
+    admission = Admission(AdmissionPolicy(target_load=0.5, take_back_seconds=1.0))
+    server = FakeServer(admission, 0.003)
+    server.streaming = 120  # 0.36 of the core: room for 46 more, by the estimate
+    server.run(2.0)
+    admission.observe_lateness(0.9, 1.0)  # late all the same (a model's queue, say)
+    assert admission.take_back(120) == math.ceil(TAKE_BACK_AT_LEAST * 120)
+    server.cost = 0.02  # the machine slowed: the core is full, and 60 fit by the estimate
+    server.run(2.0)
+    admission.observe_lateness(0.9, 1.0)
+    assert admission.take_back(120) == math.ceil(TAKE_BACK_AT_MOST * 120)
+
+
+def test_no_session_is_taken_back_from_an_idle_server_or_with_the_policy_off() -> None:
+    for policy, cost in (
+        (AdmissionPolicy(target_load=0.8, take_back_seconds=1.0), 0.001),  # 0.1 of the core
+        (AdmissionPolicy(target_load=0.8, take_back_seconds=0.0), 0.01),
+        (AdmissionPolicy(target_load=0.0, take_back_seconds=1.0), 0.01),
+    ):
+        admission = Admission(policy)
+        server = FakeServer(admission, cost)
+        server.streaming = 100
+        server.run(2.0)
+        for _ in range(5):
+            admission.observe_lateness(1.0, 1.0)
+            assert admission.take_back(100) == 0
+
+
+async def test_the_newest_session_is_taken_back_once_the_streams_stay_late(
+    start_server: ServerFactory, tiny_models: Path
+) -> None:
+    """Through the real path: live audio streams' results late (by their own clocks) for
+    ``take_back_seconds`` end the newest session ``server_busy`` and close it (1013); the
+    older ones stream on, and the Python client raises the reason typed."""
+    policy = AdmissionPolicy(
+        target_load=0.5, late_ms=1000.0, period=3600.0, retry_after_ms=750.0, take_back_seconds=2.0
+    )
+    server = await start_server((tiny_models,), builtin=False, admission=policy)
+    raws = [await Raw.connect(server.url) for _ in range(2)]
+    for raw in raws:
+        opened = await raw.open(1, "window", kind="audio", dtype="int16", sample_rate=8000)
+        assert opened["type"] == "opened"
+    newest = await Client.connect(server.url)
+    stream = await newest.open("window", kind="audio", dtype="int16", sample_rate=8000)
+    _fill(server, 0.4)  # loaded: lateness is the sessions' (capacity 1.25)
+    pcm = np.zeros(16, np.int16)  # 2 ms: one window each
+    sent = 0
+
+    async def window(late: bool) -> None:
+        """A lateness window: every stream answered MIN_ANSWERED times, late or not."""
+        nonlocal sent
+        if late:  # as if each stream's first chunk had come five seconds sooner
+            for conn in server.connections:
+                s = conn.session.streams[1]
+                s.clock_min = s.clock_prev = min(s.clock_min, s.clock_prev) - 5000.0
+        for seq in range(sent, sent + MIN_ANSWERED):
+            for raw in raws:
+                await raw.chunk(1, seq, pcm)
+            await stream.send(pcm, seq=seq)
+        for seq in range(sent, sent + MIN_ANSWERED):
+            for raw in raws:
+                assert (await raw.recv())["seq"] == seq
+            assert (await stream.next()).seq == seq  # type: ignore[union-attr]
+        sent += MIN_ANSWERED
+        server._lateness(asyncio.get_running_loop().time())
+
+    await window(late=False)
+    await window(late=True)
+    assert server.admission.late_share == 1.0 and server.admission.figures.taken_back == 0
+    await window(late=True)  # two seconds late: the newest session goes
+    assert server.admission.figures.taken_back == 1
+    with pytest.raises(ConnectionError) as lost:
+        await stream.next()
+    busy = lost.value.__cause__
+    assert isinstance(busy, errors.ServerBusy) and busy.retry_after_ms == 750.0
+    assert newest.taken_back is busy and "fell behind" in str(busy)
+    assert newest.ws.close_code == 1013
+    for raw in raws:  # the older sessions are not touched
+        await raw.chunk(1, sent, pcm)
+        assert (await raw.recv())["seq"] == sent
+    samples = await scrape(f"http://127.0.0.1:{server.port}")
+    assert samples[("realtime_taken_back_total", ())] == 1.0
 
 
 async def test_live_audio_results_are_counted_late_by_the_streams_own_media_clock(

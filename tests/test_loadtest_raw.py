@@ -266,6 +266,33 @@ async def test_a_refused_client_tries_again_after_retry_after_ms(
     assert rec.due[0, 0] > rec.hello_at[0] and (rec.outcome[0] != UNUSED).sum() > 0
 
 
+async def test_a_session_the_server_takes_back_is_counted_and_stops_sending(
+    start_server: ServerFactory,
+) -> None:
+    from loadtest.overload import admission_summary, checks
+
+    server = await start_server()
+    plan = Plan(server.url, "realtime", ["audio"] * 2, 0, time.monotonic() + 0.3, 2.0)
+    run = _Run(plan)
+    task = asyncio.create_task(run.run())
+    while (run.rec.outcome[1] == OK).sum() < 10:  # both stream: the second has answers
+        await asyncio.sleep(0.01)
+    newest = list(server.relay.links.values())[-1]
+    server._take_back([newest], 1.0)
+    rec = await task
+    assert rec.taken_back.tolist() == [False, True]
+    assert not (rec.outcome == PENDING).any()  # nothing waited for in vain
+    taken = rec.outcome[1]
+    sent = ~np.isnan(rec.sent[1])
+    assert (taken[~sent] == UNUSED).all() and (taken != UNUSED).sum() < 100  # stopped sending
+    assert ((taken == OK) | (taken == rec.codes.index("taken_back") + 1))[sent].all()
+    summary = admission_summary(report.merge([rec]))
+    assert (summary["admitted"], summary["taken_back"]) == (2, 1)
+    summary.update(refused_within_100ms=1.0, admitted_within_50ms=1.0)
+    found = checks({"capacity_clients": 2, "runs": {"2x": summary}})
+    assert not found["2x: admitted >= 90 % of capacity"]  # one of the two was not kept
+
+
 class _Notify(list[float]):
     """A list that sets ``event`` when something is appended."""
 
