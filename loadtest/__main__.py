@@ -215,6 +215,14 @@ class Setup:
     #: (seconds into the run, milliseconds): the server's processes are stopped that long then
     #: (SIGSTOP, SIGCONT): a noisy neighbour or a host's hiccup, at a known time.
     stalls: tuple[tuple[float, float], ...] = ()
+    #: (seconds into the run, seconds, share): from then, for that long, the server's processes
+    #: are stopped ``share`` of every :data:`THROTTLE_PERIOD`, as a cgroup's CPU quota stops
+    #: them: the host slows below what was admitted, for seconds.
+    throttles: tuple[tuple[float, float, float], ...] = ()
+
+
+#: The period of a throttle (the kernel's CFS quota period, by default).
+THROTTLE_PERIOD = 0.1
 
 
 def stall(pids: list[int], seconds: float) -> None:
@@ -229,6 +237,15 @@ def stall(pids: list[int], seconds: float) -> None:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
+
+
+def throttle(pids: list[int], seconds: float, share: float, stop: threading.Event) -> None:
+    """Stop ``pids`` ``share`` of every :data:`THROTTLE_PERIOD` for ``seconds`` (or until
+    ``stop``)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and not stop.is_set():
+        stall(pids, share * THROTTLE_PERIOD)
+        stop.wait((1.0 - share) * THROTTLE_PERIOD)
 
 
 def run_target(
@@ -254,6 +271,7 @@ def run_target(
         target, kinds, setup.server_cpus, setup.nice, setup.processes, setup.server_args
     )
     timers: list[threading.Timer] = []
+    stop = threading.Event()
     try:
         procs = max(1, min(setup.procs, len(kinds)))
         entry = rawload.run_process if setup.client == "raw" else run_process
@@ -267,6 +285,13 @@ def run_target(
             for at, ms in setup.stalls:
                 timer = threading.Timer(
                     start + at - time.monotonic(), stall, (server.pids, ms / 1000.0)
+                )
+                timer.daemon = True
+                timers.append(timer)
+                timer.start()
+            for at, length, share in setup.throttles:
+                timer = threading.Timer(
+                    start + at - time.monotonic(), throttle, (server.pids, length, share, stop)
                 )
                 timer.daemon = True
                 timers.append(timer)
@@ -293,6 +318,7 @@ def run_target(
         skip = min(setup.warmup_seconds, seconds / 4) if warm is None else min(warm, seconds / 2)
         return rec, server.stats(start + skip, start + seconds, rec)
     finally:
+        stop.set()
         for timer in timers:
             timer.cancel()
             if timer.is_alive():

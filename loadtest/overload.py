@@ -287,6 +287,11 @@ def markdown(result: dict[str, Any]) -> str:
         + "".join(
             f" The server was stopped for {ms:g} ms at {at:g} s into each run."
             for at, ms in result.get("stalls", ())
+        )
+        + "".join(
+            f" From {at:g} s into each run, for {n:g} s, the server was stopped {100 * x:g} % of "
+            "every 100 ms (throttled)."
+            for at, n, x in result.get("throttles", ())
         ),
         "",
         "| run | capacity before it | clients | admitted | of them after a refusal | refusals "
@@ -399,13 +404,27 @@ def main() -> None:
         help="stop the server for MS ms at AT seconds into each run (SIGSTOP, SIGCONT: a noisy "
         "neighbour at a known time; not in the capacity runs; repeatable)",
     )
+    parser.add_argument(
+        "--throttle",
+        action="append",
+        default=[],
+        metavar="AT:SECONDS:SHARE",
+        help="from AT seconds into each run, for SECONDS, stop the server SHARE of every 100 ms "
+        "(a cgroup's CPU quota: the host slows below what was admitted; not in the capacity "
+        "runs; repeatable)",
+    )
     add_setup_flags(parser)
     parser.add_argument("--out", type=Path, default=REPO / "loadtest" / "results" / "overload")
     args = parser.parse_args()
     stalls = tuple((float(a), float(m)) for a, _, m in (s.partition(":") for s in args.stall))
     if args.capacity_seconds is None:
         args.capacity_seconds = args.seconds
-    setup = dataclasses.replace(setup_from(args), settle_seconds=5.0, stalls=stalls)
+    throttles = tuple(
+        (float(a), float(n), float(x)) for a, n, x in (t.split(":") for t in args.throttle)
+    )
+    setup = dataclasses.replace(
+        setup_from(args), settle_seconds=5.0, stalls=stalls, throttles=throttles
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
         "kind": args.kind,
@@ -416,11 +435,12 @@ def main() -> None:
         "retry": args.retry,
         "deadline_ms": DEADLINE_MS,
         "stalls": stalls,
+        "throttles": throttles,
     }
     cap = args.capacity_clients
     # Without admission control: every client is taken.
     off = dataclasses.replace(
-        setup, server_args=(*setup.server_args, "--admit-load", "0"), stalls=()
+        setup, server_args=(*setup.server_args, "--admit-load", "0"), stalls=(), throttles=()
     )
     steps = [int(s) for s in args.capacity_steps.split(",")]
     if cap is None:

@@ -230,6 +230,9 @@ class Admission:
         #: admitted sessions late.
         self.churn = 0.0
         self.lag = 0.0  # smoothed event-loop lag, seconds
+        #: Smoothed share of the time the process could run (not stalled: a lag from
+        #: STALL_LAG on is time it was stopped, throttled or starved).
+        self.running = 1.0
         self.last_lag = 0.0  # the newest lag measured, seconds
         self._streaming = 0.0  # smoothed sessions streaming
         self._model_load: dict[str, float] = {}  # smoothed share of a model's workers in use
@@ -291,6 +294,7 @@ class Admission:
         self.batching_slack += a * (slack - self.batching_slack)
         self.churn += a * (churn - self.churn)
         self.lag += a * (m.lag - self.lag)
+        self.running += (1.0 - math.exp(-dt / SMOOTHING_SECONDS)) * (span / dt - self.running)
         self._streaming += a * (m.streaming - self._streaming)
         for name, (busy, _, workers, _) in m.models.items():
             before = last.models.get(name)
@@ -378,14 +382,16 @@ class Admission:
         then slows (a neighbour takes the cores, the host throttles), every admitted session is
         late, and stays late: the chunks shed by their age still cost their reading. Taking
         back those past the estimated capacity (bounded by :data:`TAKE_BACK_AT_LEAST` and
-        :data:`TAKE_BACK_AT_MOST` of them) lets the rest be on time again. The sessions must
-        then be late as long again before more go."""
+        :data:`TAKE_BACK_AT_MOST` of them) lets the rest be on time again. The capacity is of
+        the time the process runs (stalls are not counted in its load): stopped a quarter of
+        the time (a cgroup's CPU quota, a neighbour), it carries a quarter less. The sessions
+        must then be late as long again before more go."""
         p = self.policy
         if not p.take_back_seconds or self.overrun < p.take_back_seconds or not sessions:
             return 0
         self.overrun = 0.0
         capacity = self.capacity
-        excess = sessions - (capacity if capacity is not None else 0.0)
+        excess = sessions - (capacity * self.running if capacity is not None else 0.0)
         least = math.ceil(TAKE_BACK_AT_LEAST * sessions)
         n = max(least, min(math.ceil(excess), math.ceil(TAKE_BACK_AT_MOST * sessions)))
         self.figures.taken_back += n

@@ -611,6 +611,22 @@ def test_how_many_are_taken_back_is_bounded_whatever_the_capacity_reads() -> Non
     assert admission.take_back(120) == math.ceil(TAKE_BACK_AT_MOST * 120)
 
 
+def test_a_server_stopped_part_of_the_time_takes_back_what_its_run_time_cannot_carry() -> None:
+    """A cgroup's CPU quota, or a neighbour: the process is stopped a third of the time. Its
+    load leaves the stalls out (it reads 0.8 of the time it runs, room for 12 more), so the
+    sessions it takes back are sized by the time it runs."""
+    admission = Admission(AdmissionPolicy(target_load=0.9, take_back_seconds=1.0))
+    server = FakeServer(admission, 0.008)
+    server.streaming = 100
+    server.lag = 0.025  # every 50 ms period, stopped 25 ms more
+    server.run(3.0)
+    assert admission.running == pytest.approx(2 / 3, abs=0.01)
+    capacity = admission.capacity
+    assert capacity == pytest.approx(112.5, abs=1)
+    admission.observe_lateness(0.9, 1.0)
+    assert admission.take_back(100) == math.ceil(100 - capacity * admission.running)  # 25
+
+
 def test_no_session_is_taken_back_from_an_idle_server_or_with_the_policy_off() -> None:
     for policy, cost in (
         (AdmissionPolicy(target_load=0.8, take_back_seconds=1.0), 0.001),  # 0.1 of the core

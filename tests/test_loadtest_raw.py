@@ -16,7 +16,7 @@ import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
 from loadtest import report
-from loadtest.__main__ import stall
+from loadtest.__main__ import stall, throttle
 from loadtest.clients import OK, PENDING, UNUSED, Plan, Records
 from loadtest.rawload import _Run
 from loadtest.rawws import (
@@ -430,12 +430,14 @@ def test_each_run_is_checked_against_the_capacity_searched_before_it() -> None:
     assert not found["8x: a capacity held before the run"]
 
 
+def state(pid: int) -> str:
+    """A process's state letter (R running, S asleep, T stopped)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
 def test_a_stall_stops_the_server_for_its_length_then_lets_it_go_on() -> None:
     """``--stall``: the server's processes are stopped (a noisy neighbour at a known time),
     and run again after it, whatever happens meanwhile."""
-
-    def state(pid: int) -> str:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
     gone = subprocess.Popen(["true"])
     gone.wait()  # a process of the server's that has gone: the others are stopped all the same
@@ -449,6 +451,29 @@ def test_a_stall_stops_the_server_for_its_length_then_lets_it_go_on() -> None:
         assert state(proc.pid) == "T"  # stopped while the stall lasts
         stopper.join()
         assert state(proc.pid) in "RS"  # and going on after it (woken by SIGCONT, or asleep)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_throttle_stops_the_server_a_share_of_every_period_until_told() -> None:
+    """``--throttle``: the server's processes are stopped a share of every 100 ms (a cgroup's
+    CPU quota), and run on once it ends."""
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        stop = threading.Event()
+        throttler = threading.Thread(target=throttle, args=([proc.pid], 60.0, 0.5, stop))
+        end = time.monotonic() + 1.0
+        throttler.start()
+        states = []
+        while time.monotonic() < end:
+            states.append(state(proc.pid))
+            time.sleep(0.002)  # sampling the process's state over the second
+        assert 0.2 < states.count("T") / len(states) < 0.8  # stopped about half the time
+        stop.set()
+        throttler.join(5.0)
+        assert not throttler.is_alive()  # told to end: it did, long before its 60 s
+        assert state(proc.pid) == "R"  # and the process runs on
     finally:
         proc.kill()
         proc.wait()
