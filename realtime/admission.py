@@ -77,10 +77,13 @@ MIN_ANSWERED = 10
 #: Past this median share of late results, a lateness window counts towards taking sessions
 #: back (:meth:`Admission.take_back`): most streams are late, not a few.
 OVERRUN_SHARE = 0.5
+#: ... unless they catch up: results this much less late on average than a window before
+#: (the sessions taken back leave room, and the backlog drains; or a hiccup passes).
+CATCHING_UP = 0.8
 #: The fewest and the most sessions taken back at once, as shares of those streaming: the
 #: capacity estimate sizes it, these bound a wrong one (late while it reads room to spare: the
 #: bottleneck is a model's queue, not the CPU it sees).
-TAKE_BACK_AT_LEAST = 0.05
+TAKE_BACK_AT_LEAST = 0.1
 TAKE_BACK_AT_MOST = 0.25
 
 
@@ -156,11 +159,12 @@ def idle_seconds(stat: str, cpus: Iterable[int], ticks_per_second: float) -> flo
     return ticks / ticks_per_second if want and found == len(want) else None
 
 
-def median_late_share(counts: Iterable[tuple[int, int]]) -> float | None:
+def median_late_share(counts: Iterable[tuple[int, float]]) -> float | None:
     """The median, over streams, of the share of results that were late, from each stream's
     (results, late) in one window; streams with fewer than :data:`MIN_ANSWERED` results do not
     count. None if none does. The median, so that a few clients whose clock does not follow
-    real time (or a paused one) cannot make the whole server look late."""
+    real time (or a paused one) cannot make the whole server look late. Given (results, the
+    sum of how late each was), the median of how late a result was on average."""
     shares = sorted(late / answered for answered, late in counts if answered >= MIN_ANSWERED)
     if not shares:
         return None
@@ -247,8 +251,13 @@ class Admission:
         #: Median share of late results over live audio streams, last window (None: unknown).
         self.late_share: float | None = None
         #: Seconds the admitted sessions have been late in a row (lateness windows past
-        #: :data:`OVERRUN_SHARE`), since the last sessions were taken back.
+        #: :data:`OVERRUN_SHARE`), less a window for each time sessions were taken back.
         self.overrun = 0.0
+        self._window = 0.0  # the last lateness window's length, seconds
+        #: Median over live audio streams of how late a result was on average (ms), in the
+        #: last window and the one before (None: unknown).
+        self.lateness_ms: float | None = None
+        self._lateness_before: float | None = None
         #: Capacity estimates of the last :data:`CAPACITY_HOLD_SECONDS`, (time, sessions), each
         #: lower than the ones after it: the first is the least (a sliding-window minimum).
         self._estimates: deque[tuple[float, float]] = deque()
@@ -366,13 +375,17 @@ class Admission:
         self._door += 1
         return self._refuse(reason, sessions)
 
-    def observe_lateness(self, share: float | None, seconds: float) -> None:
-        """Take in the newest window's (``seconds`` long) median share of late results (see
-        :func:`median_late_share`)."""
+    def observe_lateness(
+        self, share: float | None, seconds: float, lateness_ms: float | None = None
+    ) -> None:
+        """Take in the newest window's (``seconds`` long) median share of late results and how
+        late a result was on average (see :func:`median_late_share`)."""
         self.late_share = share
+        self._lateness_before, self.lateness_ms = self.lateness_ms, lateness_ms
         p = self.policy
         late = share is not None and share > OVERRUN_SHARE and self.load >= p.target_load / 2
         self.overrun = self.overrun + seconds if late and p.enabled else 0.0
+        self._window = seconds
 
     def take_back(self, sessions: int) -> int:
         """How many of the ``sessions`` streaming to take back now (the newest: the server ends
@@ -384,12 +397,17 @@ class Admission:
         back those past the estimated capacity (bounded by :data:`TAKE_BACK_AT_LEAST` and
         :data:`TAKE_BACK_AT_MOST` of them) lets the rest be on time again. The capacity is of
         the time the process runs (stalls are not counted in its load): stopped a quarter of
-        the time (a cgroup's CPU quota, a neighbour), it carries a quarter less. The sessions
-        must then be late as long again before more go."""
+        the time (a cgroup's CPU quota, a neighbour), it carries a quarter less. While the
+        sessions stay late and do not catch up (:data:`CATCHING_UP`), more go after each
+        further window: a saturated server cannot measure how far past its capacity it is, and
+        its backlog only drains with room to spare."""
         p = self.policy
         if not p.take_back_seconds or self.overrun < p.take_back_seconds or not sessions:
             return 0
-        self.overrun = 0.0
+        now, before = self.lateness_ms, self._lateness_before
+        if now is not None and before is not None and now < CATCHING_UP * before:
+            return 0  # catching up: late still, but less so each window
+        self.overrun -= self._window
         capacity = self.capacity
         excess = sessions - (capacity * self.running if capacity is not None else 0.0)
         least = math.ceil(TAKE_BACK_AT_LEAST * sessions)

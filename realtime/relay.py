@@ -272,7 +272,9 @@ class Relay:
             clock = stream.clock_min  # not min(): a builtin call per chunk
             if stream.clock_prev < clock:
                 clock = stream.clock_prev
-            if now * 1000.0 - gather.media_ms - clock > self.late_ms:
+            late_by = now * 1000.0 - gather.media_ms - clock
+            stream.lateness_ms += late_by
+            if late_by > self.late_ms:
                 stream.late += 1
         conn.outcome(item, outcome)
         if not conn.inflight:

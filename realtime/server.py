@@ -562,15 +562,20 @@ class Server:
         if move:
             self._clocks_due = now + CLOCK_SECONDS
         counts: list[tuple[int, int]] = []
+        lateness: list[tuple[int, float]] = []
         for conn in self._conns.values():
             for stream in conn.session.streams.values():
                 if stream.answered:
                     counts.append((stream.answered, stream.late))
+                    lateness.append((stream.answered, stream.lateness_ms))
                     stream.answered = stream.late = 0
+                    stream.lateness_ms = 0.0
                 if move:
                     stream.clock_prev, stream.clock_min = stream.clock_min, math.inf
         admission = self.admission
-        admission.observe_lateness(median_late_share(counts), LATENESS_SECONDS)
+        admission.observe_lateness(
+            median_late_share(counts), LATENESS_SECONDS, median_late_share(lateness)
+        )
         streaming = [link for link in self._links.values() if link.conn.session.streams]
         n = admission.take_back(len(streaming))
         if n:

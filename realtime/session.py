@@ -224,6 +224,7 @@ class Stream:
     clock_prev: float = math.inf
     answered: int = 0  # audio results sent in this lateness window
     late: int = 0  # of which late (``AdmissionPolicy.late_ms``)
+    lateness_ms: float = 0.0  # their sum of how late each was (ms past its audio's time)
 
 
 # Built per chunk: its own __init__, which mypyc compiles (see setup.py).
@@ -570,8 +571,12 @@ class Session:
         try:
             if age >= 0.001 and age * 1000.0 >= (chunk.deadline_ms or stream.deadline_ms):
                 if rechunker is not None:  # live audio: an answer, and a late one
+                    clock = stream.clock_min
+                    if stream.clock_prev < clock:
+                        clock = stream.clock_prev
                     stream.answered += 1
                     stream.late += 1
+                    stream.lateness_ms += now * 1000.0 - media - clock
                 raise errors.DeadlineExceeded(
                     f"the chunk was {1000 * age:.0f} ms old when the server got to it, "
                     "past its deadline: not run",

@@ -591,11 +591,31 @@ def test_sessions_late_for_take_back_seconds_lose_the_newest_past_the_capacity()
     assert capacity is not None
     assert admission.take_back(100) == math.ceil(100 - capacity)  # those past the capacity
     assert admission.figures.taken_back == math.ceil(100 - capacity)
-    assert admission.take_back(80) == 0  # late as long again before more go
+    assert admission.take_back(80) == 0  # not again in the same window
+    admission.observe_lateness(0.9, 1.0)  # still late a window on: more go
+    assert admission.take_back(80) == math.ceil(TAKE_BACK_AT_LEAST * 80)
     admission.observe_lateness(0.9, 1.0)
     admission.observe_lateness(None, 1.0)  # no live audio stream measured: none late
     admission.observe_lateness(0.9, 1.0)
-    assert admission.take_back(80) == 0
+    assert admission.take_back(72) == 0  # late as long as at first before more go
+    admission.observe_lateness(0.9, 1.0)
+    assert admission.take_back(72) > 0
+
+
+def test_sessions_that_catch_up_are_not_taken_back_while_they_do() -> None:
+    admission = Admission(AdmissionPolicy(target_load=0.8, take_back_seconds=2.0))
+    server = FakeServer(admission, 0.01)
+    server.streaming = 100
+    server.run(2.0)
+    admission.observe_lateness(0.9, 1.0, 300.0)
+    admission.observe_lateness(0.9, 1.0, 200.0)  # a hiccup passing: less late each window
+    assert admission.take_back(100) == 0
+    admission.observe_lateness(0.9, 1.0, 170.0)  # no longer catching up (past 0.8 of 200)
+    assert admission.take_back(100) > 0
+    admission.observe_lateness(0.9, 1.0, 120.0)  # the room they left drains the backlog
+    assert admission.take_back(90) == 0
+    admission.observe_lateness(0.9, 1.0, 130.0)  # stuck again: more go
+    assert admission.take_back(90) > 0
 
 
 def test_how_many_are_taken_back_is_bounded_whatever_the_capacity_reads() -> None:
@@ -726,6 +746,8 @@ async def test_live_audio_results_are_counted_late_by_the_streams_own_media_cloc
     assert (stream.answered, stream.late) == (2 * MIN_ANSWERED, MIN_ANSWERED)
     server._lateness(asyncio.get_running_loop().time())
     assert server.admission.late_share == pytest.approx(0.5)
-    assert (stream.answered, stream.late) == (0, 0)
+    # Half on time (a few ms), half five seconds late: 2.5 s on average.
+    assert server.admission.lateness_ms == pytest.approx(2500.0, abs=250.0)
+    assert (stream.answered, stream.late, stream.lateness_ms) == (0, 0, 0.0)
     samples = await scrape(f"http://127.0.0.1:{server.port}")
     assert samples[("realtime_late_share", ())] == pytest.approx(0.5)
