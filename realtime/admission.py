@@ -253,7 +253,7 @@ class Admission:
         #: Seconds the admitted sessions have been late in a row (lateness windows past
         #: :data:`OVERRUN_SHARE`), less a window for each time sessions were taken back.
         self.overrun = 0.0
-        self._window = 0.0  # the last lateness window's length, seconds
+        self._late_window = 0.0  # the last lateness window's length, seconds
         #: Median over live audio streams of how late a result was on average (ms), in the
         #: last window and the one before (None: unknown).
         self.lateness_ms: float | None = None
@@ -385,7 +385,7 @@ class Admission:
         p = self.policy
         late = share is not None and share > OVERRUN_SHARE and self.load >= p.target_load / 2
         self.overrun = self.overrun + seconds if late and p.enabled else 0.0
-        self._window = seconds
+        self._late_window = seconds
 
     def take_back(self, sessions: int) -> int:
         """How many of the ``sessions`` streaming to take back now (the newest: the server ends
@@ -407,7 +407,7 @@ class Admission:
         now, before = self.lateness_ms, self._lateness_before
         if now is not None and before is not None and now < CATCHING_UP * before:
             return 0  # catching up: late still, but less so each window
-        self.overrun -= self._window
+        self.overrun -= self._late_window
         capacity = self.capacity
         excess = sessions - (capacity * self.running if capacity is not None else 0.0)
         least = math.ceil(TAKE_BACK_AT_LEAST * sessions)

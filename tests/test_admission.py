@@ -602,6 +602,24 @@ def test_sessions_late_for_take_back_seconds_lose_the_newest_past_the_capacity()
     assert admission.take_back(72) > 0
 
 
+def test_lateness_windows_leave_the_cores_busy_share_alone() -> None:
+    """Regression: the take-back's window length once shared a name with the busy share's
+    window, and each lateness window cut that one short: a core 0.8 busy read near 1.0, and
+    the server admitted 349-397 sessions where 420-454 had fit."""
+    loads = []
+    for lateness in (False, True):
+        admission = Admission(AdmissionPolicy())
+        server = FakeServer(admission, 0.002)
+        server.ticks = True  # confined: the cores' busy share counts
+        server.streaming = 400
+        for _ in range(6):
+            server.run(1.0)
+            if lateness:
+                admission.observe_lateness(0.0, 1.0, 5.0)
+        loads.append(admission.load)
+    assert loads[1] == pytest.approx(loads[0]) and loads[0] == pytest.approx(0.8, abs=0.03)
+
+
 def test_sessions_that_catch_up_are_not_taken_back_while_they_do() -> None:
     admission = Admission(AdmissionPolicy(target_load=0.8, take_back_seconds=2.0))
     server = FakeServer(admission, 0.01)

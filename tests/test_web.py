@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from realtime.admission import AdmissionPolicy
 from realtime.protocol import Chunk, ResultFrame, decode_frame, encode_frame
 from realtime.server import Server
 from tests.conftest import REPO, ServerFactory
@@ -181,11 +182,15 @@ process.exit(0);
 
 
 async def cut_a_node_client(
-    server: Server, body: str, after_cut: Callable[[str], Awaitable[None]] | None = None
+    server: Server,
+    body: str,
+    after_cut: Callable[[str], Awaitable[None]] | None = None,
+    take_back: bool = False,
 ) -> dict[str, Any]:
     """Run the browser client in Node on a stateful stream (the prelude above, then ``body``);
-    when it prints "cut me", abort the server side of its connection (then ``after_cut`` with the
-    session's resume token) and tell it to go on; return what it reports."""
+    when it prints "cut me", abort the server side of its connection (or, ``take_back``, have
+    the server take the session back: ``server_busy``, then 1013), then ``after_cut`` with the
+    session's resume token, and tell it to go on; return what it reports."""
     flags = node_websocket_flags()
     if flags is None:
         pytest.skip("this Node.js has no WebSocket (Node 20 with a flag, or 22+)")
@@ -204,7 +209,10 @@ async def cut_a_node_client(
         (conn,) = server.connections
         token = conn.session.resume_token
         assert token is not None
-        server.cut(conn.session.id)  # the network drops it: no close frame either way
+        if take_back:
+            server._take_back([server.relay.links[conn.session.id]], 1.0)
+        else:
+            server.cut(conn.session.id)  # the network drops it: no close frame either way
         if after_cut is not None:
             await after_cut(token)
         proc.stdin.write(b"go\n")
@@ -265,3 +273,35 @@ await until(7);
     assert got[:3] == [[0, 1.0], [1, 2.0], [2, 3.0]]
     assert got[3][:2] == [None, "resume_expired"] and "2 chunks got no answer" in got[3][2]
     assert got[4:] == [[0, 1.0], [1, 2.0], [2, 3.0]]  # reopened in place: a new state, seq from 0
+
+
+@needs_node
+async def test_the_js_client_taken_back_is_told_typed_and_waits_as_told_to_start_over(
+    start_server: ServerFactory, tiny_models: Any
+) -> None:
+    policy = AdmissionPolicy(retry_after_ms=1500.0, period=3600.0)
+    server = await start_server((tiny_models,), builtin=False, admission=policy)
+    body = """
+let busyAt = null;
+const onError = stream.onError;
+stream.onError = (e) => {
+  if (e.code === "server_busy") busyAt = [Date.now(), e.retryAfterMs];
+  onError(e);
+};
+for (let i = 0; i < 3; i++) stream.send(ones());
+await until(3);
+console.log("cut me");
+await lines.next(); // the server took the session back
+await until(4); // the typed notice
+for (let i = 0; i < 3; i++) stream.send(ones()); // kept, sent on the new session
+await until(7);
+got.push([Date.now() - busyAt[0], busyAt[1]]);
+"""
+    report = await cut_a_node_client(server, body, take_back=True)
+    got = report["got"]
+    assert report["resumes"] == 0  # not kept to resume: a new session
+    assert got[:3] == [[0, 1.0], [1, 2.0], [2, 3.0]]
+    assert got[3][:2] == [None, "server_busy"] and "fell behind" in got[3][2]
+    assert got[4:7] == [[0, 1.0], [1, 2.0], [2, 3.0]]  # reopened in place on a new session
+    waited, told = got[7]
+    assert told == 1500.0 and waited >= 1490  # it dialled again no sooner than told

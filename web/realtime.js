@@ -99,6 +99,7 @@ export class RealtimeError extends Error {
     this.seq = msg.seq;
     this.retryable = msg.retryable;
     this.reason = msg.reason; // overloaded: "inflight" or "queue"
+    this.retryAfterMs = msg.retry_after_ms; // server_busy: how long to wait before trying again
   }
 }
 
@@ -185,6 +186,7 @@ export class RealtimeClient {
     this._received = 0; // messages received after the session's first welcome
     this._online = false; // connected and welcomed: frames may be sent
     this._handedOff = false; // the server said it hands the session to its next process
+    this._busyUntil = 0; // Date.now() before which a server that said server_busy is not dialled
     this.onStatus = opts.onStatus ?? (() => {});
     this.onClose = opts.onClose ?? (() => {});
   }
@@ -333,6 +335,13 @@ export class RealtimeClient {
       if (msg.resumed) this._resumed(msg);
       else if (!this._reconnecting) this._online = true; // (a new session: once reopened)
     } else this._received++;
+    if (msg.type === "error" && msg.code === "server_busy" && msg.stream === undefined && !this._pending.has("welcome")) {
+      // The server fell behind and takes this session back (the close, 1013, follows): tell
+      // each stream, typed, and dial again no sooner than it said.
+      this._busyUntil = Date.now() + (msg.retry_after_ms ?? 0);
+      for (const stream of this.streams.values()) stream._deliver({ ...msg, stream: stream.id });
+      return;
+    }
     if (msg.type === "going_away" && msg.resume_token) {
       // The session moves to the server's next process: hold chunks until it resumes there.
       this.resumeToken = msg.resume_token;
@@ -423,7 +432,8 @@ export class RealtimeClient {
     };
     for (let attempt = 0; !this._closing; attempt++) {
       const base = resume ? Math.min(2000, 50 * 2 ** attempt) : Math.min(15000, 500 * 2 ** attempt);
-      await new Promise((r) => setTimeout(r, base * (0.5 + Math.random() / 2)));
+      const told = this._busyUntil - Date.now(); // a server_busy's retry_after_ms, if longer
+      await new Promise((r) => setTimeout(r, Math.max(base * (0.5 + Math.random() / 2), told)));
       if (resume && Date.now() > until) giveUp("resume_expired");
       try {
         await this._connect(resume);
@@ -436,7 +446,12 @@ export class RealtimeClient {
             giveUp(e.code); // refused: a new session, on this same connection
           }
         }
-        await this._hello(false);
+        try {
+          await this._hello(false);
+        } catch (e) {
+          if (e instanceof RealtimeError && e.code === "server_busy") this._busyUntil = Date.now() + (e.retryAfterMs ?? 0);
+          throw e;
+        }
         for (const stream of this.streams.values()) {
           stream.opened = await this._request(stream._openMsg, `opened:${stream.id}`, true);
           // Chunks kept while it reconnected go to the new session, numbered from 0 again.
