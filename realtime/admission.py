@@ -254,6 +254,7 @@ class Admission:
         #: :data:`OVERRUN_SHARE`), less a window for each time sessions were taken back.
         self.overrun = 0.0
         self._late_window = 0.0  # the last lateness window's length, seconds
+        self._taken_in_overrun = False  # sessions were taken back since the overrun began
         #: Median over live audio streams of how late a result was on average (ms), in the
         #: last window and the one before (None: unknown).
         self.lateness_ms: float | None = None
@@ -385,6 +386,8 @@ class Admission:
         p = self.policy
         late = share is not None and share > OVERRUN_SHARE and self.load >= p.target_load / 2
         self.overrun = self.overrun + seconds if late and p.enabled else 0.0
+        if not self.overrun:
+            self._taken_in_overrun = False
         self._late_window = seconds
 
     def take_back(self, sessions: int) -> int:
@@ -398,9 +401,10 @@ class Admission:
         :data:`TAKE_BACK_AT_MOST` of them) lets the rest be on time again. The capacity is of
         the time the process runs (stalls are not counted in its load): stopped a quarter of
         the time (a cgroup's CPU quota, a neighbour), it carries a quarter less. While the
-        sessions stay late and do not catch up (:data:`CATCHING_UP`), more go after each
-        further window: a saturated server cannot measure how far past its capacity it is, and
-        its backlog only drains with room to spare."""
+        sessions stay late and do not catch up (:data:`CATCHING_UP`), :data:`TAKE_BACK_AT_LEAST`
+        more go after each further window: a saturated server cannot measure how far past its
+        capacity it is, and its backlog only drains with room to spare (sized by the estimate
+        again while a backlog drained, a third round took a fifth at once)."""
         p = self.policy
         if not p.take_back_seconds or self.overrun < p.take_back_seconds or not sessions:
             return 0
@@ -412,6 +416,9 @@ class Admission:
         excess = sessions - (capacity * self.running if capacity is not None else 0.0)
         least = math.ceil(TAKE_BACK_AT_LEAST * sessions)
         n = max(least, min(math.ceil(excess), math.ceil(TAKE_BACK_AT_MOST * sessions)))
+        if self._taken_in_overrun:
+            n = least
+        self._taken_in_overrun = True
         self.figures.taken_back += n
         return n
 

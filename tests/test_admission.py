@@ -592,7 +592,9 @@ def test_sessions_late_for_take_back_seconds_lose_the_newest_past_the_capacity()
     assert admission.take_back(100) == math.ceil(100 - capacity)  # those past the capacity
     assert admission.figures.taken_back == math.ceil(100 - capacity)
     assert admission.take_back(80) == 0  # not again in the same window
-    admission.observe_lateness(0.9, 1.0)  # still late a window on: more go
+    server.streaming, server.cost = 80, 0.02  # the core full: the estimate reads 64 fit
+    server.run(1.0)
+    admission.observe_lateness(0.9, 1.0)  # still late a window on: more go, in small steps
     assert admission.take_back(80) == math.ceil(TAKE_BACK_AT_LEAST * 80)
     admission.observe_lateness(0.9, 1.0)
     admission.observe_lateness(None, 1.0)  # no live audio stream measured: none late
@@ -643,6 +645,7 @@ def test_how_many_are_taken_back_is_bounded_whatever_the_capacity_reads() -> Non
     server.run(2.0)
     admission.observe_lateness(0.9, 1.0)  # late all the same (a model's queue, say)
     assert admission.take_back(120) == math.ceil(TAKE_BACK_AT_LEAST * 120)
+    admission.observe_lateness(0.0, 1.0)  # on time again: that overrun is over
     server.cost = 0.02  # the machine slowed: the core is full, and 60 fit by the estimate
     server.run(2.0)
     admission.observe_lateness(0.9, 1.0)
