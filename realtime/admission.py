@@ -159,12 +159,13 @@ def idle_seconds(stat: str, cpus: Iterable[int], ticks_per_second: float) -> flo
     return ticks / ticks_per_second if want and found == len(want) else None
 
 
-def median_late_share(counts: Iterable[tuple[int, float]]) -> float | None:
-    """The median, over streams, of the share of results that were late, from each stream's
-    (results, late) in one window; streams with fewer than :data:`MIN_ANSWERED` results do not
-    count. None if none does. The median, so that a few clients whose clock does not follow
-    real time (or a paused one) cannot make the whole server look late. Given (results, the
-    sum of how late each was), the median of how late a result was on average."""
+def median_over_streams(counts: Iterable[tuple[int, float]]) -> float | None:
+    """The median, over streams, of a per-result average in one window, from each stream's
+    (results, total): given (results, late results), the share of results that were late;
+    given (results, the sum of how late each was), how late a result was on average. Streams
+    with fewer than :data:`MIN_ANSWERED` results do not count; None if none does. The median,
+    so that a few clients whose clock does not follow real time (or a paused one) cannot make
+    the whole server look late."""
     shares = sorted(late / answered for answered, late in counts if answered >= MIN_ANSWERED)
     if not shares:
         return None
@@ -380,7 +381,7 @@ class Admission:
         self, share: float | None, seconds: float, lateness_ms: float | None = None
     ) -> None:
         """Take in the newest window's (``seconds`` long) median share of late results and how
-        late a result was on average (see :func:`median_late_share`)."""
+        late a result was on average (see :func:`median_over_streams`)."""
         self.late_share = share
         self._lateness_before, self.lateness_ms = self.lateness_ms, lateness_ms
         p = self.policy

@@ -39,7 +39,7 @@ from websockets.protocol import State as WsState
 from websockets.server import ServerProtocol
 
 from realtime import __version__, errors, handoff, http11, store
-from realtime.admission import Admission, Measurement, idle_seconds, median_late_share
+from realtime.admission import Admission, Measurement, idle_seconds, median_over_streams
 from realtime.auth import AuthFailed, Grant, check_origin, credential
 from realtime.config import Config, is_loopback
 from realtime.connection import CLOSE_TRY_AGAIN, Connection, State
@@ -574,7 +574,7 @@ class Server:
                     stream.clock_prev, stream.clock_min = stream.clock_min, math.inf
         admission = self.admission
         admission.observe_lateness(
-            median_late_share(counts), LATENESS_SECONDS, median_late_share(lateness)
+            median_over_streams(counts), LATENESS_SECONDS, median_over_streams(lateness)
         )
         streaming = [link for link in self._links.values() if link.conn.session.streams]
         n = admission.take_back(len(streaming))
@@ -585,7 +585,7 @@ class Server:
         """End these sessions (the newest connected) ``server_busy``, then close (1013): the
         admitted sessions have been late too long, and the rest are to be on time again."""
         busy = errors.ServerBusy(
-            f"the server fell behind ({100 * late_share:.0f} % of results late for "
+            f"the server fell behind ({100 * late_share:.0f} % of results late for at least "
             f"{self.config.admission.take_back_seconds:g} s) and ends the newest sessions: this "
             "one ends, and chunks without an answer yet get none. Try again later or elsewhere",
             retry_after_ms=self.admission.retry_after_ms,

@@ -25,7 +25,7 @@ from realtime.admission import (
     AdmissionPolicy,
     Measurement,
     idle_seconds,
-    median_late_share,
+    median_over_streams,
 )
 from realtime.client import Client
 from realtime.server import Server, _resumes
@@ -551,10 +551,10 @@ def test_idle_seconds_come_from_proc_stat_for_the_cpus_given() -> None:
 def test_the_late_share_is_the_median_over_streams_with_enough_results() -> None:
     few = MIN_ANSWERED - 1
     # One stream whose clock runs wrong (every result "late") does not make the server late.
-    assert median_late_share([(50, 0), (50, 1), (50, 50), (few, few)]) == pytest.approx(0.02)
-    assert median_late_share([(50, 0), (50, 2), (50, 4), (50, 50)]) == pytest.approx(0.06)
-    assert median_late_share([(few, few)]) is None
-    assert median_late_share([]) is None
+    assert median_over_streams([(50, 0), (50, 1), (50, 50), (few, few)]) == pytest.approx(0.02)
+    assert median_over_streams([(50, 0), (50, 2), (50, 4), (50, 50)]) == pytest.approx(0.06)
+    assert median_over_streams([(few, few)]) is None
+    assert median_over_streams([]) is None
 
 
 def test_late_results_refuse_new_sessions_and_streams_once_the_server_is_loaded() -> None:
