@@ -1,7 +1,8 @@
 """``python -m loadtest.overload``: admission control under overload (issue 16).
 
 Measures the capacity without overload (the most real-time clients with >= 99 % of chunks
-answered within 50 ms of their due time, admission off, for as long as a run lasts), then offers
+answered within 50 ms of their due time, admission off, for as long as a run lasts: up the
+``--capacity-steps`` from the lowest, and down below it if that one does not hold), then offers
 2x and 4x that many clients arriving over ``--ramp`` seconds, and a burst: the capacity, then 3x
 more sessions arriving within 2 seconds (each streaming 2 s). Every client says hello at its
 arrival and, if admitted, streams real-time chunks from its welcome on (raw client, latency from
@@ -152,9 +153,14 @@ def plot_over_time(rec: Records, out: Path, name: str, title: str) -> str:
 def capacity_near(
     kind: str, steps: list[int], near: int, seconds: float, setup: Setup, tries: int
 ) -> dict[str, Any]:
-    """The capacity searched again from ``near`` (found earlier): up the ``steps`` while a step
-    holds (every one of its ``tries``), else down until one does; 0 if none does."""
-    steps = sorted({*steps, near})
+    """The capacity searched from ``near``: up the ``steps`` while a step holds (every one of
+    its ``tries``), else down until one does, below the lowest step too, by the first steps'
+    spacing: a hiccup in the lowest step's runs no longer leaves nothing to overload
+    (session 27); 0 if none does."""
+    given = sorted(set(steps))
+    gap = given[1] - given[0] if len(given) > 1 else given[0] // 2
+    lower = range(given[0] % gap or gap, given[0], gap) if gap > 0 else range(0)
+    steps = sorted({*lower, *given, near})
     rows: list[dict[str, Any]] = []
 
     def holds(n: int) -> bool:
@@ -358,7 +364,12 @@ def main() -> None:
     parser.add_argument(
         "--capacity-clients", type=int, help="the capacity, if known (else it is searched)"
     )
-    parser.add_argument("--capacity-steps", default="50,60,70,80,90,100,110,120,140,160,180,200")
+    parser.add_argument(
+        "--capacity-steps",
+        default="50,60,70,80,90,100,110,120,140,160,180,200",
+        help="clients per capacity step, searched up from the lowest (and below it, by the "
+        "first two steps' spacing, if the lowest does not hold)",
+    )
     parser.add_argument(
         "--capacity-seconds",
         type=float,
@@ -444,11 +455,11 @@ def main() -> None:
     )
     steps = [int(s) for s in args.capacity_steps.split(",")]
     if cap is None:
-        search = capacity(["realtime"], args.kind, steps, args.capacity_seconds, off, args.tries)
+        search = capacity_near(args.kind, steps, steps[0], args.capacity_seconds, off, args.tries)
         result["capacity_search"] = search
-        cap = search["targets"]["realtime"]["clients"]
+        cap = search["clients"]
         if not cap:
-            sys.exit(f"no capacity found at {args.capacity_steps} clients: nothing to overload")
+            sys.exit(f"no capacity found at or below {steps[0]} clients: nothing to overload")
     result["capacity_clients"] = cap
     result["runs"], result["plots"] = {}, []
     fresh = args.fresh and "capacity_search" in result
