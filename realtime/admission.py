@@ -96,8 +96,8 @@ class AdmissionPolicy:
     #: VAD streams beside a 4x crowd were 95.5-98.9 % on time in 6 runs of 11 (the server at
     #: 0.89-0.95 of its core; its capacity, searched without a crowd, ran at 0.86): a host's
     #: 15-30 ms hiccup (both cores at once, every 20 s or so here) left a backlog that took
-    #: half a second to drain with a tenth of the core to spare. At 0.88 all 8 runs were 100 %
-    #: on time (docs/scheduler.md, "The target load", session 28).
+    #: half a second to drain with a tenth of the core to spare. At 0.88, 10 of 12 held (one
+    #: of the two in a slow stretch of the host; docs/scheduler.md, "The target load").
     target_load: float = 0.88
     #: Smoothed event-loop lag past which new sessions and streams are refused (when the
     #: server's own load is at least half its target: lag on an idle server is a neighbour's).
