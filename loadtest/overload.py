@@ -154,13 +154,12 @@ def capacity_near(
     kind: str, steps: list[int], near: int, seconds: float, setup: Setup, tries: int
 ) -> dict[str, Any]:
     """The capacity searched from ``near``: up the ``steps`` while a step holds (every one of
-    its ``tries``), else down until one does, below the lowest step too, by the first steps'
-    spacing: a hiccup in the lowest step's runs no longer leaves nothing to overload
+    its ``tries``), else down until one does, below the lowest step too, by the first two
+    steps' spacing: a hiccup in the lowest step's runs no longer leaves nothing to overload
     (session 27); 0 if none does."""
     given = sorted(set(steps))
-    gap = given[1] - given[0] if len(given) > 1 else given[0] // 2
-    lower = range(given[0] % gap or gap, given[0], gap) if gap > 0 else range(0)
-    steps = sorted({*lower, *given, near})
+    gap = given[1] - given[0] if len(given) > 1 else max(given[0] // 2, 1)
+    steps = sorted({*range(given[0] - gap, 0, -gap), *given, near})
     rows: list[dict[str, Any]] = []
 
     def holds(n: int) -> bool:
