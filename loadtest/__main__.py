@@ -28,9 +28,11 @@ import multiprocessing
 import os
 import platform
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -39,7 +41,7 @@ from typing import Any
 
 import orjson
 
-from loadtest import rawload, report
+from loadtest import hostprobe, rawload, report
 from loadtest.clients import (
     Plan,
     Records,
@@ -219,6 +221,10 @@ class Setup:
     #: are stopped ``share`` of every :data:`THROTTLE_PERIOD`, as a cgroup's CPU quota stops
     #: them: the host slows below what was admitted, for seconds.
     throttles: tuple[tuple[float, float, float], ...] = ()
+    #: Probe the server's cores during each run (:mod:`loadtest.hostprobe`): the host's stops
+    #: and slowdowns go into the server's figures (``host``), to tell a miss of the host's from
+    #: one of the server's.
+    host_probe: bool = False
 
 
 #: The period of a throttle (the kernel's CFS quota period, by default).
@@ -248,6 +254,32 @@ def throttle(pids: list[int], seconds: float, share: float, stop: threading.Even
         stop.wait((1.0 - share) * THROTTLE_PERIOD)
 
 
+def start_probes(cpus: set[int] | None, until: float) -> dict[int, tuple[Any, Path]]:
+    """A :mod:`loadtest.hostprobe` process on each of ``cpus`` (none if None) until ``until``
+    (monotonic seconds), each with the file it writes."""
+    probes: dict[int, tuple[Any, Path]] = {}
+    for cpu in sorted(cpus or ()):
+        out = Path(tempfile.mkdtemp(prefix="hostprobe-")) / "probe.npz"
+        seconds = f"{until + 0.5 - time.monotonic():.2f}"
+        args = ["--cpu", str(cpu), "--seconds", seconds, "--out", str(out)]
+        command = [sys.executable, "-m", "loadtest.hostprobe", *args]
+        probes[cpu] = (subprocess.Popen(command, cwd=REPO), out)
+    return probes
+
+
+def read_probe(probe: tuple[Any, Path], start: float) -> dict[str, Any]:
+    """A probe's summary once it has ended (see :func:`loadtest.hostprobe.summarize`)."""
+    process, out = probe
+    try:
+        process.wait(timeout=30)
+        return hostprobe.load(out, start)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        process.kill()
+        return {"samples": 0, "error": str(e)}
+    finally:
+        shutil.rmtree(out.parent, ignore_errors=True)
+
+
 def run_target(
     target: str,
     kinds: list[str],
@@ -272,6 +304,7 @@ def run_target(
     )
     timers: list[threading.Timer] = []
     stop = threading.Event()
+    probes: dict[int, tuple[Any, Path]] = {}
     try:
         procs = max(1, min(setup.procs, len(kinds)))
         entry = rawload.run_process if setup.client == "raw" else run_process
@@ -289,6 +322,7 @@ def run_target(
                 timer.daemon = True
                 timers.append(timer)
                 timer.start()
+            probes = start_probes(setup.server_cpus if setup.host_probe else None, start + seconds)
             for at, length, share in setup.throttles:
                 timer = threading.Timer(
                     start + at - time.monotonic(), throttle, (server.pids, length, share, stop)
@@ -316,13 +350,21 @@ def run_target(
             ]
             rec = report.merge(pool.map(entry, plans, chunksize=1))
         skip = min(setup.warmup_seconds, seconds / 4) if warm is None else min(warm, seconds / 2)
-        return rec, server.stats(start + skip, start + seconds, rec)
+        stats = server.stats(start + skip, start + seconds, rec)
+        if probes:
+            stats["host"] = {str(cpu): read_probe(probe, start) for cpu, probe in probes.items()}
+        return rec, stats
     finally:
         stop.set()
         for timer in timers:
             timer.cancel()
             if timer.is_alive():
                 timer.join()  # a stall under way ends (SIGCONT) before the server is stopped
+        for process, out in probes.values():  # a run that failed: its probes end here
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            shutil.rmtree(out.parent, ignore_errors=True)
         server.stop()
 
 
@@ -404,6 +446,7 @@ def setup_from(args: argparse.Namespace) -> Setup:
         results=args.results,
         nice=args.nice,
         server_args=tuple(args.server_arg),
+        host_probe=args.host_probe,
     )
 
 
@@ -417,6 +460,12 @@ def add_setup_flags(parser: argparse.ArgumentParser) -> None:
         "connection object per client",
     )
     parser.add_argument("--procs", type=int, help="client processes (default: raw 1, else 2)")
+    parser.add_argument(
+        "--host-probe",
+        action="store_true",
+        help="probe the server's cores during each run (python -m loadtest.hostprobe: the "
+        "host's stops and slowdowns, beside the figures; needs root for real-time priority)",
+    )
     parser.add_argument(
         "--server-cpus", help="CPUs the server runs on, e.g. 0 (default: the first; any: free)"
     )

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from loadtest import report
+from loadtest import hostprobe, report
 from loadtest.__main__ import (
     DEADLINE_MS,
     REPO,
@@ -238,7 +238,11 @@ def run_scenario(
         f"{summary['refusals_over_100ms']} over 100 ms), admitted "
         f"{100 * summary['admitted_within_50ms']:.2f}% within 50 ms, p50 {lat['p50']} p99 "
         f"{lat['p99']} ms, lost {summary['admitted_lost']}, errors {summary['admitted_errors']}, "
-        f"sent late by the client max {summary['admitted_send_lag_ms']['max']} ms",
+        f"sent late by the client max {summary['admitted_send_lag_ms']['max']} ms"
+        + "".join(
+            f"; host probe, cpu {cpu}: {hostprobe.describe(h)}"
+            for cpu, h in server.get("host", {}).items()
+        ),
         flush=True,
     )
     return rec, summary
@@ -335,6 +339,14 @@ def markdown(result: dict[str, Any]) -> str:
                 + (", ".join(f"{k} {v}" for k, v in b["admitted_errors"].items()) or "0")
                 + " | |"
             )
+    probed = [
+        (name, cpu, h)
+        for name, r in result["runs"].items()
+        for cpu, h in r.get("server", {}).get("host", {}).items()
+    ]
+    if probed:
+        lines += ["", "The host probe on the server's cores (seconds into each run):", ""]
+        lines += [f"- {name}, cpu {cpu}: {hostprobe.describe(h)}" for name, cpu, h in probed]
     lines += ["", "Checks:", ""]
     lines += [f"- {'yes' if ok else '**no**'}: {what}" for what, ok in result["checks"].items()]
     after = result.get("capacity_after")

@@ -1,0 +1,163 @@
+"""``python -m loadtest.hostprobe``: how the host treated the server's core during a run.
+
+A run that misses its on-time bar for half a second may be the server's doing or the host's:
+this machine is a VM, and its cores stop or slow with no trace in the guest (no steal time).
+The probe is pinned to the server's core at real-time priority (``SCHED_FIFO``: it runs the
+moment it wakes, ahead of the server), wakes every :data:`PERIOD` and times a fixed bit of work:
+
+- a wake-up late by :data:`STOP_MS` or more is the core **stopped** (the hypervisor ran
+  something else, or the kernel did, with interrupts off);
+- the work taking :data:`SLOW_FACTOR` times its median or more is the core **slowed** (a busy
+  sibling hyperthread, a cache flushed under it).
+
+It costs the core ~0.5 % (~50 µs every 10 ms) and holds it off the server for 50 µs at a time.
+Without the right to real-time priority (not root) it runs as it may, and says so: it then
+waits behind the server too, and its figures are the server's as much as the host's.
+
+    python -m loadtest.hostprobe --cpu 0 --seconds 20 --out probe.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: Seconds between wake-ups.
+PERIOD = 0.01
+#: Seconds of work timed at each wake-up (calibrated at the start).
+WORK_SECONDS = 50e-6
+#: A wake-up this late (ms) is a stop.
+STOP_MS = 2.0
+#: Work this many times its median is a slowed core.
+SLOW_FACTOR = 3.0
+#: The most events listed in a summary (the longest first).
+LISTED = 12
+
+
+def _work(n: int) -> int:
+    total = 0
+    for i in range(n):
+        total += i
+    return total
+
+
+def probe(cpu: int, seconds: float) -> tuple[dict[str, np.ndarray[Any, Any]], bool]:
+    """Run the probe on ``cpu`` for ``seconds``: the samples (``t``, monotonic seconds at each
+    wake-up; ``late``, seconds it woke late; ``work``, seconds the work took) and whether it
+    ran at real-time priority."""
+    os.sched_setaffinity(0, {cpu})
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(50))
+        realtime = True
+    except (PermissionError, OSError):
+        realtime = False
+    n = 64
+    while True:  # calibrate: n iterations take about WORK_SECONDS
+        t0 = time.perf_counter()
+        _work(n)
+        if time.perf_counter() - t0 >= WORK_SECONDS or n > 1 << 24:
+            break
+        n *= 2
+    count = max(int(seconds / PERIOD), 1)
+    t, late, work = np.zeros(count), np.zeros(count), np.zeros(count)
+    due = time.monotonic() + PERIOD
+    for i in range(count):
+        wait = due - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        woke = time.monotonic()
+        t0 = time.perf_counter()
+        _work(n)
+        work[i] = time.perf_counter() - t0
+        t[i], late[i] = woke, max(woke - due, 0.0)
+        due += PERIOD
+        if due < time.monotonic():  # a stop longer than a period: start again from now
+            due = time.monotonic() + PERIOD
+    return {"t": t, "late": late, "work": work}, realtime
+
+
+def summarize(
+    t: np.ndarray[Any, Any],
+    late: np.ndarray[Any, Any],
+    work: np.ndarray[Any, Any],
+    start: float,
+    realtime: bool = True,
+) -> dict[str, Any]:
+    """What a report says of one probe: stops and slowed samples, at seconds after ``start``
+    (the run's start), the longest first."""
+    if not t.size:
+        return {"samples": 0, "realtime": realtime}
+    at = t - start
+    late_ms = late * 1000.0
+    median = float(np.median(work))
+    ratio = work / median if median > 0 else np.ones_like(work)
+    stops = np.flatnonzero(late_ms >= STOP_MS)
+    slow = np.flatnonzero(ratio >= SLOW_FACTOR)
+    return {
+        "samples": int(t.size),
+        "realtime": realtime,
+        "work_median_us": round(median * 1e6, 1),
+        "stops": len(stops),
+        "stopped_ms": round(float(late_ms[stops].sum()), 1),
+        "longest_stops": [
+            [round(float(at[i]), 2), round(float(late_ms[i]), 1)]
+            for i in stops[np.argsort(-late_ms[stops])][:LISTED]
+        ],
+        "slowed": len(slow),
+        "most_slowed": [
+            [round(float(at[i]), 2), round(float(ratio[i]), 1)]
+            for i in slow[np.argsort(-ratio[slow])][:LISTED]
+        ],
+    }
+
+
+def describe(summary: dict[str, Any]) -> str:
+    """One line of a summary, for a person."""
+    if not summary.get("samples"):
+        return f"no samples ({summary.get('error', 'probe not run')})"
+    stops = ", ".join(f"{ms:g} ms at {at:g} s" for at, ms in summary["longest_stops"][:3])
+    slowed = ", ".join(f"{x:g}x at {at:g} s" for at, x in summary["most_slowed"][:3])
+    return (
+        f"{summary['stops']} stops of {STOP_MS:g} ms or more ({summary['stopped_ms']:g} ms in "
+        f"all{'; the longest: ' + stops if stops else ''}), {summary['slowed']} of "
+        f"{summary['samples']} samples slowed {SLOW_FACTOR:g}x or more"
+        + (f" ({slowed})" if slowed else "")
+        + (
+            ""
+            if summary["realtime"]
+            else "; not at real-time priority: it waited behind the server too"
+        )
+    )
+
+
+def load(path: Path, start: float) -> dict[str, Any]:
+    """The summary of a probe's file (see :func:`summarize`)."""
+    with np.load(path) as d:
+        return summarize(d["t"], d["late"], d["work"], start, bool(d["realtime"]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.hostprobe", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--cpu", type=int, default=0)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--out", type=Path, required=True, help="the samples (.npz)")
+    args = parser.parse_args()
+    samples, realtime = probe(args.cpu, args.seconds)
+    np.savez(
+        args.out,
+        realtime=np.array(realtime),
+        t=samples["t"],
+        late=samples["late"],
+        work=samples["work"],
+    )
+
+
+if __name__ == "__main__":
+    main()

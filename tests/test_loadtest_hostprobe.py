@@ -1,0 +1,59 @@
+"""The host probe (loadtest.hostprobe): what it reports of stops and slowdowns, and a real run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from loadtest import hostprobe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_stops_and_slowdowns_are_listed_longest_first_at_seconds_into_the_run() -> None:
+    start = 100.0
+    t = start + np.arange(1000) * hostprobe.PERIOD
+    late = np.full(1000, 0.0001)
+    work = np.full(1000, 50e-6)
+    late[300] = 0.015  # stopped 15 ms at 3 s
+    late[700] = 0.004  # 4 ms at 7 s
+    late[800] = 0.0019  # under STOP_MS: not a stop
+    work[500:503] = 200e-6  # slowed 4x at 5 s
+    work[900] = 120e-6  # 2.4x: not slowed
+    s = hostprobe.summarize(t, late, work, start)
+    assert s["samples"] == 1000 and s["realtime"]
+    assert s["stops"] == 2 and s["stopped_ms"] == 19.0
+    assert s["longest_stops"] == [[3.0, 15.0], [7.0, 4.0]]
+    assert s["slowed"] == 3 and s["most_slowed"][0] == [5.0, 4.0]
+    line = hostprobe.describe(s)
+    assert "2 stops" in line and "15 ms at 3 s" in line and "3 of 1000 samples slowed" in line
+    assert "real-time" not in line
+    assert "not at real-time" in hostprobe.describe(hostprobe.summarize(t, late, work, 0, False))
+
+
+def test_a_probe_that_did_not_run_says_so() -> None:
+    empty = np.zeros(0)
+    assert hostprobe.summarize(empty, empty, empty, 0.0)["samples"] == 0
+    assert hostprobe.describe({"samples": 0, "error": "gone"}) == "no samples (gone)"
+
+
+def test_a_real_probe_samples_the_core_for_as_long_as_asked(tmp_path: Path) -> None:
+    out = tmp_path / "probe.npz"
+    cpu = min(os.sched_getaffinity(0))
+    args = ["--cpu", str(cpu), "--seconds", "0.3", "--out", str(out)]
+    subprocess.run(
+        [sys.executable, "-m", "loadtest.hostprobe", *args],
+        cwd=REPO,
+        check=True,
+        timeout=60,
+    )
+    with np.load(out) as d:
+        t, work = d["t"], d["work"]
+        assert t.size == 30 and np.all(np.diff(t) > 0)
+        assert np.all(work > 0)
+    s = hostprobe.load(out, float(t[0]))
+    assert s["samples"] == 30 and s["work_median_us"] > 0
