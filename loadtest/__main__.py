@@ -267,12 +267,15 @@ def start_probes(cpus: set[int] | None, until: float) -> dict[int, tuple[Any, Pa
     return probes
 
 
-def read_probe(probe: tuple[Any, Path], start: float) -> dict[str, Any]:
-    """A probe's summary once it has ended (see :func:`loadtest.hostprobe.summarize`)."""
+def read_probe(
+    probe: tuple[Any, Path], start: float, within: tuple[float, float]
+) -> dict[str, Any]:
+    """A probe's summary once it has ended, of its samples ``within`` those seconds after
+    ``start`` (see :func:`loadtest.hostprobe.summarize`)."""
     process, out = probe
     try:
         process.wait(timeout=30)
-        return hostprobe.load(out, start)
+        return hostprobe.load(out, start, within)
     except (OSError, subprocess.TimeoutExpired) as e:
         process.kill()
         return {"samples": 0, "error": str(e)}
@@ -352,7 +355,10 @@ def run_target(
         skip = min(setup.warmup_seconds, seconds / 4) if warm is None else min(warm, seconds / 2)
         stats = server.stats(start + skip, start + seconds, rec)
         if probes:
-            stats["host"] = {str(cpu): read_probe(probe, start) for cpu, probe in probes.items()}
+            busy = (skip, seconds)  # the server's CPU window: its core is busy, as the probe needs
+            stats["host"] = {
+                str(cpu): read_probe(probe, start, busy) for cpu, probe in probes.items()
+            }
         return rec, stats
     finally:
         stop.set()

@@ -22,16 +22,23 @@ def test_stops_and_slowdowns_are_listed_longest_first_at_seconds_into_the_run() 
     late[300] = 0.015  # stopped 15 ms at 3 s
     late[700] = 0.004  # 4 ms at 7 s
     late[800] = 0.0019  # under STOP_MS: not a stop
-    work[500:503] = 200e-6  # slowed 4x at 5 s
-    work[900] = 120e-6  # 2.4x: not slowed
+    work[500:503] = 200e-6  # one window (50 ms) 2.8x slower on average, at 5 s
+    work[600:610] = 80e-6  # two windows 1.6x, at 6 s: one spell
+    work[900] = 120e-6  # its window 1.28x: not slowed
     s = hostprobe.summarize(t, late, work, start)
     assert s["samples"] == 1000 and s["realtime"]
     assert s["stops"] == 2 and s["stopped_ms"] == 19.0
     assert s["longest_stops"] == [[3.0, 15.0], [7.0, 4.0]]
-    assert s["slowed"] == 3 and s["most_slowed"][0] == [5.0, 4.0]
+    assert s["slowed_ms"] == 150
+    assert s["longest_slowed"] == [[6.0, 100, 1.6], [5.0, 50, 2.8]]
     line = hostprobe.describe(s)
-    assert "2 stops" in line and "15 ms at 3 s" in line and "3 of 1000 samples slowed" in line
+    assert "2 stops" in line and "15 ms at 3 s" in line and "for 150 ms in all" in line
+    assert "100 ms at 6 s (1.6x)" in line
     assert "real-time" not in line
+    # Only the samples within the given seconds count: the ones while the server is busy.
+    later = hostprobe.summarize(t, late, work, start, within=(5.5, 10.0))
+    assert later["samples"] == 450 and later["stops"] == 1
+    assert later["longest_slowed"] == [[6.0, 100, 1.6]]
     assert "not at real-time" in hostprobe.describe(hostprobe.summarize(t, late, work, 0, False))
 
 
