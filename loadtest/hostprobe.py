@@ -122,6 +122,7 @@ def summarize(
             spells.append([float(at[w * WINDOW]), 1, float(ratio[w]), w])
     spells.sort(key=lambda s: -s[1])
     return {
+        "start": start,
         "samples": int(t.size),
         "realtime": realtime,
         "work_median_us": round(median * 1e6, 1),
@@ -137,6 +138,16 @@ def summarize(
             for a, k, total, _ in spells[:LISTED]
         ],
     }
+
+
+def spells(summary: dict[str, Any]) -> list[tuple[float, float]]:
+    """The listed stops and slowed spells of a summary, as (from, to) monotonic seconds."""
+    start = summary.get("start", 0.0)
+    out = [(start + at, start + at + ms / 1000.0) for at, ms in summary.get("longest_stops", ())]
+    out += [
+        (start + at, start + at + ms / 1000.0) for at, ms, _ in summary.get("longest_slowed", ())
+    ]
+    return out
 
 
 def describe(summary: dict[str, Any]) -> str:

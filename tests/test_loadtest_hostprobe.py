@@ -64,3 +64,38 @@ def test_a_real_probe_samples_the_core_for_as_long_as_asked(tmp_path: Path) -> N
         assert np.all(work > 0)
     s = hostprobe.load(out, float(t[0]))
     assert s["samples"] == 30 and s["work_median_us"] > 0
+
+
+def test_chunks_due_in_a_host_spell_or_its_drain_are_set_apart_in_a_figure_beside() -> None:
+    from loadtest.clients import OK, UNUSED, Records
+    from loadtest.overload import HOST_DRAIN_SECONDS, outside_host_spells
+
+    # Two admitted clients and one refused, a chunk due every 0.1 s from 100.0 s for 2 s;
+    # late (80 ms) from 100.5 s to 100.7 s: during a spell of the probe's at 100.5 s.
+    due = np.tile(100.0 + 0.1 * np.arange(20), (3, 1))
+    received = due + 0.005
+    late = (due >= 100.5) & (due < 100.8)
+    received[late] += 0.075
+    outcome = np.full(due.shape, OK, np.int32)
+    outcome[2] = UNUSED
+    rec = Records(
+        due=due,
+        sent=due.copy(),
+        received=received,
+        queue_ms=np.zeros(due.shape),
+        infer_ms=np.zeros(due.shape),
+        outcome=outcome,
+        codes=[],
+        kinds=["vad"] * 3,
+        cpu_seconds=0.0,
+        connect_failures=0,
+        admitted=np.array([True, True, False]),
+    )
+    host = {"0": {"start": 100.0, "longest_stops": [], "longest_slowed": [[0.5, 200, 1.5]]}}
+    out = outside_host_spells(rec, host)
+    # Set apart: due from 100.5 to 100.7 + the drain (100.5-101.2: 8 chunks a client).
+    assert HOST_DRAIN_SECONDS == 0.5
+    assert out == {"chunks": 24, "set_apart": 16, "within_50ms": 1.0}
+    # Without the spell the late ones count.
+    none = outside_host_spells(rec, {"0": {"start": 100.0}})
+    assert none["chunks"] == 40 and none["within_50ms"] == 0.85
