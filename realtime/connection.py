@@ -58,6 +58,12 @@ NOTICE: Final = 2
 CLOSE_TOO_SLOW: Final = 4008
 #: Close code after a ``server_busy`` refusal at ``hello`` (RFC 6455's "Try Again Later").
 CLOSE_TRY_AGAIN: Final = 1013
+#: Bytes a kept frame holds in memory beyond its own length (CPython: the bytes object's header,
+#: the (frame, is_text, kind) tuple and the deque's slot), counted against
+#: ``resume_buffer_bytes`` so that the bound is on memory. Counted at their length only, a
+#: session's small JSON results (~120 bytes from silero) held 1.8x the bound: ~450 KB of RSS a
+#: session for its 256 KB (docs/scheduler.md, session 29).
+KEPT_OVERHEAD: Final = 105
 
 Frame = tuple[bytes, bool, int]  # (payload, is_text, kind)
 #: Admission control's answer to a new session (None) or stream (its ``open``): None to admit,
@@ -93,8 +99,8 @@ class Connection:
     it keeps to replay after a resume.
 
     Every frame handed out by :meth:`data_to_send` is counted; the last ``resume_buffer_bytes``
-    of them are kept, so a client that lost its connection and says how many it got can be sent
-    the rest again.
+    of them are kept (each counted with :data:`KEPT_OVERHEAD`), so a client that lost its
+    connection and says how many it got can be sent the rest again.
     """
 
     def __init__(
@@ -210,7 +216,7 @@ class Connection:
         conn.from_checkpoint = from_checkpoint
         conn.written, conn.first = entry.written, entry.first
         conn._kept.extend(entry.kept)
-        conn._kept_bytes = sum(len(frame) for frame, _, _ in entry.kept)
+        conn._kept_bytes = sum(len(frame) + KEPT_OVERHEAD for frame, _, _ in entry.kept)
         return conn
 
     def resume(
@@ -462,7 +468,7 @@ class Connection:
             size += len(entry[0])
         kept.extend(out)
         traffic.bytes_out += size
-        self._kept_bytes += size
+        self._kept_bytes += size + KEPT_OVERHEAD * len(out)
         while self._kept_bytes > self._keep_bytes:
-            self._kept_bytes -= len(kept.popleft()[0])
+            self._kept_bytes -= len(kept.popleft()[0]) + KEPT_OVERHEAD
         return out

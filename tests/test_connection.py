@@ -6,6 +6,7 @@ its ``protocol.py``.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,14 @@ import orjson
 import pytest
 
 from realtime import errors
-from realtime.connection import CLOSE_TOO_SLOW, CLOSE_TRY_AGAIN, TRANSITIONS, Connection, State
+from realtime.connection import (
+    CLOSE_TOO_SLOW,
+    CLOSE_TRY_AGAIN,
+    KEPT_OVERHEAD,
+    TRANSITIONS,
+    Connection,
+    State,
+)
 from realtime.models.repository import ModelRepository, scan
 from realtime.protocol import Chunk, Open, decode_frame, encode_frame
 from realtime.session import Limits, Prediction, Session, Stream, WorkItem
@@ -222,3 +230,20 @@ def test_a_chunk_older_than_its_deadline_is_refused_before_any_work(tiny_models:
     [item] = conn.receive_binary(frame, 10.0, age=0.04)
     # Its deadline counts from when its bytes arrived, not from when the loop got to it.
     assert item.received == 9.96 and abs(item.deadline - 10.06) < 1e-9
+
+
+def test_kept_frames_count_what_they_hold_in_memory(tiny_models: Path) -> None:
+    # KEPT_OVERHEAD is what a kept (frame, is_text, kind) costs beyond its bytes, here.
+    slot = 8  # a deque's pointer to it
+    here = sys.getsizeof(b"") + sys.getsizeof((b"", True, 0)) + slot
+    assert abs(KEPT_OVERHEAD - here) <= 16, here
+    # 20 results of ~170 bytes into a 2,000-byte buffer: with their overhead, 7 fit.
+    conn = opened(tiny_models, resume_buffer_bytes=2000)
+    for seq in range(20):
+        (item,) = conn.receive_binary(chunk(seq), 0.0)
+        conn.outcome(item, answer(item))
+        sent(conn)
+    kept = conn._kept
+    held = sum(len(frame) + KEPT_OVERHEAD for frame, _, _ in kept)
+    biggest = max(len(frame) for frame, _, _ in kept) + KEPT_OVERHEAD
+    assert held <= 2000 < held + biggest and conn._kept_bytes == held
