@@ -133,9 +133,12 @@ def outside_host_spells(rec: Records, host: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def plot_over_time(rec: Records, out: Path, name: str, title: str) -> str:
+def plot_over_time(
+    rec: Records, out: Path, name: str, title: str, host: dict[str, Any] | None = None
+) -> str:
     """Sessions admitted and refusals (by hello time) and the share of due chunks answered
-    within 50 ms, per 0.5 s; the file written."""
+    within 50 ms, per 0.5 s, with the host probe's stops and slowed spells shaded (``host``:
+    its summaries by CPU); the file written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -162,6 +165,16 @@ def plot_over_time(rec: Records, out: Path, name: str, title: str) -> str:
         share = np.where(total > 0, good / np.maximum(total, 1), np.nan)
     bottom.plot(edges[1:], 100 * share, color="tab:blue", label="admitted chunks within 50 ms")
     bottom.axhline(99, color="grey", linewidth=0.8, linestyle=":", label="99 %")
+    for k, (begin, end) in enumerate(
+        spell for summary in (host or {}).values() for spell in hostprobe.spells(summary)
+    ):
+        bottom.axvspan(
+            begin - t0,
+            max(end - t0, begin - t0 + 0.05),  # a stop of a few ms still shows
+            color="tab:red",
+            alpha=0.25,
+            label="host slowed or stopped the server's core" if k == 0 else None,
+        )
     bottom.set(xlabel="time since the first hello (s)", ylabel="% on time", ylim=(0, 101))
     twin = bottom.twinx()
     twin.plot(edges[1:], total / 0.5, color="tab:orange", linewidth=0.8, label="chunks due/s")
@@ -522,7 +535,8 @@ def main() -> None:
             summary["capacity_search"] = near["steps"]
         result["runs"][name] = summary
         title = f"{args.kind}, {name}: {summary['offered_clients']} clients (capacity {cap})"
-        result["plots"].append(plot_over_time(rec, args.out, f"{args.kind}_{name}", title))
+        host = summary["server"].get("host")
+        result["plots"].append(plot_over_time(rec, args.out, f"{args.kind}_{name}", title, host))
     if args.recheck and cap:  # did the capacity still hold after the runs?
         again = capacity(["realtime"], args.kind, [cap], args.capacity_seconds, off)
         step = again["targets"]["realtime"]["steps"][0]

@@ -99,3 +99,27 @@ def test_chunks_due_in_a_host_spell_or_its_drain_are_set_apart_in_a_figure_besid
     # Without the spell the late ones count.
     none = outside_host_spells(rec, {"0": {"start": 100.0}})
     assert none["chunks"] == 40 and none["within_50ms"] == 0.85
+
+
+def test_the_plot_over_time_shades_the_host_spells(tmp_path: Path) -> None:
+    from loadtest.clients import OK, Records
+    from loadtest.overload import plot_over_time
+
+    due = np.tile(100.0 + 0.1 * np.arange(20), (2, 1))
+    rec = Records(
+        due=due,
+        sent=due.copy(),
+        received=due + 0.005,
+        queue_ms=np.zeros(due.shape),
+        infer_ms=np.zeros(due.shape),
+        outcome=np.full(due.shape, OK, np.int32),
+        codes=[],
+        kinds=["vad"] * 2,
+        cpu_seconds=0.0,
+        connect_failures=0,
+        hello_at=np.array([99.9, 99.95]),
+        admitted=np.array([True, True]),
+    )
+    host = {"0": {"start": 100.0, "longest_stops": [[1.2, 15.0]], "longest_slowed": []}}
+    name = plot_over_time(rec, tmp_path, "vad_4x", "a run", host)
+    assert (tmp_path / name).stat().st_size > 10_000
