@@ -470,7 +470,8 @@ def add_setup_flags(parser: argparse.ArgumentParser) -> None:
         "--host-probe",
         action="store_true",
         help="probe the server's cores during each run (python -m loadtest.hostprobe: the "
-        "host's stops and slowdowns, beside the figures; needs root for real-time priority)",
+        "host's stops and slowdowns, beside the figures; needs root for real-time priority, "
+        "and a pinned server: with --server-cpus any there is no core to probe)",
     )
     parser.add_argument(
         "--server-cpus", help="CPUs the server runs on, e.g. 0 (default: the first; any: free)"
