@@ -22,10 +22,14 @@ searching before every run gives it more chances to pass (session 22, docs/sched
 eleven ratio checks of 30 failed against the fresh capacities, ten against the first).
 ``--stall AT:MS`` stops the server for MS ms at AT seconds into each run (SIGSTOP, SIGCONT): a
 noisy neighbour at a known time, to see what admission and shedding make of it.
+``--host-probe`` runs :mod:`loadtest.hostprobe` on the server's core: the host's stops and slowed
+spells are listed per run, shaded on its plot, and the share on time outside them is given
+beside the check (session 29: every silero miss measured came with one).
 Writes ``report.json``, ``summary.md`` and the plots to ``--out``.
 
     flock /work/bench.lock python -m loadtest.overload                   # speech_activity
     flock /work/bench.lock python -m loadtest.overload --kind vad        # silero VAD streams
+    python -m loadtest.overload --kind vad --host-probe    # and the host's spells beside them
     python -m loadtest.overload --capacity-clients 80 --runs 2x,burst    # capacity known
 """
 
