@@ -254,10 +254,14 @@ def throttle(pids: list[int], seconds: float, share: float, stop: threading.Even
         stop.wait((1.0 - share) * THROTTLE_PERIOD)
 
 
-def start_probes(cpus: set[int] | None, until: float) -> dict[int, tuple[Any, Path]]:
+#: A running host probe and the file it writes.
+Probe = tuple["subprocess.Popen[bytes]", Path]
+
+
+def start_probes(cpus: set[int] | None, until: float) -> dict[int, Probe]:
     """A :mod:`loadtest.hostprobe` process on each of ``cpus`` (none if None) until ``until``
     (monotonic seconds), each with the file it writes."""
-    probes: dict[int, tuple[Any, Path]] = {}
+    probes: dict[int, Probe] = {}
     for cpu in sorted(cpus or ()):
         out = Path(tempfile.mkdtemp(prefix="hostprobe-")) / "probe.npz"
         seconds = f"{until + 0.5 - time.monotonic():.2f}"
@@ -267,9 +271,7 @@ def start_probes(cpus: set[int] | None, until: float) -> dict[int, tuple[Any, Pa
     return probes
 
 
-def read_probe(
-    probe: tuple[Any, Path], start: float, within: tuple[float, float]
-) -> dict[str, Any]:
+def read_probe(probe: Probe, start: float, within: tuple[float, float]) -> dict[str, Any]:
     """A probe's summary once it has ended, of its samples ``within`` those seconds after
     ``start`` (see :func:`loadtest.hostprobe.summarize`)."""
     process, out = probe
@@ -307,7 +309,7 @@ def run_target(
     )
     timers: list[threading.Timer] = []
     stop = threading.Event()
-    probes: dict[int, tuple[Any, Path]] = {}
+    probes: dict[int, Probe] = {}
     try:
         procs = max(1, min(setup.procs, len(kinds)))
         entry = rawload.run_process if setup.client == "raw" else run_process
