@@ -61,8 +61,8 @@ CLOSE_TRY_AGAIN: Final = 1013
 #: Bytes a kept frame holds in memory beyond its own length (CPython: the bytes object's header,
 #: the (frame, is_text, kind) tuple and the deque's slot), counted against
 #: ``resume_buffer_bytes`` so that the bound is on memory. Counted at their length only, a
-#: session's small JSON results (~120 bytes from silero) held 1.8x the bound: ~450 KB of RSS a
-#: session for its 256 KB (docs/scheduler.md, session 29).
+#: session's small JSON results held 1.8x the bound: ~450 KB of RSS a session for its 256 KB
+#: at 100 silero sessions (docs/scheduler.md, session 29).
 KEPT_OVERHEAD: Final = 105
 
 Frame = tuple[bytes, bool, int]  # (payload, is_text, kind)
