@@ -221,6 +221,9 @@ class Setup:
     #: are stopped ``share`` of every :data:`THROTTLE_PERIOD`, as a cgroup's CPU quota stops
     #: them: the host slows below what was admitted, for seconds.
     throttles: tuple[tuple[float, float, float], ...] = ()
+    #: (seconds into the run, milliseconds, factor): the server's cores run ``factor`` times
+    #: slower that long then (:func:`loadtest.hostprobe.slow`), as this host slows them.
+    slows: tuple[tuple[float, float, float], ...] = ()
     #: Probe the server's cores during each run (:mod:`loadtest.hostprobe`): the host's stops
     #: and slowdowns go into the server's figures (``host``), to tell a miss of the host's from
     #: one of the server's.
@@ -310,6 +313,7 @@ def run_target(
     timers: list[threading.Timer] = []
     stop = threading.Event()
     probes: dict[int, Probe] = {}
+    slowing: list[subprocess.Popen[bytes]] = []
     try:
         procs = max(1, min(setup.procs, len(kinds)))
         entry = rawload.run_process if setup.client == "raw" else run_process
@@ -328,6 +332,18 @@ def run_target(
                 timers.append(timer)
                 timer.start()
             probes = start_probes(setup.server_cpus if setup.host_probe else None, start + seconds)
+            slowing += [
+                subprocess.Popen(
+                    [
+                        *(sys.executable, "-m", "loadtest.hostprobe", "--cpu", str(cpu)),
+                        *("--seconds", str(ms / 1000.0), "--slow", str(factor)),
+                        *("--at", str(start + at)),
+                    ],
+                    cwd=REPO,
+                )
+                for at, ms, factor in setup.slows
+                for cpu in sorted(setup.server_cpus or ())
+            ]
             for at, length, share in setup.throttles:
                 timer = threading.Timer(
                     start + at - time.monotonic(), throttle, (server.pids, length, share, stop)
@@ -364,6 +380,10 @@ def run_target(
         return rec, stats
     finally:
         stop.set()
+        for spinner in slowing:  # each ends by itself; a run that failed ends them here
+            if spinner.poll() is None:
+                spinner.kill()
+            spinner.wait()
         for timer in timers:
             timer.cancel()
             if timer.is_alive():

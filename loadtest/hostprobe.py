@@ -19,7 +19,13 @@ It costs the core ~0.5 % (~50 µs every 10 ms) and holds it off the server for 5
 Without the right to real-time priority (not root) it runs as it may, and says so: it then
 waits behind the server too, and its figures are the server's as much as the host's.
 
+It also makes such a spell, at a known time (:func:`slow`, ``--slow``): a spinner at the same
+priority takes a share of every millisecond of the core, so that whatever else runs there runs
+``factor`` times slower, as the host's spells slow it (session 30: ``--stall`` stops the server
+outright, which is not what this host does to it).
+
     python -m loadtest.hostprobe --cpu 0 --seconds 20 --out probe.npz
+    python -m loadtest.hostprobe --cpu 0 --seconds 0.2 --slow 1.5 --at 12345.6
 """
 
 from __future__ import annotations
@@ -60,12 +66,7 @@ def probe(cpu: int, seconds: float) -> tuple[dict[str, np.ndarray[Any, Any]], bo
     """Run the probe on ``cpu`` for ``seconds``: the samples (``t``, monotonic seconds at each
     wake-up; ``late``, seconds it woke late; ``work``, seconds the work took) and whether it
     ran at real-time priority."""
-    os.sched_setaffinity(0, {cpu})
-    try:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(50))
-        realtime = True
-    except OSError:  # not allowed (not root): it runs as it may, and says so
-        realtime = False
+    realtime = realtime_on(cpu)
     n = 64
     while True:  # calibrate: n iterations take about WORK_SECONDS
         t0 = time.perf_counter()
@@ -89,6 +90,45 @@ def probe(cpu: int, seconds: float) -> tuple[dict[str, np.ndarray[Any, Any]], bo
         if due < time.monotonic():  # a stop longer than a period: start again from now
             due = time.monotonic() + PERIOD
     return {"t": t, "late": late, "work": work}, realtime
+
+
+#: Seconds of a slowdown's cycle: it spins a share of each, and sleeps the rest.
+SLOW_PERIOD = 0.001
+
+
+def realtime_on(cpu: int) -> bool:
+    """Pin this process to ``cpu`` at real-time priority (``SCHED_FIFO``); whether it may."""
+    os.sched_setaffinity(0, {cpu})
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(50))
+    except OSError:  # not allowed (not root): it runs as it may, and says so
+        return False
+    return True
+
+
+def slow(cpu: int, at: float, seconds: float, factor: float) -> bool:
+    """From ``at`` (monotonic seconds) for ``seconds``, slow whatever else runs on ``cpu``
+    ``factor`` times: spin ``1 - 1 / factor`` of every :data:`SLOW_PERIOD` at real-time
+    priority, sleep the rest. Whether it had real-time priority (without it, the kernel
+    shares the core out and the slowdown is less than asked)."""
+    realtime = realtime_on(cpu)
+    spin = (1.0 - 1.0 / factor) * SLOW_PERIOD
+    wait = at - time.monotonic()
+    if wait > 0:
+        time.sleep(wait)
+    clock = time.perf_counter
+    end = clock() + seconds
+    due = clock()
+    while due < end:
+        while clock() < due + spin:
+            pass
+        due += SLOW_PERIOD
+        rest = due - clock()
+        if rest > 0:
+            time.sleep(rest)
+    if realtime:  # the interpreter's exit takes ~12 ms: at real-time priority, a stop of the core
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    return realtime
 
 
 def summarize(
@@ -187,8 +227,22 @@ def main() -> None:
     )
     parser.add_argument("--cpu", type=int, default=0)
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--out", type=Path, required=True, help="the samples (.npz)")
+    parser.add_argument("--out", type=Path, help="the samples (.npz); required unless --slow")
+    parser.add_argument(
+        "--slow",
+        type=float,
+        metavar="FACTOR",
+        help="do not probe: slow the core FACTOR times for --seconds from --at",
+    )
+    parser.add_argument("--at", type=float, default=0.0, help="monotonic seconds (--slow)")
     args = parser.parse_args()
+    if args.slow is not None:
+        if args.slow <= 1:
+            parser.error("--slow: a factor above 1 please")
+        slow(args.cpu, args.at, args.seconds, args.slow)
+        return
+    if args.out is None:
+        parser.error("--out is required")
     samples, realtime = probe(args.cpu, args.seconds)
     np.savez(
         args.out,

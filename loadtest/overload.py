@@ -345,6 +345,11 @@ def markdown(result: dict[str, Any]) -> str:
             f" From {at:g} s into each run, for {n:g} s, the server was stopped {100 * x:g} % of "
             "every 100 ms (throttled)."
             for at, n, x in result.get("throttles", ())
+        )
+        + "".join(
+            f" From {at:g} s into each run, for {ms:g} ms, the server's core ran {x:g}x slower "
+            "(--slow)."
+            for at, ms, x in result.get("slows", ())
         ),
         "",
         "| run | capacity before it | clients | admitted | of them after a refusal | refusals "
@@ -486,6 +491,15 @@ def main() -> None:
         "(a cgroup's CPU quota: the host slows below what was admitted; not in the capacity "
         "runs; repeatable)",
     )
+    parser.add_argument(
+        "--slow",
+        action="append",
+        default=[],
+        metavar="AT:MS:FACTOR",
+        help="from AT seconds into each run, for MS ms, run the server's core FACTOR times "
+        "slower (a spinner at real-time priority takes its share of every ms: as this host "
+        "slows it; needs a pinned server and root; not in the capacity runs; repeatable)",
+    )
     add_setup_flags(parser)
     parser.add_argument("--out", type=Path, default=REPO / "loadtest" / "results" / "overload")
     args = parser.parse_args()
@@ -495,8 +509,9 @@ def main() -> None:
     throttles = tuple(
         (float(a), float(n), float(x)) for a, n, x in (t.split(":") for t in args.throttle)
     )
+    slows = tuple((float(a), float(m), float(x)) for a, m, x in (t.split(":") for t in args.slow))
     setup = dataclasses.replace(
-        setup_from(args), settle_seconds=5.0, stalls=stalls, throttles=throttles
+        setup_from(args), settle_seconds=5.0, stalls=stalls, throttles=throttles, slows=slows
     )
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
@@ -509,11 +524,16 @@ def main() -> None:
         "deadline_ms": DEADLINE_MS,
         "stalls": stalls,
         "throttles": throttles,
+        "slows": slows,
     }
     cap = args.capacity_clients
     # Without admission control: every client is taken.
     off = dataclasses.replace(
-        setup, server_args=(*setup.server_args, "--admit-load", "0"), stalls=(), throttles=()
+        setup,
+        server_args=(*setup.server_args, "--admit-load", "0"),
+        stalls=(),
+        throttles=(),
+        slows=(),
     )
     steps = [int(s) for s in args.capacity_steps.split(",")]
     if cap is None:

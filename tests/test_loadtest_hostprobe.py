@@ -123,3 +123,34 @@ def test_the_plot_over_time_shades_the_host_spells(tmp_path: Path) -> None:
     host = {"0": {"start": 100.0, "longest_stops": [[1.2, 15.0]], "longest_slowed": []}}
     name = plot_over_time(rec, tmp_path, "vad_4x", "a run", host)
     assert (tmp_path / name).stat().st_size > 10_000
+
+
+def test_a_slowdown_takes_its_share_of_the_core_then_ends_at_normal_priority() -> None:
+    """``--slow``: the spinner takes ``1 - 1/factor`` of each millisecond of its core for as
+    long as asked (here half of 0.4 s), and leaves real-time priority before it exits: the
+    interpreter's exit took ~12 ms, a stop of the core at the end of every spell."""
+    cpu = min(os.sched_getaffinity(0))
+    code = (
+        "import os, time\n"
+        "from loadtest import hostprobe\n"
+        "t0 = time.process_time()\n"
+        f"hostprobe.slow({cpu}, time.monotonic(), 0.4, 2.0)\n"
+        "print(time.process_time() - t0, os.sched_getscheduler(0) == os.SCHED_OTHER)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, check=True, timeout=60, capture_output=True
+    )
+    spun, other = out.stdout.split()
+    assert 0.06 < float(spun) < 0.3  # 0.2 s of CPU asked; at least a share of it on a busy host
+    assert other == b"True"
+
+
+def test_a_slowdown_needs_a_factor_above_one() -> None:
+    args = ["--cpu", "0", "--seconds", "0.1", "--slow", "1"]
+    run = subprocess.run(
+        [sys.executable, "-m", "loadtest.hostprobe", *args],
+        cwd=REPO,
+        timeout=60,
+        capture_output=True,
+    )
+    assert run.returncode == 2 and b"a factor above 1" in run.stderr
