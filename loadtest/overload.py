@@ -22,6 +22,10 @@ searching before every run gives it more chances to pass (session 22, docs/sched
 eleven ratio checks of 30 failed against the fresh capacities, ten against the first).
 ``--stall AT:MS`` stops the server for MS ms at AT seconds into each run (SIGSTOP, SIGCONT): a
 noisy neighbour at a known time, to see what admission and shedding make of it.
+``--slow AT:MS:FACTOR`` runs the server's core FACTOR times slower for MS ms from AT seconds into
+each run (:func:`loadtest.hostprobe.slow`): the host's own fault, at a known time; with
+``--slow-capacity`` the capacity runs are slowed so too, and the checks compare with the
+capacity the server keeps through it.
 ``--host-probe`` runs :mod:`loadtest.hostprobe` on the server's core: the host's stops and slowed
 spells are listed per run, shaded on its plot, and the share on time outside them is given
 beside the check (session 29: every silero miss measured came with one).
@@ -350,7 +354,8 @@ def markdown(result: dict[str, Any]) -> str:
             f" From {at:g} s into each run, for {ms:g} ms, the server's core ran {x:g}x slower "
             "(--slow)."
             for at, ms, x in result.get("slows", ())
-        ),
+        )
+        + (" The capacity runs were slowed so too." if result.get("slow_capacity") else ""),
         "",
         "| run | capacity before it | clients | admitted | of them after a refusal | refusals "
         "| refusal max (ms) | admitted within 50 ms | p50 | p99 | max (ms) | lost | errors "
@@ -500,6 +505,12 @@ def main() -> None:
         "slower (a spinner at real-time priority takes its share of every ms: as this host "
         "slows it; needs a pinned server and root; not in the capacity runs; repeatable)",
     )
+    parser.add_argument(
+        "--slow-capacity",
+        action="store_true",
+        help="--slow the capacity runs too: the capacity the checks compare with is then the "
+        "one the server keeps through the same slowdown, as on a host that slows it so",
+    )
     add_setup_flags(parser)
     parser.add_argument("--out", type=Path, default=REPO / "loadtest" / "results" / "overload")
     args = parser.parse_args()
@@ -525,6 +536,7 @@ def main() -> None:
         "stalls": stalls,
         "throttles": throttles,
         "slows": slows,
+        "slow_capacity": bool(slows) and args.slow_capacity,
     }
     cap = args.capacity_clients
     # Without admission control: every client is taken.
@@ -533,7 +545,7 @@ def main() -> None:
         server_args=(*setup.server_args, "--admit-load", "0"),
         stalls=(),
         throttles=(),
-        slows=(),
+        slows=setup.slows if args.slow_capacity else (),
     )
     steps = [int(s) for s in args.capacity_steps.split(",")]
     if cap is None:
