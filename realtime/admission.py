@@ -74,6 +74,9 @@ STALL_LAG = 0.02
 BUSY_WINDOW = 0.5
 #: Lateness: a live audio stream counts in the median once it had this many results in a window.
 MIN_ANSWERED = 10
+#: A live audio stream whose media clock ran ahead of real time by more than this share of a
+#: lateness window sends faster than real time (:func:`ahead_of_real_time`).
+AHEAD_SHARE = 0.5
 #: Past this median share of late results, a lateness window counts towards taking sessions
 #: back (:meth:`Admission.take_back`): most streams are late, not a few.
 OVERRUN_SHARE = 0.5
@@ -162,6 +165,16 @@ def idle_seconds(stat: str, cpus: Iterable[int], ticks_per_second: float) -> flo
             ticks += int(fields[3]) + int(fields[4])  # idle, iowait
             found += 1
     return ticks / ticks_per_second if want and found == len(want) else None
+
+
+def ahead_of_real_time(mark: float, least: float, seconds: float) -> bool:
+    """Whether a live audio stream sent faster than real time over a lateness window of
+    ``seconds``: its least arrival lead (``Stream.clock_min``, ms) fell from ``mark`` by more
+    than :data:`AHEAD_SHARE` of the window. Its media clock then runs ahead of the server's,
+    and its results read late by it however fast they come: a flooder alone on a server read
+    80 % late, and took the newest sessions back every second (session 30). Such a stream does
+    not count in the median of :func:`median_over_streams`."""
+    return math.isfinite(mark) and least < mark - AHEAD_SHARE * seconds * 1000.0
 
 
 def median_over_streams(counts: Iterable[tuple[int, float]]) -> float | None:

@@ -125,6 +125,37 @@ class Cut:
     batch: list[Entry] = field(default_factory=list)
     expired: list[Entry] = field(default_factory=list)  # deadline passed before running
     gone: list[Entry] = field(default_factory=list)  # stream closed or client disconnected
+    stale: list[Entry] = field(default_factory=list)  # a live stream's, behind a newer chunk
+
+
+#: The share of its deadline a live stream's chunk waits behind a newer one of its stream before
+#: it is dropped for it, while the server sheds by age (admission control on): 30 ms of the
+#: usual 100. Behind a slowed core, serving every chunk in order made every later chunk late
+#: too, for as long as the backlog took to drain; a 200 ms slowdown at 1.5x then cost 2-4 % of a
+#: run's chunks past 50 ms, and dropping at this share ~1 % (docs/scheduler.md, session 30). Of
+#: the deadline the client gave, not a fixed time: a client that said its results stay useful
+#: for 2 s has its chunks served, not dropped after 30 ms.
+STALE_SHARE = 0.3
+
+
+def _stale(item: WorkItem, now: float, share: float) -> bool:
+    """Whether ``item`` has waited ``share`` of its deadline."""
+    received = item.received
+    return now - received > share * (item.deadline - received)
+
+
+def _superseded(line: deque[Entry], i: int) -> bool:
+    """Whether ``line[i]`` belongs to a live stream (``overflow: drop_oldest``) with a newer
+    chunk queued behind it in its session's line."""
+    item = line[i].item
+    stream = item.stream
+    if stream.overflow != "drop_oldest":
+        return False
+    for j in range(i + 1, len(line)):
+        later = line[j].item
+        if later.stream is stream and later.seq != item.seq:
+            return True
+    return False
 
 
 class BatchQueue:
@@ -138,6 +169,10 @@ class BatchQueue:
         #: longer while the server is busy (set by the scheduler: fewer, fuller batches cost
         #: less CPU). The deadline still bounds it.
         self.delay = policy.max_delay
+        #: Share of its deadline a live stream's chunk (``overflow: drop_oldest``) may wait with
+        #: a newer chunk of its stream queued behind it; past it, it is dropped for the newer one
+        #: (0: never; see :data:`STALE_SHARE`).
+        self.stale = 0.0
         self._buckets: dict[tuple[int, ...], _Bucket] = {}
         self._order = itertools.count()
         self._len = 0
@@ -211,7 +246,7 @@ class BatchQueue:
                 if entry is not None:
                     out.batch.append(entry)
                     progress = True
-        removed = len(out.batch) + len(out.expired) + len(out.gone)
+        removed = len(out.batch) + len(out.expired) + len(out.gone) + len(out.stale)
         bucket.count -= removed
         self._len -= removed
         if not bucket.count:
@@ -236,6 +271,8 @@ class BatchQueue:
                 out.gone.append(entry)
             elif now > entry.item.deadline:
                 out.expired.append(entry)
+            elif self.stale and _stale(entry.item, now, self.stale) and _superseded(line, i):
+                out.stale.append(entry)
             elif stream in blocked or stream in taken:
                 i += 1
                 continue

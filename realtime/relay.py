@@ -267,7 +267,11 @@ class Relay:
         now = time.monotonic()
         self.traffic.outcome(stream.model.key, (now - item.received) * 1000.0)
         gather = item.gather
-        if gather is not None:  # live audio: how late, by the stream's own clock
+        # Live audio: how late, by the stream's own clock. Not a chunk dropped for a newer one
+        # (batching.STALE_SHARE): the newer one's result is the one that counts, and a client
+        # sending faster than real time (a flooder) had its drops read as most of its results
+        # late, alone on the server, and was taken back again and again.
+        if gather is not None and outcome.__class__ is not errors.Dropped:
             stream.answered += 1
             clock = stream.clock_min  # not min(): a builtin call per chunk
             if stream.clock_prev < clock:

@@ -157,6 +157,7 @@ class ModelQueue:
         deliver: Deliver,
         run_timeout: float = 10.0,
         on_stuck: Callable[[], None] | None = None,
+        stale: float = 0.0,
     ) -> None:
         self.model = model
         self.stats = QueueStats()
@@ -166,6 +167,7 @@ class ModelQueue:
             self.run_times,
             stateful=bool(model.states),
         )
+        self._queue.stale = stale
         self._pool = pool
         self._clock = clock
         self._deliver = deliver
@@ -290,6 +292,15 @@ class ModelQueue:
                 self._wake_at(due, now)
                 return
             cut = queue.cut(now, self._busy)
+            for entry in cut.stale:
+                self.stats.dropped += 1
+                item = entry.item
+                self._fail(
+                    item,
+                    errors.Dropped,
+                    f"dropped for a newer chunk: it waited {1000 * (now - item.received):.1f} ms "
+                    "and the server is behind",
+                )
             for entry in cut.expired:
                 self.stats.deadline_misses += 1
                 item = entry.item
@@ -301,7 +312,7 @@ class ModelQueue:
                 )
             self.stats.gone += len(cut.gone)
             if not cut.batch:
-                if cut.expired or cut.gone:
+                if cut.expired or cut.gone or cut.stale:
                     continue
                 return  # only stateful streams with an item in flight wait: their end wakes us
             if queue.stateful:
@@ -521,8 +532,12 @@ class Scheduler:
         *,
         deliver: Deliver,
         stretch: float = 1.0,
+        stale: float = 0.0,
     ) -> None:
         self._workers, self._max_queue, self._clock = workers, max_queue, clock
+        #: Share of its deadline a live stream's chunk may wait behind a newer one
+        #: (``BatchQueue.stale``; 0: it waits its turn).
+        self._stale = stale
         self._stretch = stretch
         self._stretch_now = 1.0
         self._deliver = deliver
@@ -547,6 +562,7 @@ class Scheduler:
             self._deliver,
             self._run_timeout,
             self._replace_pool,
+            self._stale,
         )
         self.queues[model.key] = queue
         queue.pace(self._stretch_now)

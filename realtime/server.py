@@ -39,8 +39,15 @@ from websockets.protocol import State as WsState
 from websockets.server import ServerProtocol
 
 from realtime import __version__, errors, handoff, http11, store
-from realtime.admission import Admission, Measurement, idle_seconds, median_over_streams
+from realtime.admission import (
+    Admission,
+    Measurement,
+    ahead_of_real_time,
+    idle_seconds,
+    median_over_streams,
+)
 from realtime.auth import AuthFailed, Grant, check_origin, credential
+from realtime.batching import STALE_SHARE
 from realtime.config import Config, is_loopback
 from realtime.connection import CLOSE_TRY_AGAIN, Connection, State
 from realtime.listener import Listener, bind
@@ -168,6 +175,9 @@ class Server:
             run_timeout=config.batch_timeout_seconds,
             deliver=self.relay.deliver,
             stretch=config.batch_stretch,
+            # A live stream's chunk that waited a share of its deadline with a newer one behind
+            # it is dropped for the newer one, while admission control is on.
+            stale=STALE_SHARE if config.admission.enabled else 0.0,
         )
         self.relay.scheduler = self.scheduler
         #: Every session with a socket, by session id.
@@ -566,10 +576,14 @@ class Server:
         for conn in self._conns.values():
             for stream in conn.session.streams.values():
                 if stream.answered:
-                    counts.append((stream.answered, stream.late))
-                    lateness.append((stream.answered, stream.lateness_ms))
+                    if not ahead_of_real_time(
+                        stream.clock_mark, stream.clock_min, LATENESS_SECONDS
+                    ):
+                        counts.append((stream.answered, stream.late))
+                        lateness.append((stream.answered, stream.lateness_ms))
                     stream.answered = stream.late = 0
                     stream.lateness_ms = 0.0
+                stream.clock_mark = stream.clock_min
                 if move:
                     stream.clock_prev, stream.clock_min = stream.clock_min, math.inf
         admission = self.admission

@@ -222,6 +222,9 @@ class Stream:
     #: media time is late by the difference (admission control's lateness).
     clock_min: float = math.inf
     clock_prev: float = math.inf
+    #: ``clock_min`` at the last lateness window's end: a lead that fell far since is a client
+    #: sending faster than real time (``admission.ahead_of_real_time``).
+    clock_mark: float = math.inf
     answered: int = 0  # audio results sent in this lateness window
     late: int = 0  # of which late (``AdmissionPolicy.late_ms``)
     lateness_ms: float = 0.0  # their sum of how late each was (ms past its audio's time)

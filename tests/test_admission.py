@@ -24,6 +24,7 @@ from realtime.admission import (
     Admission,
     AdmissionPolicy,
     Measurement,
+    ahead_of_real_time,
     idle_seconds,
     median_over_streams,
 )
@@ -709,7 +710,10 @@ async def test_the_newest_session_is_taken_back_once_the_streams_stay_late(
         if late:  # as if each stream's first chunk had come five seconds sooner
             for conn in server.connections:
                 s = conn.session.streams[1]
-                s.clock_min = s.clock_prev = min(s.clock_min, s.clock_prev) - 5000.0
+                # (its mark too: a lead that fell within the window is a stream sending
+                # faster than real time, whose lateness does not count)
+                least = min(s.clock_min, s.clock_prev) - 5000.0
+                s.clock_min = s.clock_prev = s.clock_mark = least
         for seq in range(sent, sent + MIN_ANSWERED):
             for raw in raws:
                 await raw.chunk(1, seq, pcm)
@@ -772,3 +776,13 @@ async def test_live_audio_results_are_counted_late_by_the_streams_own_media_cloc
     assert (stream.answered, stream.late, stream.lateness_ms) == (0, 0, 0.0)
     samples = await scrape(f"http://127.0.0.1:{server.port}")
     assert samples[("realtime_late_share", ())] == pytest.approx(0.5)
+
+
+def test_a_stream_sending_faster_than_real_time_is_told_apart() -> None:
+    """A live audio stream's least arrival lead (ms) falls when it sends ahead of real time: by
+    900 ms in a 1 s window for one sending 10x, by a few ms of jitter for a real-time one."""
+    assert ahead_of_real_time(mark=5000.0, least=4100.0, seconds=1.0)  # a flooder
+    assert not ahead_of_real_time(mark=5000.0, least=4990.0, seconds=1.0)  # real time, jitter
+    assert not ahead_of_real_time(mark=5000.0, least=5400.0, seconds=1.0)  # it fell behind
+    assert not ahead_of_real_time(mark=math.inf, least=4100.0, seconds=1.0)  # first window
+    assert not ahead_of_real_time(mark=5000.0, least=math.inf, seconds=1.0)  # nothing sent

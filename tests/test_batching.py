@@ -12,8 +12,8 @@ from realtime.batching import BatchQueue, Cut, Entry, Policy, RunTimes
 from realtime.session import Stream, WorkItem
 
 
-def stream(session: str = "a", sid: int = 1) -> Stream:
-    """A stream as the queue sees it: only its session, id and liveness matter here."""
+def stream(session: str = "a", sid: int = 1, overflow: str = "reject") -> Stream:
+    """A stream as the queue sees it: only its session, id, liveness and overflow matter."""
     return Stream(
         session=session,
         id=sid,
@@ -22,7 +22,7 @@ def stream(session: str = "a", sid: int = 1) -> Stream:
         deadline_ms=100.0,
         results="json",
         options={},
-        overflow="reject",
+        overflow=cast(Any, overflow),
         state=[],
         rechunker=None,
     )
@@ -206,6 +206,44 @@ def test_drop_oldest_takes_every_window_of_the_oldest_queued_chunk() -> None:
     assert len(queue.q) == 2
     assert tokens(queue.q.drop_oldest(stream("z"))) == []
     assert tokens(queue.cut().batch) == [0, 3]
+
+
+def test_a_live_streams_chunk_behind_a_newer_one_is_dropped_once_stale() -> None:
+    """``BatchQueue.stale``: a live stream (``drop_oldest``) whose chunk waited that share of its
+    deadline with a newer chunk of its own behind it gets the newer one served, not a backlog in
+    order."""
+    queue = Queue(max_batch=8, max_delay=0.0, stateful=True)
+    queue.q.stale = 0.3  # of a 100 ms deadline: 30 ms
+    live, strict, patient = (
+        stream("a", 1, "drop_oldest"),
+        stream("b", 1),
+        stream("c", 1, "drop_oldest"),
+    )
+    queue.push(live, 0, deadline=0.1)  # 0: two windows of chunk 0
+    queue.push(live, 0, deadline=0.1)  # 1
+    queue.push(strict, 0, deadline=0.1)  # 2: overflow "reject": never dropped
+    queue.push(patient, 0, deadline=2.0)  # 3: a 2 s deadline: 30 ms is not stale for it
+    queue.now = 0.020
+    for s in (live, strict, patient):
+        queue.push(s, 1, deadline=0.1 if s is not patient else 2.0)  # 4, 5, 6
+    queue.now = 0.040  # chunk 0 waited 40 ms, chunk 1 only 20
+    cut = queue.cut(busy={live, strict, patient})  # their earlier chunks still running
+    assert tokens(cut.stale) == [0, 1]  # both windows of live's chunk 0: chunk 1 is behind them
+    assert tokens(cut.batch) == []
+    assert len(queue.q) == 5
+    queue.now = 0.090  # live's chunk 1 waited 70 ms now, but it is its stream's newest: it runs
+    cut = queue.cut()
+    assert tokens(cut.stale) == [] and sorted(tokens(cut.batch)) == [2, 3, 4]
+
+
+def test_chunks_are_never_stale_by_default() -> None:
+    queue = Queue(max_batch=8, max_delay=0.0)
+    live = stream("a", 1, "drop_oldest")
+    queue.push(live, 0)
+    queue.push(live, 1)
+    queue.now = 0.5
+    cut = queue.cut()
+    assert tokens(cut.stale) == [] and tokens(cut.batch) == [0, 1]
 
 
 def test_dropping_a_sessions_last_item_takes_it_off_the_ring() -> None:

@@ -353,6 +353,45 @@ async def test_a_batch_waiting_behind_the_running_one_counts_that_wait(tiny_mode
     await scheduler.close()
 
 
+async def test_a_live_streams_chunk_gone_stale_behind_a_newer_one_is_dropped(
+    tiny_models: Path,
+) -> None:
+    """``stale``: with the worker held, a live stream's (``drop_oldest``) chunks queue up; once
+    they waited that share of their deadline with a newer chunk behind them, they are dropped
+    (``dropped``, counted) and the newest runs, instead of the backlog in order."""
+    models = scan(tiny_models)
+    double = next(m for m in models if m.name == "double")
+    gate = _Gate(double.runner)
+    double = dataclasses.replace(double, runner=gate)
+    now = [0.0]
+    outcomes = Outcomes()
+    scheduler = Scheduler(
+        [double], workers=1, clock=lambda: now[0], deliver=outcomes.deliver, stale=0.3
+    )
+    session = Session("s", ModelRepository([double]), ROOMY, "test")
+    session.hello(Hello(1))
+    session.open_stream(Open(1, "double", "tensor", "float32", overflow="drop_oldest"))
+    stream = session.streams[1]
+
+    def submit(seq: int) -> asyncio.Future[Prediction]:
+        item = WorkItem(stream, seq, 0.0, np.ones(4, np.float32), now[0], now[0] + 0.1)
+        return outcomes.submit(scheduler, item)
+
+    gate.armed = True
+    running = [submit(seq) for seq in range(64)]  # two batches: one held, one behind it
+    waiting = [submit(seq) for seq in range(64, 68)]  # queued at 0 ms
+    now[0] = 0.040
+    newest = submit(68)  # queued at 40 ms: chunks 64-67 waited 40 ms of 100 behind it
+    gate.open.set()
+    await asyncio.gather(*running)
+    for fut in waiting:
+        with pytest.raises(errors.Dropped, match=r"dropped for a newer chunk: it waited 40\.0 ms"):
+            await fut
+    np.testing.assert_array_equal((await newest).outputs[0], np.full(4, 2.0, np.float32))
+    assert scheduler.snapshot()["double@1"].stats.dropped == 4
+    await scheduler.close()
+
+
 async def test_a_busy_server_lets_batches_wait_longer_to_fill(tiny_models: Path) -> None:
     """Scheduler.pace: from PACE_FROM load up to full, a batch may wait up to ``stretch`` times
     its model's max_delay_ms; when the load falls again, a batch already past the shorter wait
