@@ -524,6 +524,8 @@ def main() -> None:
     setup = dataclasses.replace(
         setup_from(args), settle_seconds=5.0, stalls=stalls, throttles=throttles, slows=slows
     )
+    if slows and not setup.server_cpus:  # it slows the server's cores: there must be some
+        parser.error("--slow needs the server pinned to its cores (not --server-cpus any)")
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
         "kind": args.kind,
