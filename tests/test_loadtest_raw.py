@@ -435,6 +435,35 @@ def test_each_run_is_checked_against_the_capacity_searched_before_it() -> None:
     assert not found["8x: a capacity held before the run"]
 
 
+def test_a_burst_keeps_its_steady_sessions_and_counts_a_shed_chunk_as_never_answered() -> None:
+    """Issue 16's burst: no steady session taken back and every chunk of theirs answered; a
+    chunk the server shed while behind (typed) is allowed, and counts in the p99 as never
+    answered, so the p99 holds only while fewer than 1 % were shed."""
+    from loadtest.overload import checks, p99_all
+
+    latency = np.arange(1.0, 201.0)  # 200 chunks, 1-200 ms
+    ok = np.ones(200, dtype=bool)
+    assert p99_all(latency, ok) == 199.0  # one of the chunks' own figures
+    ok[0] = False  # the fastest, shed: the p99 moves up one
+    assert p99_all(latency, ok) == 200.0
+    ok[1] = False  # 1 % shed: the p99 is a chunk never answered
+    assert p99_all(latency, ok) is None
+    assert p99_all(np.array([]), np.array([], dtype=bool)) is None
+
+    def burst(p99: float | None, **base: Any) -> dict[str, bool]:
+        b = {"admitted": 100, "admitted_lost": 0, "admitted_errors": {"dropped": 3}} | base
+        r = {"base": b, "admitted_p99_all_ms": p99, "refused_within_100ms": 1.0}
+        found = checks({"capacity_clients": 100, "runs": {"burst": r}})
+        return {k.split(": ")[1].split(",")[0]: v for k, v in found.items()}
+
+    found = burst(40.0)
+    assert found["no admitted session dropped"] and found["admitted p99 under the deadline"]
+    assert not burst(40.0, taken_back=1)["no admitted session dropped"]
+    assert not burst(40.0, admitted_lost=1)["no admitted session dropped"]  # a chunk unanswered
+    assert not burst(None)["admitted p99 under the deadline"]
+    assert not burst(120.0)["admitted p99 under the deadline"]
+
+
 def state(pid: int) -> str:
     """A process's state letter (R running, S asleep, T stopped)."""
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
