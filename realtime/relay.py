@@ -288,7 +288,16 @@ class Relay:
             if conn.checkpoint_due:
                 self.checkpoint(conn)
         link = self.links.get(sid)
-        if link is not None and not link.flush_due and conn.has_output:
+        # A chunk dropped for a newer one of its stream: its error goes out with that chunk's
+        # outcome, which is still to come (queued, or in the batch just cut), in one write.
+        # Written at once, each drop cost a write of its own, and drops come while the server
+        # is behind: its CPU is then what the rest is waiting for.
+        if (
+            link is not None
+            and not link.flush_due
+            and conn.has_output
+            and outcome.__class__ is not errors.Dropped
+        ):
             link.flush_due = True
             link.ws.loop.call_soon(self.flush, link)
         if self.draining:
