@@ -283,6 +283,7 @@ def run_scenario(
                 "admitted_chunks",
                 "admitted_within_50ms",
                 "admitted_latency_ms",
+                "admitted_p99_all_ms",
                 "admitted_lost",
                 "admitted_errors",
             )
