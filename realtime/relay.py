@@ -267,11 +267,14 @@ class Relay:
         now = time.monotonic()
         self.traffic.outcome(stream.model.key, (now - item.received) * 1000.0)
         gather = item.gather
-        # Live audio: how late, by the stream's own clock. Not a chunk dropped for a newer one
-        # (batching.STALE_SHARE): the newer one's result is the one that counts, and a client
-        # sending faster than real time (a flooder) had its drops read as most of its results
-        # late, alone on the server, and was taken back again and again.
-        if gather is not None and outcome.__class__ is not errors.Dropped:
+        # Dropped for a newer chunk of its stream (batching.STALE_SHARE): that chunk's outcome
+        # is still to come (queued, or in the batch just cut).
+        dropped = outcome.__class__ is errors.Dropped
+        # Live audio: how late, by the stream's own clock. Not a dropped chunk: the newer one's
+        # result is the one that counts, and a client sending faster than real time (a
+        # flooder) had its drops read as most of its results late, alone on the server, and
+        # was taken back again and again.
+        if gather is not None and not dropped:
             stream.answered += 1
             clock = stream.clock_min  # not min(): a builtin call per chunk
             if stream.clock_prev < clock:
@@ -288,16 +291,10 @@ class Relay:
             if conn.checkpoint_due:
                 self.checkpoint(conn)
         link = self.links.get(sid)
-        # A chunk dropped for a newer one of its stream: its error goes out with that chunk's
-        # outcome, which is still to come (queued, or in the batch just cut), in one write.
+        # A dropped chunk's error goes out with the newer chunk's outcome, in one write.
         # Written at once, each drop cost a write of its own, and drops come while the server
         # is behind: its CPU is then what the rest is waiting for.
-        if (
-            link is not None
-            and not link.flush_due
-            and conn.has_output
-            and outcome.__class__ is not errors.Dropped
-        ):
+        if link is not None and not link.flush_due and conn.has_output and not dropped:
             link.flush_due = True
             link.ws.loop.call_soon(self.flush, link)
         if self.draining:
