@@ -89,6 +89,7 @@ def probe(cpu: int, seconds: float) -> tuple[dict[str, np.ndarray[Any, Any]], bo
         due += PERIOD
         if due < time.monotonic():  # a stop longer than a period: start again from now
             due = time.monotonic() + PERIOD
+    normal_priority(realtime)
     return {"t": t, "late": late, "work": work}, realtime
 
 
@@ -126,9 +127,17 @@ def slow(cpu: int, at: float, seconds: float, factor: float) -> bool:
         rest = due - clock()
         if rest > 0:
             time.sleep(rest)
-    if realtime:  # the interpreter's exit takes ~12 ms: at real-time priority, a stop of the core
-        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    normal_priority(realtime)
     return realtime
+
+
+def normal_priority(realtime: bool) -> None:
+    """Leave real-time priority (if ``realtime``) once done, before anything else: saving the
+    samples and the interpreter's exit took 13-14 ms, and at real-time priority on the server's
+    core that was a stop of it (half a second after a run's last chunk was due: after its
+    answers, unless they were late)."""
+    if realtime:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
 
 
 def summarize(
