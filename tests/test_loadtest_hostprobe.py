@@ -35,10 +35,15 @@ def test_stops_and_slowdowns_are_listed_longest_first_at_seconds_into_the_run() 
     assert "2 stops" in line and "15 ms at 3 s" in line and "for 150 ms in all" in line
     assert "100 ms at 6 s (1.6x)" in line
     assert "real-time" not in line
-    # Only the samples within the given seconds count: the ones while the server is busy.
+    # Slowed windows count only within the given seconds: while the server is busy. Stops
+    # count from the run's start to their end: a stopped core stops a server not yet busy too.
     later = hostprobe.summarize(t, late, work, start, within=(5.5, 10.0))
-    assert later["samples"] == 450 and later["stops"] == 1
+    assert later["samples"] == 450 and later["stops"] == 2
+    assert later["longest_stops"] == [[3.0, 15.0], [7.0, 4.0]]
     assert later["longest_slowed"] == [[6.0, 100, 1.6]]
+    # ... not before the run's start.
+    before = hostprobe.summarize(t, late, work, start + 3.5, within=(2.0, 4.0))
+    assert before["stops"] == 1 and before["longest_stops"] == [[3.5, 4.0]]
     assert "not at real-time" in hostprobe.describe(hostprobe.summarize(t, late, work, 0, False))
 
 
