@@ -47,6 +47,19 @@ def test_stops_and_slowdowns_are_listed_longest_first_at_seconds_into_the_run() 
     assert "not at real-time" in hostprobe.describe(hostprobe.summarize(t, late, work, 0, False))
 
 
+def test_a_slowdown_longer_than_half_the_run_is_listed() -> None:
+    """Slowed windows are measured against the run's faster ones, not the median: a host that
+    slowed the core 1.5x for 6 s of 9 made the median the slowed pace, and nothing was seen."""
+    start = 100.0
+    t = start + np.arange(900) * hostprobe.PERIOD
+    work = np.full(900, 50e-6)
+    work[250:850] = 75e-6  # 1.5x from 2.5 s to 8.5 s
+    s = hostprobe.summarize(t, np.zeros(900), work, start)
+    assert s["work_median_us"] == 75.0 and s["work_base_us"] == 50.0
+    assert s["slowed_ms"] == 6000
+    assert s["longest_slowed"] == [[2.5, 6000, 1.5]]
+
+
 def test_a_probe_that_did_not_run_says_so() -> None:
     empty = np.zeros(0)
     assert hostprobe.summarize(empty, empty, empty, 0.0)["samples"] == 0
