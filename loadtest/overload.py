@@ -154,6 +154,44 @@ def outside_host_spells(rec: Records, host: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+#: Seconds of each step of a run's figures over time (the plot's, and ``over_time``).
+STEP_SECONDS = 0.5
+
+
+def on_time_over_time(rec: Records) -> dict[str, list[Any]]:
+    """The admitted chunks by due time, per :data:`STEP_SECONDS` from the first hello: each
+    step's end (``t``, seconds), how many were due (``due``) and the share of them answered
+    within 50 ms (``within_50ms``; None where none was). In the report beside the plot, so that
+    a miss can be placed in its run (the ramp, a spell, the end) from the figures alone."""
+    if not rec.hello_at.size or np.isnan(rec.hello_at).all():
+        return {"t": [], "due": [], "within_50ms": []}
+    t0 = float(np.nanmin(rec.hello_at))
+    used = rec.outcome != UNUSED
+    due = rec.due[used] - t0
+    ontime = (rec.outcome[used] == OK) & ((rec.received[used] - rec.due[used]) * 1000.0 <= 50.0)
+    end = float(np.nanmax(due)) + STEP_SECONDS if due.size else 2 * STEP_SECONDS
+    edges = np.arange(0.0, end, STEP_SECONDS)
+    total, _ = np.histogram(due, edges)
+    good, _ = np.histogram(due[ontime], edges)
+    return {
+        "t": [round(float(e), 2) for e in edges[1:]],
+        "due": [int(n) for n in total],
+        "within_50ms": [round(g / n, 4) if n else None for g, n in zip(good, total, strict=True)],
+    }
+
+
+def worst_step(series: dict[str, list[Any]]) -> tuple[float, float] | None:
+    """The step of ``series`` (:func:`on_time_over_time`) with the least share on time: (its
+    end, the share); None if no chunk was due."""
+    shares = [
+        (s, t) for t, s in zip(series["t"], series["within_50ms"], strict=True) if s is not None
+    ]
+    if not shares:
+        return None
+    share, at = min(shares)
+    return at, share
+
+
 def plot_over_time(
     rec: Records, out: Path, name: str, title: str, host: dict[str, Any] | None = None
 ) -> str:
@@ -166,6 +204,7 @@ def plot_over_time(
     import matplotlib.pyplot as plt
 
     t0 = float(np.nanmin(rec.hello_at))
+    series = on_time_over_time(rec)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
     for label, at, color in (
         ("admitted", rec.hello_at[rec.admitted], "tab:green"),
@@ -175,16 +214,10 @@ def plot_over_time(
         top.step(times, np.arange(1, times.size + 1), where="post", label=label, color=color)
     top.set(ylabel="sessions (cumulative)", title=title)
     top.legend(fontsize=8)
-    used = rec.outcome != UNUSED
-    due = rec.due[used] - t0
-    ontime = (rec.outcome[used] == OK) & ((rec.received[used] - rec.due[used]) * 1000.0 <= 50.0)
-    end = float(np.nanmax(due)) + 0.5 if due.size else 1.0
-    edges = np.arange(0.0, end, 0.5)
-    total, _ = np.histogram(due, edges)
-    good, _ = np.histogram(due[ontime], edges)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        share = np.where(total > 0, good / np.maximum(total, 1), np.nan)
-    bottom.plot(edges[1:], 100 * share, color="tab:blue", label="admitted chunks within 50 ms")
+    ends = np.asarray(series["t"])
+    share = np.array([np.nan if s is None else s for s in series["within_50ms"]])
+    total = np.asarray(series["due"])
+    bottom.plot(ends, 100 * share, color="tab:blue", label="admitted chunks within 50 ms")
     bottom.axhline(99, color="grey", linewidth=0.8, linestyle=":", label="99 %")
     for k, (begin, end) in enumerate(
         spell for summary in (host or {}).values() for spell in hostprobe.spells(summary)
@@ -198,7 +231,7 @@ def plot_over_time(
         )
     bottom.set(xlabel="time since the first hello (s)", ylabel="% on time", ylim=(0, 101))
     twin = bottom.twinx()
-    twin.plot(edges[1:], total / 0.5, color="tab:orange", linewidth=0.8, label="chunks due/s")
+    twin.plot(ends, total / STEP_SECONDS, color="tab:orange", linewidth=0.8, label="chunks due/s")
     twin.set_ylabel("chunks due per second")
     bottom.legend(fontsize=8, loc="lower left")
     twin.legend(fontsize=8, loc="lower right")
@@ -270,6 +303,7 @@ def run_scenario(
         "offered_clients": len(kinds),
         **admission_summary(rec),
         "server": {k: v for k, v in server.items() if k != "series"},
+        "over_time": on_time_over_time(rec),
     }
     if server.get("host"):
         summary["outside_host_spells"] = outside_host_spells(rec, server["host"])
@@ -291,6 +325,7 @@ def run_scenario(
         summary["base"]["admitted"] = int((rec.admitted & base).sum())
         summary["burst_admitted"] = int((rec.admitted & ~base).sum())
     lat = summary["admitted_latency_ms"]
+    worst = worst_step(summary["over_time"])
     print(
         f"{kind} {name}: {len(kinds)} clients, admitted {summary['admitted']} "
         f"({summary['admitted_after_refusal']} after a refusal, {summary['taken_back']} taken "
@@ -302,6 +337,11 @@ def run_scenario(
         f"{lat['p99']} ms ({_shed_p99(summary)} with shed chunks), lost "
         f"{summary['admitted_lost']}, errors {summary['admitted_errors']}, "
         f"sent late by the client max {summary['admitted_send_lag_ms']['max']} ms"
+        + (
+            f"; worst {STEP_SECONDS:g} s: {100 * worst[1]:.1f}% within 50 ms, to {worst[0]:g} s"
+            if worst
+            else ""
+        )
         + "".join(
             f"; host probe, cpu {cpu}: {hostprobe.describe(h)}"
             for cpu, h in server.get("host", {}).items()

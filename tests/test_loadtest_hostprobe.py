@@ -87,7 +87,7 @@ def test_a_real_probe_samples_the_core_for_as_long_as_asked(tmp_path: Path) -> N
 def test_a_probe_leaves_real_time_priority_before_it_saves_and_exits() -> None:
     """The probe's samples are saved and its interpreter exits at normal priority: at real-time
     priority on the server's core that took 13-14 ms, a stop of the core at the end of every
-    run, while the run's last chunks were due."""
+    run (half a second after its last chunk was due)."""
     cpu = min(os.sched_getaffinity(0))
     code = (
         "import os\n"

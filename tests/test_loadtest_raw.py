@@ -464,6 +464,44 @@ def test_a_burst_keeps_its_steady_sessions_and_counts_a_shed_chunk_as_never_answ
     assert not burst(120.0)["admitted p99 under the deadline"]
 
 
+def test_the_report_places_each_half_second_of_a_run_and_names_the_worst() -> None:
+    """``over_time``: per half-second from the first hello, the admitted chunks due and the
+    share of them answered within 50 ms, as the plot draws them; a refused client's chunks and
+    those a run never used do not count, and a shed chunk is not on time."""
+    from loadtest.overload import on_time_over_time, worst_step
+
+    # Two admitted clients and one refused, a chunk due every 0.1 s from 100.0 s for 1.5 s:
+    # late (80 ms) from 100.5 s to 100.7 s; one shed at 101.2 s.
+    due = np.tile(100.0 + 0.1 * np.arange(15), (3, 1))
+    received = due + 0.005
+    received[:, 5:8] += 0.075
+    outcome = np.full(due.shape, OK, np.int32)
+    outcome[0, 12] = 1  # a typed error: not on time
+    outcome[2] = UNUSED
+    rec = Records(
+        due=due,
+        sent=due.copy(),
+        received=received,
+        queue_ms=np.zeros(due.shape),
+        infer_ms=np.zeros(due.shape),
+        outcome=outcome,
+        codes=["dropped"],
+        kinds=["vad"] * 3,
+        cpu_seconds=0.0,
+        connect_failures=0,
+        admitted=np.array([True, True, False]),
+        hello_at=np.array([99.95, 99.95, 99.97]),
+    )
+    series = on_time_over_time(rec)
+    assert series["t"] == [0.5, 1.0, 1.5]
+    assert series["due"] == [10, 10, 10]  # 99.95-100.45, 100.45-100.95, 100.95-101.45
+    assert series["within_50ms"] == [1.0, 0.4, 0.9]
+    assert worst_step(series) == (1.0, 0.4)
+    empty = dataclasses.replace(rec, outcome=np.full(due.shape, UNUSED, np.int32))
+    assert on_time_over_time(empty)["within_50ms"] == [None]
+    assert worst_step(on_time_over_time(empty)) is None
+
+
 def state(pid: int) -> str:
     """A process's state letter (R running, S asleep, T stopped)."""
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
