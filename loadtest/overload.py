@@ -176,7 +176,9 @@ def on_time_over_time(rec: Records) -> dict[str, list[Any]]:
     return {
         "t": [round(float(e), 2) for e in edges[1:]],
         "due": [int(n) for n in total],
-        "within_50ms": [round(g / n, 4) if n else None for g, n in zip(good, total, strict=True)],
+        "within_50ms": [
+            round(int(g) / int(n), 4) if n else None for g, n in zip(good, total, strict=True)
+        ],
     }
 
 

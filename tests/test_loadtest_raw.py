@@ -13,6 +13,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
@@ -497,6 +498,7 @@ def test_the_report_places_each_half_second_of_a_run_and_names_the_worst() -> No
     assert series["due"] == [10, 10, 10]  # 99.95-100.45, 100.45-100.95, 100.95-101.45
     assert series["within_50ms"] == [1.0, 0.4, 0.9]
     assert worst_step(series) == (1.0, 0.4)
+    assert orjson.loads(orjson.dumps(series)) == series  # it goes into report.json
     empty = dataclasses.replace(rec, outcome=np.full(due.shape, UNUSED, np.int32))
     assert on_time_over_time(empty)["within_50ms"] == [None]
     assert worst_step(on_time_over_time(empty)) is None
