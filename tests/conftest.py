@@ -14,6 +14,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from loadtest.clients import Records
 from realtime.admission import AdmissionPolicy
 from realtime.config import Config
 from realtime.scheduler import Scheduler
@@ -233,3 +234,29 @@ def hold(server: Server, name: str, gates: list[threading.Event]) -> threading.E
 
     model.runner.run = held_run  # type: ignore[method-assign]
     return gate
+
+
+def load_records(
+    due: np.ndarray[Any, Any],
+    received: np.ndarray[Any, Any],
+    outcome: np.ndarray[Any, Any],
+    admitted: np.ndarray[Any, Any],
+    hello_at: np.ndarray[Any, Any] | None = None,
+    codes: tuple[str, ...] = (),
+) -> Records:
+    """A load run's records of clients (rows) by chunk (columns), each sent when due, for the
+    load tester's reports and plots."""
+    return Records(
+        due=due,
+        sent=due.copy(),
+        received=received,
+        queue_ms=np.zeros(due.shape),
+        infer_ms=np.zeros(due.shape),
+        outcome=outcome,
+        codes=list(codes),
+        kinds=["vad"] * len(due),
+        cpu_seconds=0.0,
+        connect_failures=0,
+        admitted=admitted,
+        **({} if hello_at is None else {"hello_at": hello_at}),
+    )

@@ -10,8 +10,17 @@ from pathlib import Path
 import numpy as np
 
 from loadtest import hostprobe
+from tests.conftest import load_records
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def run_python(code: str) -> list[bytes]:
+    """The words ``code`` prints, run in a Python of its own (priorities are per process)."""
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, check=True, timeout=60, capture_output=True
+    )
+    return out.stdout.split()
 
 
 def test_stops_and_slowdowns_are_listed_longest_first_at_seconds_into_the_run() -> None:
@@ -95,16 +104,13 @@ def test_a_probe_leaves_real_time_priority_before_it_saves_and_exits() -> None:
         f"samples, realtime = hostprobe.probe({cpu}, 0.05)\n"
         "print(samples['t'].size, os.sched_getscheduler(0) == os.SCHED_OTHER)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, check=True, timeout=60, capture_output=True
-    )
-    count, other = out.stdout.split()
+    count, other = run_python(code)
     assert count == b"5"
     assert other == b"True"
 
 
 def test_chunks_due_in_a_host_spell_or_its_drain_are_set_apart_in_a_figure_beside() -> None:
-    from loadtest.clients import OK, UNUSED, Records
+    from loadtest.clients import OK, UNUSED
     from loadtest.overload import HOST_DRAIN_SECONDS, outside_host_spells
 
     # Two admitted clients and one refused, a chunk due every 0.1 s from 100.0 s for 2 s;
@@ -115,19 +121,7 @@ def test_chunks_due_in_a_host_spell_or_its_drain_are_set_apart_in_a_figure_besid
     received[late] += 0.075
     outcome = np.full(due.shape, OK, np.int32)
     outcome[2] = UNUSED
-    rec = Records(
-        due=due,
-        sent=due.copy(),
-        received=received,
-        queue_ms=np.zeros(due.shape),
-        infer_ms=np.zeros(due.shape),
-        outcome=outcome,
-        codes=[],
-        kinds=["vad"] * 3,
-        cpu_seconds=0.0,
-        connect_failures=0,
-        admitted=np.array([True, True, False]),
-    )
+    rec = load_records(due, received, outcome, np.array([True, True, False]))
     host = {"0": {"start": 100.0, "longest_stops": [], "longest_slowed": [[0.5, 200, 1.5]]}}
     out = outside_host_spells(rec, host)
     # Set apart: due from 100.5 to 100.7 + the drain (100.5-101.2: 8 chunks a client).
@@ -139,24 +133,12 @@ def test_chunks_due_in_a_host_spell_or_its_drain_are_set_apart_in_a_figure_besid
 
 
 def test_the_plot_over_time_shades_the_host_spells(tmp_path: Path) -> None:
-    from loadtest.clients import OK, Records
+    from loadtest.clients import OK
     from loadtest.overload import plot_over_time
 
     due = np.tile(100.0 + 0.1 * np.arange(20), (2, 1))
-    rec = Records(
-        due=due,
-        sent=due.copy(),
-        received=due + 0.005,
-        queue_ms=np.zeros(due.shape),
-        infer_ms=np.zeros(due.shape),
-        outcome=np.full(due.shape, OK, np.int32),
-        codes=[],
-        kinds=["vad"] * 2,
-        cpu_seconds=0.0,
-        connect_failures=0,
-        hello_at=np.array([99.9, 99.95]),
-        admitted=np.array([True, True]),
-    )
+    outcome = np.full(due.shape, OK, np.int32)
+    rec = load_records(due, due + 0.005, outcome, np.array([True, True]), np.array([99.9, 99.95]))
     host = {"0": {"start": 100.0, "longest_stops": [[1.2, 15.0]], "longest_slowed": []}}
     name = plot_over_time(rec, tmp_path, "vad_4x", "a run", host)
     assert (tmp_path / name).stat().st_size > 10_000
@@ -174,10 +156,7 @@ def test_a_slowdown_takes_its_share_of_the_core_then_ends_at_normal_priority() -
         f"hostprobe.slow({cpu}, time.monotonic(), 0.4, 2.0)\n"
         "print(time.process_time() - t0, os.sched_getscheduler(0) == os.SCHED_OTHER)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, check=True, timeout=60, capture_output=True
-    )
-    spun, other = out.stdout.split()
+    spun, other = run_python(code)
     # 0.2 s of CPU asked: it sleeps between its spins (never the whole 0.4 s), and it spun.
     # How much of its share a busy host left it is the host's, not asserted.
     assert 0.01 < float(spun) < 0.3

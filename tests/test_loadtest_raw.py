@@ -34,7 +34,7 @@ from loadtest.rawws import (
 )
 from realtime.admission import AdmissionPolicy, Measurement
 from realtime.protocol import Chunk, decode_frame, encode_frame
-from tests.conftest import ServerFactory
+from tests.conftest import ServerFactory, load_records
 
 KEY = bytes((0x12, 0x34, 0x56, 0x78))
 
@@ -479,20 +479,8 @@ def test_the_report_places_each_half_second_of_a_run_and_names_the_worst() -> No
     outcome = np.full(due.shape, OK, np.int32)
     outcome[0, 12] = 1  # a typed error: not on time
     outcome[2] = UNUSED
-    rec = Records(
-        due=due,
-        sent=due.copy(),
-        received=received,
-        queue_ms=np.zeros(due.shape),
-        infer_ms=np.zeros(due.shape),
-        outcome=outcome,
-        codes=["dropped"],
-        kinds=["vad"] * 3,
-        cpu_seconds=0.0,
-        connect_failures=0,
-        admitted=np.array([True, True, False]),
-        hello_at=np.array([99.95, 99.95, 99.97]),
-    )
+    admitted, hello_at = np.array([True, True, False]), np.array([99.95, 99.95, 99.97])
+    rec = load_records(due, received, outcome, admitted, hello_at, ("dropped",))
     series = on_time_over_time(rec)
     assert series["t"] == [0.5, 1.0, 1.5]
     assert series["due"] == [10, 10, 10]  # 99.95-100.45, 100.45-100.95, 100.95-101.45
