@@ -518,7 +518,9 @@ def test_a_stall_stops_the_server_for_its_length_then_lets_it_go_on(
         assert state(proc.pid) == "T"  # stopped while the stall lasts
         over.set()
         stopper.join()
-        assert state(proc.pid) in "RS"  # and going on after it (woken by SIGCONT, or asleep)
+        # ... and going on after it: woken by SIGCONT (running, asleep, or for a moment in an
+        # uninterruptible wait: 'D' once in session 32's suite, on a busy machine), not stopped.
+        assert state(proc.pid) in "RSD"
     finally:
         over.set()
         proc.kill()
