@@ -168,7 +168,8 @@ def on_time_over_time(rec: Records) -> dict[str, list[Any]]:
     t0 = float(np.nanmin(rec.hello_at))
     used = rec.outcome != UNUSED
     due = rec.due[used] - t0
-    ontime = (rec.outcome[used] == OK) & ((rec.received[used] - rec.due[used]) * 1000.0 <= 50.0)
+    late_ms = (rec.received[used] - rec.due[used]) * 1000.0
+    ontime = (rec.outcome[used] == OK) & (late_ms <= report.BAR_MS)
     end = float(np.nanmax(due)) + STEP_SECONDS if due.size else 2 * STEP_SECONDS
     edges = np.arange(0.0, end, STEP_SECONDS)
     total, _ = np.histogram(due, edges)
