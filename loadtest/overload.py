@@ -134,6 +134,11 @@ def p99_all(latency: np.ndarray[Any, Any], ok: np.ndarray[Any, Any]) -> float | 
 HOST_DRAIN_SECONDS = 0.5
 
 
+def on_time(rec: Records) -> np.ndarray[Any, Any]:
+    """Per client and chunk, whether a result answered it within 50 ms of its due time."""
+    return (rec.outcome == OK) & ((rec.received - rec.due) * 1000.0 <= report.BAR_MS)
+
+
 def outside_host_spells(rec: Records, host: dict[str, Any]) -> dict[str, Any]:
     """The admitted sessions' share of chunks within 50 ms, leaving out those due during the
     host probe's stops and slowed spells (``host``: its summaries by CPU) or up to
@@ -145,7 +150,7 @@ def outside_host_spells(rec: Records, host: dict[str, Any]) -> dict[str, Any]:
         for begin, end in hostprobe.spells(summary):
             near |= (rec.due >= begin) & (rec.due <= end + HOST_DRAIN_SECONDS)
     kept = used & ~near
-    ok = kept & (rec.outcome == OK) & ((rec.received - rec.due) * 1000.0 <= report.BAR_MS)
+    ok = kept & on_time(rec)
     n = int(kept.sum())
     return {
         "chunks": n,
@@ -168,8 +173,7 @@ def on_time_over_time(rec: Records) -> dict[str, list[Any]]:
     t0 = float(np.nanmin(rec.hello_at))
     used = rec.outcome != UNUSED
     due = rec.due[used] - t0
-    late_ms = (rec.received[used] - rec.due[used]) * 1000.0
-    ontime = (rec.outcome[used] == OK) & (late_ms <= report.BAR_MS)
+    ontime = on_time(rec)[used]
     end = float(np.nanmax(due)) + STEP_SECONDS if due.size else 2 * STEP_SECONDS
     edges = np.arange(0.0, end, STEP_SECONDS)
     total, _ = np.histogram(due, edges)
