@@ -88,6 +88,26 @@ CATCHING_UP = 0.8
 #: bottleneck is a model's queue, not the CPU it sees).
 TAKE_BACK_AT_LEAST = 0.1
 TAKE_BACK_AT_MOST = 0.25
+#: Past this share of the batch items of a measuring period taken late or shed for their age
+#: (``realtime.batching.BEHIND_SHARE``), the server is behind, and the newest sessions wait
+#: (:meth:`Admission.observe_queues`).
+BEHIND_ITEMS = 0.05
+#: Items a period must have for its share to count.
+BEHIND_MIN_ITEMS = 20
+#: Each period behind, the sessions served first shrink to this share of themselves ...
+FIRST_SHRINK = 0.85
+#: ... but not below this share of those streaming: taken back (:data:`TAKE_BACK_AT_MOST` at
+#: a time) is better than waiting long.
+FIRST_AT_LEAST = 0.5
+#: The first period with nothing late, they grow by this share of those streaming, and by
+#: twice as many each period on time after it: after a short slowdown the waiting sessions
+#: come back within a few periods (their new chunks wait too, while they wait), and a server
+#: still slow finds its level again in small steps.
+FIRST_GROW = 0.02
+#: Sessions start waiting only once the server has been behind this many measuring periods
+#: more than it has not (since it last was not at all): a short slowdown's backlog drains
+#: faster than the waiting sessions' would.
+ENGAGE_PERIODS = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,6 +298,16 @@ class Admission:
         #: last window and the one before (None: unknown).
         self.lateness_ms: float | None = None
         self._lateness_before: float | None = None
+        #: While the server is behind: how many sessions (the oldest) are served, the rest
+        #: waiting (None: all).
+        self.first: int | None = None
+        #: Seconds sessions have waited, less those none has since (at least 0), and when
+        #: the queues were last observed.
+        self._waited = 0.0
+        self._queues_at = 0.0
+        self._behind = 0  # measuring periods behind, less those not (at least 0)
+        self.waiting = 0  # sessions waiting now
+        self._grow = FIRST_GROW  # share of the sessions served more after a period on time
         #: Capacity estimates of the last :data:`CAPACITY_HOLD_SECONDS`, (time, sessions), each
         #: lower than the ones after it: the first is the least (a sliding-window minimum).
         self._estimates: deque[tuple[float, float]] = deque()
@@ -439,6 +469,64 @@ class Admission:
             n = least
         self._taken_in_overrun = True
         self.figures.taken_back += n
+        return n
+
+    def observe_queues(self, served: int, late: int, sessions: int, now: float) -> int | None:
+        """Take in a measuring period's batch items (``served``; ``late`` of them taken late or
+        shed for their age) and answer how many of the ``sessions`` streaming, the oldest, to
+        serve now (None: all); the newest wait (``realtime.relay.Reader.defer``).
+
+        When the server falls behind (a burst, a slowed core), serving every session makes
+        every one of them late, and their chunks are dropped as stale in turn: under a core
+        1.4x slower for 4 s, 15-40 % of a half-second's chunks were on time, for every session
+        alike. With the newest waiting, the oldest stay on time; a waiting session costs the
+        event loop its reads, and its chunks go on, with their age, once there is room. Their
+        number shrinks by :data:`FIRST_SHRINK` each period behind (a saturated server cannot
+        measure how far past its capacity it is), and grows back by :data:`FIRST_GROW` of the
+        sessions each period with nothing late."""
+        behind = (
+            self.policy.enabled
+            and served + late >= BEHIND_MIN_ITEMS
+            and late > BEHIND_ITEMS * served
+        )
+        first = self.first
+        dt = min(max(now - self._queues_at, 0.0), 1.0)
+        self._queues_at = now
+        self._waited = self._waited + dt if first is not None else max(self._waited - dt, 0.0)
+        self._behind = self._behind + 1 if behind else max(self._behind - 1, 0)
+        # Again at once while sessions waited lately: the slowdown is not over.
+        engaged = first is not None or self._waited > 0 or self._behind >= ENGAGE_PERIODS
+        if behind and engaged:
+            floor = math.ceil(FIRST_AT_LEAST * sessions)
+            shrunk = math.floor(
+                FIRST_SHRINK * (sessions if first is None else min(first, sessions))
+            )
+            first = max(shrunk, floor)
+            self._grow = FIRST_GROW
+        elif first is not None and not late:
+            first += math.ceil(self._grow * sessions)
+            self._grow *= 2
+        if first is not None and first >= sessions:
+            first = None
+        self.first = first
+        self.waiting = 0 if first is None else sessions - first
+        return first
+
+    def take_back_deferred(self, sessions: int, now: float) -> int:
+        """How many of the waiting sessions (:meth:`observe_queues`) to take back now (the
+        newest), 0 unless sessions have waited ``take_back_seconds`` (less the time none has
+        since: a server still slow lets them all go on now and then, and is behind again): the
+        server slowed below what it admitted, and they would otherwise wait for as long as
+        that lasts. At most :data:`TAKE_BACK_AT_MOST` of the ``sessions`` at once."""
+        p, first = self.policy, self.first
+        if first is None or not p.take_back_seconds or self._waited < p.take_back_seconds:
+            return 0
+        self._waited = 0.0
+        n = min(sessions - first, math.ceil(TAKE_BACK_AT_MOST * sessions))
+        if n <= 0:
+            return 0
+        self.figures.taken_back += n
+        self.overrun = 0.0  # what the lateness window saw was theirs
         return n
 
     @property

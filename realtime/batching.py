@@ -46,10 +46,15 @@ class Entry:
 
     item: WorkItem
     taken: bool
+    #: When it was queued (clock seconds; 0: unknown). Its wait since counts towards
+    #: :attr:`BatchQueue.late`, not its age before: a chunk that waited elsewhere first (a
+    #: deferred client's, see ``realtime.relay.Reader.defer``) does not say the queue is behind.
+    queued: float
 
-    def __init__(self, item: WorkItem, taken: bool = False) -> None:
+    def __init__(self, item: WorkItem, taken: bool = False, queued: float = 0.0) -> None:
         self.item = item
         self.taken = taken
+        self.queued = queued
 
 
 class RunTimes:
@@ -138,6 +143,20 @@ class Cut:
 STALE_SHARE = 0.3
 
 
+#: An item taken for a batch (or shed for its age) after waiting in the queue this share of
+#: its deadline was taken late (:attr:`BatchQueue.late`): the server is behind. Batches wait a
+#: few ms to fill, longer while the server is busy (``Scheduler.pace``): 25 ms of the usual 100
+#: is past that.
+BEHIND_SHARE = 0.25
+
+
+def _late(entry: Entry, now: float) -> bool:
+    """Whether ``entry`` waited in the queue :data:`BEHIND_SHARE` of its deadline."""
+    item = entry.item
+    queued = entry.queued or item.received
+    return now - queued > BEHIND_SHARE * (item.deadline - item.received)
+
+
 def _stale(item: WorkItem, now: float, share: float) -> bool:
     """Whether ``item`` has waited ``share`` of its deadline."""
     received = item.received
@@ -173,6 +192,11 @@ class BatchQueue:
         #: a newer chunk of its stream queued behind it; past it, it is dropped for the newer one
         #: (0: never; see :data:`STALE_SHARE`).
         self.stale = 0.0
+        #: Items taken for batches, and those taken or shed for their age (expired, stale)
+        #: after waiting here :data:`BEHIND_SHARE` of their deadline: read and reset by the
+        #: server a few times a second, to tell whether it is behind.
+        self.served = 0
+        self.late = 0
         self._buckets: dict[tuple[int, ...], _Bucket] = {}
         self._order = itertools.count()
         self._len = 0
@@ -246,6 +270,7 @@ class BatchQueue:
                 if entry is not None:
                     out.batch.append(entry)
                     progress = True
+        self.served += len(out.batch)
         removed = len(out.batch) + len(out.expired) + len(out.gone) + len(out.stale)
         bucket.count -= removed
         self._len -= removed
@@ -266,13 +291,18 @@ class BatchQueue:
         i = 0
         while i < len(line):
             entry = line[i]
-            stream = entry.item.stream
+            item = entry.item
+            stream = item.stream
             if not stream.live:
                 out.gone.append(entry)
-            elif now > entry.item.deadline:
+            elif now > item.deadline:
                 out.expired.append(entry)
-            elif self.stale and _stale(entry.item, now, self.stale) and _superseded(line, i):
+                if _late(entry, now):
+                    self.late += 1
+            elif self.stale and _stale(item, now, self.stale) and _superseded(line, i):
                 out.stale.append(entry)
+                if _late(entry, now):
+                    self.late += 1
             elif stream in blocked or stream in taken:
                 i += 1
                 continue
@@ -281,6 +311,8 @@ class BatchQueue:
                 entry.taken = True
                 if self.stateful:
                     taken.add(stream)
+                if _late(entry, now):
+                    self.late += 1
                 return entry
             del line[i]
             entry.taken = True

@@ -222,8 +222,15 @@ class AdmissionMetrics(Collector):
         )
         yield CounterMetricFamily(
             "realtime_taken_back",
-            "Admitted sessions ended server_busy because the admitted ones stayed late",
+            "Admitted sessions ended server_busy because the admitted ones stayed late, or "
+            "they waited too long while the server was behind",
             f.taken_back,
+        )
+        yield GaugeMetricFamily(
+            "realtime_waiting_sessions",
+            "The newest sessions, whose chunks wait while the server is behind (the oldest are "
+            "served)",
+            a.waiting,
         )
         lag = HistogramMetricFamily("realtime_loop_lag_seconds", "Event-loop lag, per measurement")
         lag.add_metric(

@@ -30,6 +30,9 @@ log = logging.getLogger("realtime")
 
 #: Messages of one client handed over per turn of the event loop (see :class:`Reader`).
 BURST = 4
+#: Messages a deferred client's reader keeps (:meth:`Reader.defer`) before it stops reading:
+#: 5 s of 20 ms chunks. Past it they wait in the socket, and their age is not known.
+DEFERRED_MAX = 256
 
 
 class Socket(Protocol):
@@ -71,8 +74,12 @@ class Reader:
         self.parse = parse
         self.on_message: Callable[[bool, bytes], None] | None = None
         self.budget = BURST  # messages still to hand over in this turn of the loop
-        #: Messages read but not handed over yet (a burst, or before the handler took over).
-        self.backlog: deque[tuple[bool, bytes]] = deque()
+        #: Messages read but not handed over yet (a burst, or before the handler took over), and
+        #: when they were read if their age counts (a deferred client's; else 0).
+        self.backlog: deque[tuple[bool, bytes, float]] = deque()
+        #: The server is behind and serves this client with the room the others leave: its
+        #: messages wait in the backlog, read (:meth:`defer`).
+        self.deferred = False
         self.held_until = 0.0  # reading is paused until then (a client over its rate)
         self.pump: asyncio.Handle | None = None  # hands the backlog over next, at pump_at
         self.pump_at = 0.0
@@ -116,13 +123,30 @@ class Reader:
             on_message is not None
             and self.budget > 0
             and not self.backlog
+            and not self.deferred
             and self.loop.time() >= self.held_until
         ):
             self.budget -= 1
             on_message(text, data)
             return
-        self.backlog.append((text, data))
+        if self.deferred:
+            self.backlog.append((text, data, self.arrived))
+            if len(self.backlog) >= DEFERRED_MAX and not self.ws.transport.is_closing():
+                self.ws.transport.pause_reading()
+            return
+        self.backlog.append((text, data, 0.0))
         self.wait(self.held_until)
+
+    def defer(self, deferred: bool) -> None:
+        """While the server is behind, this client's messages wait, read and stamped with the
+        time they arrived, until it has room again (False): they then go on from where they
+        were, a turn at a time, with their age (those past their deadline are shed typed). A
+        deferred client costs the event loop its reads, not its chunks."""
+        if deferred == self.deferred:
+            return
+        self.deferred = deferred
+        if not deferred and self.backlog:
+            self.wait(max(self.held_until, self.loop.time()))
 
     def wait(self, until: float) -> None:
         """Stop reading; hand the backlog over from ``until`` (loop time) on."""
@@ -144,16 +168,21 @@ class Reader:
         self.pump = None
         backlog = self.backlog
         loop = self.loop
-        self.arrived = loop.time()
+        now = self.arrived = loop.time()
         for _ in range(BURST):
             on_message = self.on_message
-            if not backlog or on_message is None or loop.time() < self.held_until:
+            if not backlog or on_message is None or self.deferred or loop.time() < self.held_until:
                 break
-            text, data = backlog.popleft()
+            text, data, arrived = backlog.popleft()
+            self.arrived = arrived if arrived else now
             on_message(text, data)
         if self.on_message is None:
             return
         transport = self.ws.transport
+        if self.deferred:  # read on: what arrives waits, stamped (see defer)
+            if len(backlog) < DEFERRED_MAX and not transport.is_closing():
+                transport.resume_reading()
+            return
         if backlog or loop.time() < self.held_until:
             self.wait(self.held_until)
         elif not transport.is_closing():

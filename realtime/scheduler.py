@@ -255,7 +255,7 @@ class ModelQueue:
                     seq=item.seq,
                     reason="queue",
                 )
-        self._queue.push(Entry(item))
+        self._queue.push(Entry(item, False, self._clock()))
         self.stats.submitted += 1
         if self._free:
             self._dispatch()
@@ -584,6 +584,16 @@ class Scheduler:
         self._stretch_now = 1.0 + (self._stretch - 1.0) * share
         for q in self.queues.values():
             q.pace(self._stretch_now)
+
+    def lateness(self) -> tuple[int, int]:
+        """Items taken for batches since the last call, and those taken or shed late
+        (``BatchQueue.late``)."""
+        served = late = 0
+        for q in self.queues.values():
+            queue = q._queue
+            served, late = served + queue.served, late + queue.late
+            queue.served = queue.late = 0
+        return served, late
 
     def _replace_pool(self) -> None:
         """A worker is stuck in a model run: new batches go to a new pool of full size; the old

@@ -191,6 +191,8 @@ class Server:
         self._measuring: asyncio.TimerHandle | None = None
         self._lateness_due = 0.0  # loop time of the next lateness window's end
         self._clocks_due = 0.0  # loop time when the streams' clock minimums move on
+        #: Sessions whose messages wait while the server is behind (``Admission.observe_queues``).
+        self._deferred: list[Link] = []
         self.ready = False  # models warm and serving; false again once shutting down
         self._ws: WsServer | None = None
         self._reloader = Reloader(
@@ -544,6 +546,7 @@ class Server:
             busy, depth, _, _ = models.get(name, (0.0, 0, 0, 0))
             models[name] = (busy + stats.infer_seconds, depth + queue.depth, workers, max_queue)
             runs[key] = (stats.infer_cpu_seconds, stats.items, queue.run_times.best_per_item())
+        streaming = [link for link in self._links.values() if link.conn.session.streams]
         self.admission.observe(
             Measurement(
                 now,
@@ -551,17 +554,40 @@ class Server:
                 time.thread_time(),
                 time.process_time(),
                 len(cpus),
-                sum(1 for link in self._links.values() if link.conn.session.streams),
+                len(streaming),
                 models,
                 _confined_idle(cpus),
                 runs,
             )
         )
         self.scheduler.pace(self.admission.load)
+        self._serve_first(now, streaming)
         if now >= self._lateness_due:
             self._lateness(now)
         period = self.config.admission.period
         self._measuring = loop.call_at(now + period, self._measure, now + period)
+
+    def _serve_first(self, now: float, streaming: list[Link]) -> None:
+        """While the server is behind, its oldest sessions (``streaming`` is in the order they
+        connected) are served first, the newest with the room left
+        (``Admission.observe_queues``); those are taken back if it lasts."""
+        served, late = self.scheduler.lateness()
+        admission = self.admission
+        first = admission.observe_queues(served, late, len(streaming), now)
+        if first is None and not self._deferred:
+            return
+        n = admission.take_back_deferred(len(streaming), now)
+        if n:
+            seconds = self.config.admission.take_back_seconds
+            self._take_back(streaming[-n:], f"its newest sessions waited {seconds:g} s")
+        deferred = streaming[len(streaming) if first is None else first :]
+        still = {id(link) for link in deferred}
+        for link in self._deferred:
+            if id(link) not in still:
+                link.reader.defer(False)
+        for link in deferred:
+            link.reader.defer(True)
+        self._deferred = deferred
 
     def _lateness(self, now: float) -> None:
         """Once a :data:`LATENESS_SECONDS` window: the median share of late results over live
@@ -593,15 +619,16 @@ class Server:
         streaming = [link for link in self._links.values() if link.conn.session.streams]
         n = admission.take_back(len(streaming))
         if n:
-            self._take_back(streaming[-n:], admission.late_share or 0.0)
+            seconds = self.config.admission.take_back_seconds
+            share = 100 * (admission.late_share or 0.0)
+            self._take_back(streaming[-n:], f"{share:.0f} % of results late for {seconds:g} s")
 
-    def _take_back(self, links: list[Link], late_share: float) -> None:
+    def _take_back(self, links: list[Link], why: str) -> None:
         """End these sessions (the newest connected) ``server_busy``, then close (1013): the
         admitted sessions have been late too long, and the rest are to be on time again."""
         busy = errors.ServerBusy(
-            f"the server fell behind ({100 * late_share:.0f} % of results late for at least "
-            f"{self.config.admission.take_back_seconds:g} s) and ends the newest sessions: this "
-            "one ends, and chunks without an answer yet get none. Try again later or elsewhere",
+            f"the server fell behind ({why}) and ends the newest sessions: this one ends, and "
+            "chunks without an answer yet get none. Try again later or elsewhere",
             retry_after_ms=self.admission.retry_after_ms,
         )
         for link in links:
@@ -610,7 +637,7 @@ class Server:
                 conn.error(busy)
                 conn.close_code, conn.close_reason = CLOSE_TRY_AGAIN, "server fell behind"
                 self.relay.flush(link)
-        log.warning("event=take_back sessions=%d late_share=%.2f", len(links), late_share)
+        log.warning("event=take_back sessions=%d why=%r", len(links), why)
 
     def _check_drained(self) -> None:
         if self.draining and all(conn.inflight == 0 for conn in self._conns.values()):

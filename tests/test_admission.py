@@ -18,6 +18,10 @@ from realtime.admission import (
     CAPACITY_HOLD_SECONDS,
     CONNECTION_COST,
     DOOR_COST,
+    ENGAGE_PERIODS,
+    FIRST_AT_LEAST,
+    FIRST_GROW,
+    FIRST_SHRINK,
     MIN_ANSWERED,
     TAKE_BACK_AT_LEAST,
     TAKE_BACK_AT_MOST,
@@ -786,3 +790,127 @@ def test_a_stream_sending_faster_than_real_time_is_told_apart() -> None:
     assert not ahead_of_real_time(mark=5000.0, least=5400.0, seconds=1.0)  # it fell behind
     assert not ahead_of_real_time(mark=math.inf, least=4100.0, seconds=1.0)  # first window
     assert not ahead_of_real_time(mark=5000.0, least=math.inf, seconds=1.0)  # nothing sent
+
+
+def test_the_newest_sessions_wait_once_the_server_stays_behind_and_come_back_as_it_catches_up() -> (
+    None
+):
+    """Half the batch items late, period after period: after ``ENGAGE_PERIODS`` (a short
+    slowdown's backlog drains by itself), the oldest sessions are served and the newest wait,
+    fewer served each period behind down to ``FIRST_AT_LEAST``; with nothing late, more again
+    each period, until all are."""
+    admission = Admission(AdmissionPolicy(target_load=0.8))
+    sessions, now = 200, 0.0
+    for _ in range(ENGAGE_PERIODS - 1):
+        now += 0.05
+        assert admission.observe_queues(100, 50, sessions, now) is None
+    assert admission.observe_queues(100, 0, sessions, now) is None  # one on time: one more
+    assert admission.observe_queues(100, 50, sessions, now) is None
+    first = admission.observe_queues(100, 50, sessions, now)
+    assert first == math.floor(FIRST_SHRINK * sessions)
+    for _ in range(20):
+        first = admission.observe_queues(100, 50, sessions, now)
+    assert first == math.ceil(FIRST_AT_LEAST * sessions)
+    assert admission.observe_queues(100, 1, sessions, now) == first  # a few late: held
+    assert admission.observe_queues(100, 0, sessions, now) == first + FIRST_GROW * sessions
+    while first is not None:
+        first = admission.observe_queues(100, 0, sessions, now)
+    assert admission.first is None
+
+
+def test_too_few_items_or_the_policy_off_never_make_sessions_wait() -> None:
+    quiet = Admission(AdmissionPolicy(target_load=0.8))
+    off = Admission(AdmissionPolicy(target_load=0.0))
+    for k in range(3 * ENGAGE_PERIODS):
+        assert quiet.observe_queues(5, 5, 100, 0.05 * k) is None  # under BEHIND_MIN_ITEMS
+        assert off.observe_queues(100, 100, 100, 0.05 * k) is None
+
+
+def test_sessions_left_waiting_for_take_back_seconds_are_taken_back_the_newest_first() -> None:
+    """Sessions waiting ``take_back_seconds`` in all (less the time none waited since) are
+    taken back: those waiting, at most ``TAKE_BACK_AT_MOST`` of the sessions at once."""
+    admission = Admission(AdmissionPolicy(target_load=0.8, take_back_seconds=2.0))
+    now, sessions = 0.0, 100
+
+    def period(late: int) -> int | None:
+        nonlocal now
+        now += 0.05
+        return admission.observe_queues(100, late, sessions, now)
+
+    while period(100) is None:
+        pass
+    waited = 0
+    while not admission.take_back_deferred(sessions, now):
+        period(100)
+        waited += 1
+    assert 40 <= waited <= 41  # two seconds of 50 ms periods (sums of floats)
+    assert admission.figures.taken_back == math.ceil(TAKE_BACK_AT_MOST * 100)  # 50 waited
+    sessions = 75
+    for _ in range(20):  # waiting one second more ...
+        period(100)
+    while period(0) is not None:  # ... then all served (2, 4, 8, 16 % more a period) ...
+        pass
+    for _ in range(10):  # ... for half a second
+        period(0)
+    assert admission.take_back_deferred(sessions, now) == 0
+    waited = 0
+    while not admission.take_back_deferred(sessions, now):
+        period(100)
+        waited += 1
+    # 1 s waited, 0.2 s more while some still waited, 0.5 s not: 1.3 s to go, and a period
+    # to wait again.
+    assert 27 <= waited <= 29
+    assert admission.figures.taken_back == 25 + math.ceil(TAKE_BACK_AT_MOST * 75)
+
+
+async def test_the_newest_sessions_chunks_wait_while_the_server_is_behind(
+    start_server: ServerFactory, tiny_models: Path
+) -> None:
+    """Through the real path: while the queue reports its items late, the newest session's
+    chunks wait unread by the scheduler and the older ones' are answered; once it catches up
+    they go on in order, with their age; left waiting ``take_back_seconds``, it is taken back
+    (``server_busy``, 1013)."""
+    policy = AdmissionPolicy(target_load=0.5, period=3600.0, take_back_seconds=2.0)
+    server = await start_server((tiny_models,), builtin=False, admission=policy)
+    raws = [await Raw.connect(server.url) for _ in range(3)]
+    for raw in raws:
+        opened = await raw.open(1, "double", deadline_ms=60000)
+        assert opened["type"] == "opened"
+    late = True
+    server.scheduler.lateness = lambda: (100, 50 if late else 0)  # type: ignore[method-assign]
+    links = list(server.relay.links.values())
+    now = asyncio.get_running_loop().time()
+    for _ in range(ENGAGE_PERIODS):
+        server._serve_first(now, links)
+    assert server.admission.first == 2
+    assert [link.reader.deferred for link in links] == [False, False, True]
+    x = np.ones(4, np.float32)
+    for seq in range(3):
+        for raw in raws:
+            await raw.chunk(1, seq, x)
+    for raw in raws[:2]:
+        assert [(await raw.recv())["seq"] for _ in range(3)] == [0, 1, 2]
+
+    async def read(n: int) -> None:
+        while len(links[2].reader.backlog) < n:
+            await asyncio.sleep(0.005)
+
+    await asyncio.wait_for(read(3), 10)
+    assert not server.connections[2].inflight  # read, not handed over
+    late = False
+    server._serve_first(now, links)  # one more served each period: all of them
+    assert server.admission.first is None and not links[2].reader.deferred
+    assert [(await raws[2].recv())["seq"] for _ in range(3)] == [0, 1, 2]
+
+    late = True
+    for _ in range(ENGAGE_PERIODS):
+        server._serve_first(now, links)
+    assert links[2].reader.deferred
+    for k in range(1, 3):  # (a second a period: only its time counts)
+        server._serve_first(now + k, links)
+        assert server.admission.figures.taken_back == k - 1
+    busy = await raws[2].recv()
+    assert busy["code"] == "server_busy" and "waited" in busy["message"]
+    with pytest.raises(ConnectionClosed) as closed:
+        await raws[2].recv()
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013

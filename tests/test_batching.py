@@ -8,7 +8,7 @@ from typing import Any, cast
 import numpy as np
 import pytest
 
-from realtime.batching import BatchQueue, Cut, Entry, Policy, RunTimes
+from realtime.batching import BEHIND_SHARE, BatchQueue, Cut, Entry, Policy, RunTimes
 from realtime.session import Stream, WorkItem
 
 
@@ -285,3 +285,29 @@ def test_a_stretched_delay_lets_a_partial_batch_wait_longer_but_not_past_its_dea
     queue.push(stream("b"), deadline=0.015)
     # 15 ms deadline - 4 ms to run two - 1 ms margin comes first
     assert queue.q.due() == pytest.approx(0.010)
+
+
+def test_items_taken_after_waiting_a_quarter_of_their_deadline_count_as_late() -> None:
+    """The queue tells the server whether it is behind: of the items it took (``served``),
+    those that waited in it past ``BEHIND_SHARE`` of their deadline, and those it shed for
+    their age, are ``late``. Only their wait in the queue counts, not their age before."""
+    queue = Queue(max_batch=8)
+    a, b, c = stream("a"), stream("b"), stream("c")
+    queue.push(a, 0, deadline=0.1)  # waits 30 ms: late
+    early = queue.push(b, 0, deadline=0.1)
+    early.queued = 0.015  # arrived at 0, queued 15 ms later (a deferred client's): waits 15
+    queue.now = 0.030
+    queue.push(c, 0, deadline=0.1)  # waits 0
+    cut = queue.cut()
+    assert len(cut.batch) == 3
+    assert (queue.q.served, queue.q.late) == (3, 1)
+    assert BEHIND_SHARE * 0.1 < 0.030
+
+    queue.q.served = queue.q.late = 0
+    stale = queue.push(a, 1, deadline=0.1)
+    stale.queued = 0.125  # arrived at 0.030, queued 95 ms later: expired, not by the queue
+    queue.push(b, 1, deadline=0.1)  # expired after waiting here: late
+    queue.now = 0.140
+    cut = queue.cut()
+    assert len(cut.expired) == 2 and not cut.batch
+    assert (queue.q.served, queue.q.late) == (0, 1)

@@ -17,7 +17,7 @@ from realtime.connection import Connection
 from realtime.models.repository import ModelRepository, scan
 from realtime.protocol import Chunk, decode_frame, encode_frame
 from realtime.quotas import Quotas
-from realtime.relay import Link, Relay
+from realtime.relay import DEFERRED_MAX, Link, Reader, Relay
 from realtime.session import Limits, Outcome, Prediction, Session, WorkItem
 from realtime.traffic import Traffic
 
@@ -122,3 +122,46 @@ async def test_a_chunk_dropped_for_a_newer_one_goes_out_with_its_outcome(
     assert [(m["code"], m["seq"]) for m in messages(transport.writes[1])] == [
         ("deadline_exceeded", 2)
     ]
+
+
+class Reading(Transport):
+    """A transport that records whether reading is paused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paused = False
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+
+async def test_a_deferred_clients_messages_wait_read_with_the_time_they_arrived() -> None:
+    """Deferred, a client's messages are read on and kept with their arrival time (the
+    server is behind: they are late, and their age must count); once it has room they go on
+    in order, a few a turn, each with its own arrival. Past ``DEFERRED_MAX`` kept, reading
+    stops until they have gone on."""
+    transport = Reading()
+    ws = SimpleNamespace(protocol=None, loop=asyncio.get_running_loop(), transport=transport)
+    reader = Reader(ws, lambda data: None)
+    got: list[tuple[bytes, float]] = []
+    reader.on_message = lambda text, data: got.append((data, reader.arrived))
+    reader.defer(True)
+    for k in range(DEFERRED_MAX):
+        reader.arrived = 10.0 + k
+        reader.message(False, b"%d" % k)
+        assert transport.paused is (k == DEFERRED_MAX - 1)
+    await turn()
+    assert got == []
+    reader.defer(False)
+    for _ in range(DEFERRED_MAX):  # BURST a turn
+        if len(got) == DEFERRED_MAX:
+            break
+        await turn()
+    assert got == [(b"%d" % k, 10.0 + k) for k in range(DEFERRED_MAX)]
+    assert not transport.paused and not reader.backlog
+    reader.arrived = 99.0
+    reader.message(False, b"now")  # and on as before, straight through
+    assert got[-1] == (b"now", 99.0)
