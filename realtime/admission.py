@@ -580,9 +580,12 @@ class Admission:
         return share is not None and share > p.late_share and self.load >= p.target_load / 2
 
     def full(self, sessions: int) -> str | None:
-        """Why a new session would be refused now (``lag``, ``late`` or ``load``), or None."""
+        """Why a new session would be refused now (``behind``, ``lag``, ``late`` or ``load``),
+        or None."""
         if not self.policy.enabled:
             return None
+        if self.waiting:  # the newest sessions wait: a new one would, behind them
+            return "behind"
         if self._lagging():
             return "lag"
         if self._late():
@@ -628,6 +631,8 @@ class Admission:
             why = f"the event loop runs {1000 * self.lag:.0f} ms late"
         elif reason == "late":
             why = f"{100 * (self.late_share or 0):.1f} % of its results are late"
+        elif reason == "behind":
+            why = f"it is behind, and its {self.waiting} newest sessions wait"
         else:
             why = f"it carries {sessions} sessions of about {capacity or 0:.0f} it serves in time"
         return errors.ServerBusy(

@@ -808,6 +808,9 @@ def test_the_newest_sessions_wait_once_the_server_stays_behind_and_come_back_as_
     assert admission.observe_queues(100, 50, sessions, now) is None
     first = admission.observe_queues(100, 50, sessions, now)
     assert first == math.floor(FIRST_SHRINK * sessions)
+    assert admission.full(sessions) == "behind"  # a new one would wait behind them
+    busy = admission.admit_session(sessions)
+    assert busy is not None and "30 newest sessions wait" in str(busy)
     for _ in range(20):
         first = admission.observe_queues(100, 50, sessions, now)
     assert first == math.ceil(FIRST_AT_LEAST * sessions)
