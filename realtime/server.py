@@ -554,7 +554,9 @@ class Server:
                 time.thread_time(),
                 time.process_time(),
                 len(cpus),
-                len(streaming),
+                # Waiting sessions cost the loop their reads only: counted, they would make a
+                # session look cheap, and admission would take more once they go on.
+                len(streaming) - self.admission.waiting,
                 models,
                 _confined_idle(cpus),
                 runs,
