@@ -94,7 +94,7 @@ TAKE_BACK_AT_MOST = 0.25
 BEHIND_ITEMS = 0.05
 #: Items a period must have for its share to count.
 BEHIND_MIN_ITEMS = 20
-#: Each period behind, the sessions served first shrink to this share of themselves ...
+#: Each period behind, the sessions served shrink to this share of themselves ...
 FIRST_SHRINK = 0.85
 #: ... but not below this share of those streaming: taken back (:data:`TAKE_BACK_AT_MOST` at
 #: a time) is better than waiting long.
@@ -483,7 +483,7 @@ class Admission:
         event loop its reads, and its chunks go on, with their age, once there is room. Their
         number shrinks by :data:`FIRST_SHRINK` each period behind (a saturated server cannot
         measure how far past its capacity it is), and grows back by :data:`FIRST_GROW` of the
-        sessions each period with nothing late."""
+        sessions the first period with nothing late, twice that the next, and so on."""
         behind = (
             self.policy.enabled
             and served + late >= BEHIND_MIN_ITEMS

@@ -77,8 +77,8 @@ class Reader:
         #: Messages read but not handed over yet (a burst, or before the handler took over), and
         #: when they were read if their age counts (a deferred client's; else 0).
         self.backlog: deque[tuple[bool, bytes, float]] = deque()
-        #: The server is behind and serves this client with the room the others leave: its
-        #: messages wait in the backlog, read (:meth:`defer`).
+        #: The server is behind and this client (one of the newest) waits: its messages wait
+        #: in the backlog, read and stamped (:meth:`defer`).
         self.deferred = False
         self.held_until = 0.0  # reading is paused until then (a client over its rate)
         self.pump: asyncio.Handle | None = None  # hands the backlog over next, at pump_at
