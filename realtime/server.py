@@ -571,8 +571,8 @@ class Server:
 
     def _serve_first(self, now: float, streaming: list[Link]) -> None:
         """While the server is behind, its oldest sessions (``streaming`` is in the order they
-        connected) are served first, the newest with the room left
-        (``Admission.observe_queues``); those are taken back if it lasts."""
+        connected) are served and the newest wait (``Admission.observe_queues``,
+        ``Reader.defer``); those that wait too long are taken back."""
         served, late = self.scheduler.lateness()
         admission = self.admission
         first = admission.observe_queues(served, late, len(streaming), now)
