@@ -87,7 +87,7 @@ class Records:
     refused_codes: dict[str, int] = field(default_factory=dict)  # refusals, by code
     handshake_refusals: int = 0  # of them, at the handshake (an HTTP status, not at hello)
     #: Per client (raw client): when it said hello, ms until the welcome or the refusal, and
-    #: whether it was admitted (welcome and opened).
+    #: whether it was admitted (welcome and opened; by a baseline, connected).
     hello_at: np.ndarray[Any, Any] = field(default_factory=lambda: np.empty(0))
     hello_ms: np.ndarray[Any, Any] = field(default_factory=lambda: np.empty(0))
     admitted: np.ndarray[Any, Any] = field(default_factory=lambda: np.empty(0, bool))

@@ -10,6 +10,10 @@ each chunk's due time). A refused client tries again after the ``retry_after_ms`
 doubled at each refusal and jittered, as docs/protocol.md asks (``--no-retry``: it gives up).
 Per run: clients admitted, refusals (how many at the handshake, how fast each came), the
 admitted sessions' share of chunks within 50 ms and their percentiles, and a plot over time.
+After each run the same clients, arriving at the same times, run against the baselines side by
+side (``--baselines``, default the bare websockets echo server and the naive per-message server
+of :mod:`loadtest.baselines`, which take every client): what the same load does to a server
+without admission control, in the same hour, on the same plot.
 After the runs the capacity is run once more, admission off (``--no-recheck``: not): on a
 shared machine that slows under a long run, the capacity the checks compare with may no longer
 hold, and the report says so beside them. With ``--fresh`` each run after the first offers a
@@ -200,11 +204,17 @@ def worst_step(series: dict[str, list[Any]]) -> tuple[float, float] | None:
 
 
 def plot_over_time(
-    rec: Records, out: Path, name: str, title: str, host: dict[str, Any] | None = None
+    rec: Records,
+    out: Path,
+    name: str,
+    title: str,
+    host: dict[str, Any] | None = None,
+    baselines: dict[str, dict[str, list[Any]]] | None = None,
 ) -> str:
     """Sessions admitted and refusals (by hello time) and the share of due chunks answered
     within 50 ms, per 0.5 s, with the host probe's stops and slowed spells shaded (``host``:
-    its summaries by CPU); the file written."""
+    its summaries by CPU) and the same share for each baseline run on the same clients
+    (``baselines``: their :func:`on_time_over_time`); the file written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -225,6 +235,16 @@ def plot_over_time(
     share = np.array([np.nan if s is None else s for s in series["within_50ms"]])
     total = np.asarray(series["due"])
     bottom.plot(ends, 100 * share, color="tab:blue", label="admitted chunks within 50 ms")
+    colors = ("tab:gray", "tab:brown", "tab:olive")
+    for k, (target, other) in enumerate((baselines or {}).items()):
+        other_share = [np.nan if x is None else 100 * x for x in other["within_50ms"]]
+        bottom.plot(
+            other["t"],
+            other_share,
+            color=colors[k % len(colors)],
+            linestyle="--",
+            label=f"{target}, the same clients, no admission",
+        )
     bottom.axhline(99, color="grey", linewidth=0.8, linestyle=":", label="99 %")
     for k, (begin, end) in enumerate(
         spell for summary in (host or {}).values() for spell in hostprobe.spells(summary)
@@ -284,28 +304,96 @@ def ramp(n: int, start: float, seconds: float) -> list[float]:
     return [start + seconds * i / max(n, 1) for i in range(n)]
 
 
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    """Who arrives when in one overload run, and for how long each streams."""
+
+    kinds: list[str]
+    arrivals: list[float]
+    streams: list[float] | None  # seconds each streams (None: to the end)
+    base: np.ndarray[Any, Any] | None  # the steady clients of a burst
+
+
+def scenario(name: str, kind: str, capacity_clients: int, args: argparse.Namespace) -> Scenario:
+    """``2x``/``4x`` the capacity arriving over the ramp, or ``burst``."""
+    if name == "burst":
+        burst = BURST_FACTOR * capacity_clients
+        return Scenario(
+            [kind] * (capacity_clients + burst),
+            ramp(capacity_clients, 0.0, args.ramp) + ramp(burst, args.burst_at, BURST_SECONDS),
+            [args.seconds] * capacity_clients + [BURST_SECONDS] * burst,
+            np.array([True] * capacity_clients + [False] * burst),
+        )
+    n = round(float(name.rstrip("x")) * capacity_clients)
+    return Scenario([kind] * n, ramp(n, 0.0, args.ramp), None, None)
+
+
+def run_plan(
+    target: str, plan: Scenario, args: argparse.Namespace, setup: Setup
+) -> tuple[Records, dict[str, Any]]:
+    """Run one scenario against ``target``: its records and the server's figures. The server's
+    CPU counts from the end of the ramp: the sessions and the crowd still knocking (and the
+    burst), not the handshakes of the ones admitted. Counted in, they made a session look 5-8 %
+    dearer than in the capacity runs, whose clients all connect before the window."""
+    return run_target(
+        target,
+        plan.kinds,
+        args.seconds,
+        setup,
+        plan.arrivals,
+        plan.streams,
+        args.retry and target == "realtime",
+        args.ramp + 1.0,
+    )
+
+
+#: What a baseline's run reports (:func:`run_baseline`), of :func:`admission_summary`'s figures.
+BASELINE_FIGURES = (
+    "clients",
+    "admitted",
+    "admitted_chunks",
+    "admitted_within_50ms",
+    "admitted_latency_ms",
+    "admitted_p99_all_ms",
+    "admitted_send_lag_ms",
+    "admitted_lost",
+    "admitted_errors",
+)
+
+
+def run_baseline(
+    target: str, plan: Scenario, args: argparse.Namespace, setup: Setup
+) -> dict[str, Any]:
+    """The same run against a baseline (``echo``, ``naive``: loadtest.baselines), side by side:
+    what a server without admission control does with the same clients arriving at the same
+    times, in the same hour. It takes every client (``admitted``: connected); for a burst, the
+    figures are of its steady clients, as the burst's check is."""
+    rec, server = run_plan(target, plan, args, setup)
+    found = admission_summary(rec, plan.base)
+    summary = {k: found[k] for k in BASELINE_FIGURES}
+    if plan.base is not None:
+        summary["admitted"] = int((rec.admitted & plan.base).sum())
+    summary["over_time"] = on_time_over_time(rec)
+    summary["server"] = {k: v for k, v in server.items() if k != "series"}
+    if server.get("host"):
+        summary["outside_host_spells"] = outside_host_spells(rec, server["host"])
+    lat = summary["admitted_latency_ms"]
+    print(
+        f"{target} {plan.kinds[0]}, the same clients: {summary['admitted']} connected, "
+        f"{100 * summary['admitted_within_50ms']:.2f}% within 50 ms, p50 {lat['p50']} p99 "
+        f"{lat['p99']} ms, lost {summary['admitted_lost']}, errors {summary['admitted_errors']}",
+        flush=True,
+    )
+    return summary
+
+
 def run_scenario(
     name: str, kind: str, capacity_clients: int, args: argparse.Namespace, setup: Setup
 ) -> tuple[Records, dict[str, Any]]:
     """One overload run: ``2x``/``4x`` the capacity arriving over the ramp, or ``burst``."""
-    if name == "burst":
-        burst = BURST_FACTOR * capacity_clients
-        kinds = [kind] * (capacity_clients + burst)
-        arrivals = ramp(capacity_clients, 0.0, args.ramp) + ramp(
-            burst, args.burst_at, BURST_SECONDS
-        )
-        streams = [args.seconds] * capacity_clients + [BURST_SECONDS] * burst
-        base = np.array([True] * capacity_clients + [False] * burst)
-    else:
-        factor = float(name.rstrip("x"))
-        n = round(factor * capacity_clients)
-        kinds, arrivals, streams, base = [kind] * n, ramp(n, 0.0, args.ramp), None, None
-    # The server's CPU from the end of the ramp: the sessions and the crowd still knocking
-    # (and the burst), not the handshakes of the ones admitted. Counted in, they made a session
-    # look 5-8 % dearer than in the capacity runs, whose clients all connect before the window.
-    rec, server = run_target(
-        "realtime", kinds, args.seconds, setup, arrivals, streams, args.retry, args.ramp + 1.0
-    )
+    plan = scenario(name, kind, capacity_clients, args)
+    kinds, base = plan.kinds, plan.base
+    rec, server = run_plan("realtime", plan, args, setup)
     summary = {
         "offered_clients": len(kinds),
         **admission_summary(rec),
@@ -399,6 +487,20 @@ def _shed_p99(r: dict[str, Any]) -> str:
     return "over 1 % not answered" if p99 is None else f"{p99}"
 
 
+def _baseline_row(name: str, target: str, x: dict[str, Any]) -> str:
+    """A baseline's row in the summary's table (:func:`run_baseline`)."""
+    lat = x["admitted_latency_ms"]
+    burst = name == "burst"
+    who = f"its {x['admitted']} steady clients" if burst else "every client"
+    return (
+        f"| {name}: {target}, no admission ({who}) | | {'' if burst else x['clients']} "
+        f"| {x['admitted']} | | | | {100 * x['admitted_within_50ms']:.2f}% | {lat['p50']} | "
+        f"{lat['p99']} ({_shed_p99(x)}) | {lat['max']} | {x['admitted_lost']} | "
+        + (", ".join(f"{k} {v}" for k, v in x["admitted_errors"].items()) or "0")
+        + f" | {x['admitted_send_lag_ms']['max']} |"
+    )
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The summary a person reads first."""
     m = result["machine"]
@@ -470,10 +572,24 @@ def markdown(result: dict[str, Any]) -> str:
                 + (", ".join(f"{k} {v}" for k, v in b["admitted_errors"].items()) or "0")
                 + " | |"
             )
+        for target, x in r.get("baselines", {}).items():
+            lines.append(_baseline_row(name, target, x))
+    if result.get("baselines"):
+        lines += [
+            "",
+            "The rows without admission ran the same clients, arriving at the same times, "
+            f"against {' and '.join(result['baselines'])} (loadtest.baselines: the bare "
+            "websockets echo server, and a per-message server running the same model on the "
+            "event loop), each after the run above it: what the same load does to a server "
+            "that takes every client.",
+        ]
+    # Each run, then each baseline's run beside it.
+    runs: list[tuple[str, dict[str, Any]]] = []
+    for name, r in result["runs"].items():
+        runs.append((name, r))
+        runs += [(f"{name}, {b}", x) for b, x in r.get("baselines", {}).items()]
     probed = [
-        (name, cpu, h)
-        for name, r in result["runs"].items()
-        for cpu, h in r.get("server", {}).get("host", {}).items()
+        (name, cpu, h) for name, r in runs for cpu, h in r.get("server", {}).get("host", {}).items()
     ]
     if probed:
         lines += ["", "The host probe on the server's cores (seconds into each run):", ""]
@@ -482,7 +598,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"- {name}: {100 * o['within_50ms']:.2f} % within 50 ms of the admitted chunks not "
             f"due during those or {HOST_DRAIN_SECONDS:g} s after ({o['set_apart']} set apart, "
             f"{o['chunks']} left)"
-            for name, r in result["runs"].items()
+            for name, r in runs
             if (o := r.get("outside_host_spells")) is not None
         ]
     lines += ["", "Checks:", ""]
@@ -588,6 +704,12 @@ def main() -> None:
         help="--slow the capacity runs too: the capacity the checks compare with is then the "
         "one the server keeps through the same slowdown, as on a host that slows it so",
     )
+    parser.add_argument(
+        "--baselines",
+        default="echo,naive",
+        help="after each run, the same clients at the same times against these servers, side "
+        "by side (loadtest.baselines; without admission control; '' for none)",
+    )
     add_setup_flags(parser)
     parser.add_argument("--out", type=Path, default=REPO / "loadtest" / "results" / "overload")
     args = parser.parse_args()
@@ -627,6 +749,8 @@ def main() -> None:
         slows=setup.slows if args.slow_capacity else (),
     )
     steps = [int(s) for s in args.capacity_steps.split(",")]
+    baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    result["baselines"] = baselines
     if cap is None:
         search = capacity_near(args.kind, steps, steps[0], args.capacity_seconds, off, args.tries)
         result["capacity_search"] = search
@@ -648,10 +772,15 @@ def main() -> None:
         summary["capacity_clients"] = cap
         if fresh and k:
             summary["capacity_search"] = near["steps"]
+        plan = scenario(name, args.kind, cap, args)
+        summary["baselines"] = {b: run_baseline(b, plan, args, setup) for b in baselines}
         result["runs"][name] = summary
         title = f"{args.kind}, {name}: {summary['offered_clients']} clients (capacity {cap})"
         host = summary["server"].get("host")
-        result["plots"].append(plot_over_time(rec, args.out, f"{args.kind}_{name}", title, host))
+        others = {b: x["over_time"] for b, x in summary["baselines"].items()}
+        result["plots"].append(
+            plot_over_time(rec, args.out, f"{args.kind}_{name}", title, host, others)
+        )
     if args.recheck and cap:  # did the capacity still hold after the runs?
         again = capacity(["realtime"], args.kind, [cap], args.capacity_seconds, off)
         step = again["targets"]["realtime"]["steps"][0]

@@ -242,7 +242,8 @@ class _Run:
                 self.rec.connect_failures += 1
                 return None
             client.conn = conn
-            if plan.target != "realtime":
+            if plan.target != "realtime":  # a baseline takes every connection it completes
+                self.rec.admitted[client.i] = True
                 return None
             client.control = asyncio.Queue()
             hello_at[client.i] = time.monotonic()

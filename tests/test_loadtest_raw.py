@@ -153,6 +153,112 @@ async def test_late_sends_count_from_their_due_time() -> None:
     assert (lag[:, 0] > 0.2).all() and (latency > lag).all()
 
 
+async def test_a_baseline_takes_every_arriving_client_and_runs_the_same_schedule(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The overload runs' baselines (no admission control) take the same clients, arriving at
+    the same times: each client is counted admitted once connected, streams from then on, and
+    the burst's figures are of its steady clients."""
+    import argparse
+
+    from loadtest import overload
+
+    async def echo(ws: ServerConnection) -> None:
+        async for message in ws:
+            await ws.send(message)
+
+    args = argparse.Namespace(ramp=0.2, seconds=1.0, retry=True, burst_at=0.3)
+    plan = overload.scenario("burst", "audio", 1, args)
+    assert plan.arrivals == [0.0, 0.3, 0.3 + 2.0 / 3, 0.3 + 4.0 / 3]  # 3x more within 2 s
+    plan = dataclasses.replace(plan, arrivals=[0.0, 0.1, 0.2, 0.3], streams=[0.6, 0.2, 0.2, 0.2])
+    async with serve(echo, "127.0.0.1", 0, compression=None) as ws_server:
+        port = ws_server.sockets[0].getsockname()[1]
+        start = time.monotonic() + 0.2
+        clients = Plan(
+            f"ws://127.0.0.1:{port}/",
+            "echo",
+            plan.kinds,
+            0,
+            start,
+            args.seconds,
+            arrivals=plan.arrivals,
+            stream_seconds=plan.streams,
+            retry=False,
+        )
+        rec = await _Run(clients).run()
+    assert rec.admitted.all() and rec.refused == 0
+    assert (rec.hello_at >= start + np.array(plan.arrivals)).all()
+    used = (rec.outcome != UNUSED).sum(axis=1)
+    assert used[0] == 30 and (used[1:] == 10).all()  # 0.6 s and 0.2 s at 50 chunks a second
+    assert not (rec.outcome == PENDING).any()
+
+    def run_target(target: str, kinds: list[str], seconds: float, *a: Any) -> Any:
+        assert a[3] is False  # a baseline never refuses: nobody retries
+        return rec, {"cpu_cores_mean": 0.1}
+
+    monkeypatch.setattr(overload, "run_target", run_target)
+    found = overload.run_baseline("echo", plan, args, None)  # type: ignore[arg-type]
+    assert found["clients"] == 4 and found["admitted"] == 1  # of the steady clients
+    assert found["admitted_chunks"] == 30 and found["admitted_lost"] == 0
+    assert found["over_time"]["due"] and "host" not in found["server"]
+
+
+def test_the_overload_report_puts_the_baselines_beside_each_run() -> None:
+    from loadtest.overload import markdown
+
+    latency = {"p50": 1.0, "p99": 3.0, "max": 9.0}
+
+    def baseline(within: float, admitted: int) -> dict[str, Any]:
+        return {
+            "clients": 8,
+            "admitted": admitted,
+            "admitted_within_50ms": within,
+            "admitted_latency_ms": latency,
+            "admitted_p99_all_ms": None if within < 0.99 else 3.0,
+            "admitted_send_lag_ms": latency,
+            "admitted_lost": 0,
+            "admitted_errors": {},
+        }
+
+    run = {
+        "offered_clients": 8,
+        "admitted": 4,
+        "admitted_after_refusal": 0,
+        "refusals": 4,
+        "refusal_ms": {"max": 10.0},
+        "admitted_within_50ms": 1.0,
+        "admitted_latency_ms": latency,
+        "admitted_p99_all_ms": 3.0,
+        "admitted_lost": 0,
+        "admitted_errors": {},
+        "baselines": {"echo": baseline(1.0, 8), "naive": baseline(0.042, 8)},
+    }
+    text = markdown(
+        {
+            "kind": "audio",
+            "capacity_clients": 4,
+            "command": "python -m loadtest.overload",
+            "machine": {
+                "cores": 2,
+                "load_average_before": [0.1] * 3,
+                "load_average_after": [0.2] * 3,
+            },
+            "seconds": 14.0,
+            "ramp": 4.0,
+            "retry": True,
+            "baselines": ["echo", "naive"],
+            "runs": {"2x": run, "burst": {**run, "baselines": {"echo": baseline(1.0, 4)}}},
+            "checks": {},
+            "plots": [],
+        }
+    )
+    assert "| 2x: echo, no admission (every client) | | 8 | 8 | | | | 100.00% |" in text
+    assert "| 2x: naive, no admission (every client) | | 8 | 8 | | | | 4.20% |" in text
+    assert "over 1 % not answered" in text  # naive's p99 with its unanswered chunks
+    assert "| burst: echo, no admission (its 4 steady clients) | |  | 4 |" in text
+    assert "against echo and naive (loadtest.baselines" in text
+
+
 def test_refused_clients_are_counted() -> None:
     """Outcomes of a refused client: every chunk counts as an error, none as lost."""
     rec = Records(
