@@ -153,6 +153,21 @@ async def test_late_sends_count_from_their_due_time() -> None:
     assert (lag[:, 0] > 0.2).all() and (latency > lag).all()
 
 
+def overload_result(**fields: Any) -> dict[str, Any]:
+    """An overload report's result, as ``loadtest.overload.main`` builds it, with ``fields``."""
+    return {
+        "kind": "audio",
+        "command": "python -m loadtest.overload",
+        "machine": {"cores": 2, "load_average_before": [0.1] * 3, "load_average_after": [0.2] * 3},
+        "seconds": 14.0,
+        "ramp": 4.0,
+        "retry": True,
+        "runs": {},
+        "plots": [],
+        **fields,
+    }
+
+
 async def test_a_baseline_takes_every_arriving_client_and_runs_the_same_schedule(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -234,23 +249,12 @@ def test_the_overload_report_puts_the_baselines_beside_each_run() -> None:
         "baselines": {"echo": baseline(1.0, 8), "naive": baseline(0.042, 8)},
     }
     text = markdown(
-        {
-            "kind": "audio",
-            "capacity_clients": 4,
-            "command": "python -m loadtest.overload",
-            "machine": {
-                "cores": 2,
-                "load_average_before": [0.1] * 3,
-                "load_average_after": [0.2] * 3,
-            },
-            "seconds": 14.0,
-            "ramp": 4.0,
-            "retry": True,
-            "baselines": ["echo", "naive"],
-            "runs": {"2x": run, "burst": {**run, "baselines": {"echo": baseline(1.0, 4)}}},
-            "checks": {},
-            "plots": [],
-        }
+        overload_result(
+            capacity_clients=4,
+            baselines=["echo", "naive"],
+            runs={"2x": run, "burst": {**run, "baselines": {"echo": baseline(1.0, 4)}}},
+            checks={},
+        )
     )
     assert "| 2x: echo, no admission (every client) | | 8 | 8 | | | | 100.00% |" in text
     assert "| 2x: naive, no admission (every client) | | 8 | 8 | | | | 4.20% |" in text
@@ -417,24 +421,12 @@ class _Notify(list[float]):
 def test_the_overload_report_says_when_the_capacity_no_longer_held_after_the_runs() -> None:
     from loadtest.overload import markdown
 
-    def result(ok: bool) -> dict[str, object]:
-        return {
-            "kind": "audio",
-            "capacity_clients": 450,
-            "command": "python -m loadtest.overload",
-            "machine": {
-                "cores": 2,
-                "load_average_before": [0.1] * 3,
-                "load_average_after": [0.2] * 3,
-            },
-            "seconds": 14.0,
-            "ramp": 4.0,
-            "retry": True,
-            "runs": {},
-            "checks": {"2x: admitted >= 90 % of capacity": False},
-            "plots": [],
-            "capacity_after": {"clients": 450, "ok": ok, "within_50ms": 0.932, "p99_ms": 71.0},
-        }
+    def result(ok: bool) -> dict[str, Any]:
+        return overload_result(
+            capacity_clients=450,
+            checks={"2x: admitted >= 90 % of capacity": False},
+            capacity_after={"clients": 450, "ok": ok, "within_50ms": 0.932, "p99_ms": 71.0},
+        )
 
     stale = markdown(result(False))
     assert "450 clients, 93.2% within 50 ms, p99 71.0 ms: **no longer held**" in stale
