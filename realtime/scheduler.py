@@ -272,6 +272,14 @@ class ModelQueue:
         """Seconds the oldest item may wait for a fuller batch now."""
         return self._queue.delay
 
+    def lateness(self) -> tuple[int, int]:
+        """Items taken for batches since the last call, and those taken or shed late
+        (``BatchQueue.late``); both start again from 0."""
+        queue = self._queue
+        counts = queue.served, queue.late
+        queue.served = queue.late = 0
+        return counts
+
     def pace(self, stretch: float) -> None:
         """Let the oldest item wait ``stretch`` times the model's ``max_delay_ms`` for a
         fuller batch (1: the model's own delay)."""
@@ -590,9 +598,8 @@ class Scheduler:
         (``BatchQueue.late``)."""
         served = late = 0
         for q in self.queues.values():
-            queue = q._queue
-            served, late = served + queue.served, late + queue.late
-            queue.served = queue.late = 0
+            s, n = q.lateness()
+            served, late = served + s, late + n
         return served, late
 
     def _replace_pool(self) -> None:

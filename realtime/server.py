@@ -627,7 +627,8 @@ class Server:
 
     def _take_back(self, links: list[Link], why: str) -> None:
         """End these sessions (the newest connected) ``server_busy``, then close (1013): the
-        admitted sessions have been late too long, and the rest are to be on time again."""
+        admitted sessions have been late too long, or these waited too long while the server
+        was behind (``why`` says which), and the rest are to be on time again."""
         busy = errors.ServerBusy(
             f"the server fell behind ({why}) and ends the newest sessions: this one ends, and "
             "chunks without an answer yet get none. Try again later or elsewhere",
