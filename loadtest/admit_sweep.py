@@ -9,12 +9,13 @@ hiccups and admits fewer. Where the two bars meet depends on the host: how far i
 moves, and how often its cores stop or slow (docs/scheduler.md, "The target load").
 
 This runs :mod:`loadtest.overload`'s runs (``--runs``, default 2x, 4x and the burst) at each
-of ``--targets``, in ``--rounds``. Each round first searches the capacity, admission off, up
-or down from the one before. Then it runs every target against that capacity, in an order
-rotated each round, so that a host slowing through a round does not always hit the same
-target. It reports, per target, how many of the overload tool's checks held, which ones
-failed (on time, or too few admitted), and the runs' figures. Then it reports the targets at
-which every check held in every round: the window this host leaves, or none.
+of ``--targets``, in ``--rounds``. Each round first searches the capacity (every client
+admitted, :data:`loadtest.overload.CAPACITY_FLAGS`), up or down from the one before. Then it
+runs every target against that capacity, in an order rotated each round, so that a host
+slowing through a round does not always hit the same target. It reports, per target, how
+many of the overload tool's checks held, which ones failed (on time, or too few admitted), and
+the runs' figures. Then it reports the targets at which every check held in every round: the
+window this host leaves, or none.
 
 Writes ``report.json``, ``summary.md`` and ``admit_sweep_<kind>.png`` to ``--out``.
 
@@ -134,7 +135,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"{', '.join(f'{x:.1f}' for x in m['load_average_before'])}, after "
         f"{', '.join(f'{x:.1f}' for x in m['load_average_after'])}. Runs {result['runs']}, "
         f"{result['seconds']} s each, in {len(result['rounds'])} rounds; each round searched the "
-        "capacity first (admission off) and ran every target against it, in an order rotated "
+        "capacity first (every client admitted, shed by age) and ran every target against it, "
+        "in an order rotated "
         "each round.",
         "",
         "| round | capacity | order |",
@@ -248,7 +250,7 @@ def main() -> None:
     names = [r.strip() for r in args.runs.split(",") if r.strip()]
     steps = [int(s) for s in args.capacity_steps.split(",")]
     setup = dataclasses.replace(setup_from(args), settle_seconds=5.0)
-    off = dataclasses.replace(setup, server_args=(*setup.server_args, "--admit-load", "0"))
+    off = dataclasses.replace(setup, server_args=(*setup.server_args, *overload.CAPACITY_FLAGS))
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
         "kind": args.kind,

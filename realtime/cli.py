@@ -92,7 +92,15 @@ def _parser() -> argparse.ArgumentParser:
         default=policy.target_load,
         help="admission control: new sessions are refused (server_busy) once the admitted ones "
         "would use more than this share of the event loop or the cores (default %(default)s; "
-        "0: admit every session and do not shed chunks by age; see docs/scheduler.md)",
+        "0: admit every session, and do not shed chunks by age unless --shed-by-age on; see "
+        "docs/scheduler.md)",
+    )
+    s.add_argument(
+        "--shed-by-age",
+        choices=["on", "off"],
+        help="shed live chunks by their age once the server is behind (dropped for a newer "
+        "chunk, or deadline_exceeded when read too late; default: on while admission control "
+        "is, so --admit-load 0 --shed-by-age on admits every session and still sheds)",
     )
     s.add_argument(
         "--admit-lag-ms",
@@ -467,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
                 checkpoint_seconds=args.checkpoint_seconds,
                 intra_op_threads=args.intra_op_threads,
                 batch_stretch=args.batch_stretch,
+                shed_by_age=None if args.shed_by_age is None else args.shed_by_age == "on",
                 admission=AdmissionPolicy(
                     target_load=args.admit_load,
                     max_lag_ms=args.admit_lag_ms,

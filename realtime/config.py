@@ -59,6 +59,10 @@ class Config:
     max_connections: int = 1024
     #: Admission control of new sessions and streams (realtime.admission, docs/scheduler.md).
     admission: AdmissionPolicy = field(default_factory=AdmissionPolicy)
+    #: Shed live chunks by their age once the server is behind (a chunk read after its deadline,
+    #: one that waited for its batch with a newer one behind it; docs/scheduler.md,
+    #: "Backpressure and load shedding"). None: while admission control is on.
+    shed_by_age: bool | None = None
     #: Results waiting to be written to one client before it is disconnected as too slow.
     max_outbox: int = 4096
     #: Seconds one batch may run; past it its items fail (inference_failed) and its worker is
@@ -94,6 +98,11 @@ class Config:
     checkpoint_seconds: float = 1.0
     #: Serve without authentication on a non-loopback address (behind a trusted gateway only).
     insecure_no_auth: bool = False
+
+    @property
+    def sheds_by_age(self) -> bool:
+        """Whether live chunks are shed by their age (:attr:`shed_by_age`, resolved)."""
+        return self.admission.enabled if self.shed_by_age is None else self.shed_by_age
 
     def check(self) -> None:
         """Refuse configurations that would expose the server by mistake."""

@@ -162,7 +162,7 @@ class Server:
             self.traffic,
             self._quotas,
             late_ms=config.admission.late_ms,
-            shed_by_age=config.admission.enabled,
+            shed_by_age=config.sheds_by_age,
             on_text=self._on_text,
             elsewhere=lambda item, outcome: self.oip.deliver(item, outcome),
             checkpoint=self._checkpoint,
@@ -176,8 +176,8 @@ class Server:
             deliver=self.relay.deliver,
             stretch=config.batch_stretch,
             # A live stream's chunk that waited a share of its deadline with a newer one behind
-            # it is dropped for the newer one, while admission control is on.
-            stale=STALE_SHARE if config.admission.enabled else 0.0,
+            # it is dropped for the newer one (with admission control, unless told otherwise).
+            stale=STALE_SHARE if config.sheds_by_age else 0.0,
         )
         self.relay.scheduler = self.scheduler
         #: Every session with a socket, by session id.

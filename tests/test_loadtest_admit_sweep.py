@@ -74,9 +74,10 @@ def test_the_tally_sorts_failed_checks_by_kind_and_finds_the_window() -> None:
 def test_each_round_searches_the_capacity_then_runs_every_target_in_a_rotated_order(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """A round searches from the capacity the round before found, admission off, and runs each
-    target against it, with ``--admit-load`` last among the server's flags; the order turns each
-    round, so that a host slowing through a round does not always meet the same target."""
+    """A round searches from the capacity the round before found, every client admitted (its
+    chunks still shed by age), and runs each target against it, with ``--admit-load`` last
+    among the server's flags; the order turns each round, so that a host slowing through a
+    round does not always meet the same target."""
     searched: list[tuple[int, tuple[str, ...]]] = []
     ran_at: list[tuple[str, str, int]] = []
 
@@ -97,7 +98,7 @@ def test_each_round_searches_the_capacity_then_runs_every_target_in_a_rotated_or
     argv += ["--capacity-steps", "200,250,300", "--server-arg=--workers=1", "--out", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", argv)
     admit_sweep.main()
-    off = ("--workers=1", "--admit-load", "0")
+    off = ("--workers=1", "--admit-load", "0", "--shed-by-age", "on")
     assert searched == [(200, off), (300, off)]
     assert ran_at == [
         ("0.85", "2x", 300),

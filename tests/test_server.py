@@ -411,6 +411,38 @@ async def test_drop_oldest_streams_shed_old_chunks_with_a_typed_error(
     await raw.still_works(1, n)
 
 
+async def test_shed_by_age_without_admission_drops_a_chunk_gone_stale_behind_a_newer_one(
+    start_server: ServerFactory, tmp_path: Path, held: list[threading.Event]
+) -> None:
+    """``--admit-load 0 --shed-by-age on``: every session is admitted, and a live stream's chunk
+    that waited longer than 0.3 of its deadline with a newer one behind it is still dropped for
+    the newer one (the load tester's capacity runs: the server's own shedding, no refusals).
+    Chunk 0 runs held and 1 waits for the worker in the next batch (two a worker); 2 and 3
+    wait in the queue. Past 0.3 of their 3 s deadline (the wait is what is tested, and the
+    chunks expire only at 3 s), 2 is dropped and 3 runs."""
+    root = tmp_path / "models"
+    write_model(root, "double", double_graph(), "max_delay_ms = 0\n")
+    server = await start_server((root,), builtin=False, workers=1, shed_by_age=True)
+    assert not server.config.admission.enabled and server.config.sheds_by_age
+    gate = hold(server, "double", held)
+    raw = await Raw.connect(server.url)
+    await raw.open(1, "double", shape=[4], overflow="drop_oldest", deadline_ms=3000)
+    for seq in range(4):
+        await raw.chunk(1, seq, np.full(4, seq, np.float32))
+    await raw.text({"type": "ping", "id": 1, "t": 0.0})  # answered once all four were read
+    assert (await raw.recv())["type"] == "pong"
+    await asyncio.sleep(1.2)
+    gate.set()
+    got = [await raw.recv() for _ in range(4)]
+    assert [(m["type"], m["seq"]) for m in got] == [
+        ("result", 0),
+        ("result", 1),
+        ("error", 2),
+        ("result", 3),
+    ]
+    assert got[2]["code"] == "dropped" and "newer chunk" in got[2]["message"]
+
+
 async def test_client_raises_typed_errors(start_server: ServerFactory, tiny_models: Path) -> None:
     server = await _server(start_server, tiny_models)
     async with await Client.connect(server.url) as client:
