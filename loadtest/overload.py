@@ -15,7 +15,7 @@ After each run the same clients, arriving at the same times, run against the bas
 side (``--baselines``, default the bare websockets echo server and the naive per-message server
 of :mod:`loadtest.baselines`, which take every client): what the same load does to a server
 without admission control, in the same hour, on the same plot.
-After the runs the capacity is run once more, admission off (``--no-recheck``: not): on a
+After the runs the capacity is run once more, every client admitted (``--no-recheck``: not): on a
 shared machine that slows under a long run, the capacity the checks compare with may no longer
 hold, and the report says so beside them. With ``--fresh`` each run after the first offers a
 multiple of the capacity searched again just before it, from the one before (up a step while a
@@ -621,7 +621,7 @@ def markdown(result: dict[str, Any]) -> str:
         )
         lines += [
             "",
-            f"The capacity run once more after the runs, admission off: {after['clients']} "
+            f"The capacity run once more after the runs, every client admitted: {after['clients']} "
             f"clients, {100 * after['within_50ms']:.1f}% within 50 ms, p99 {after['p99_ms']} ms: "
             f"{held}.",
         ]
