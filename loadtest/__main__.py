@@ -39,8 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from loadtest import hostprobe, rawload, report
 from loadtest.clients import (
     Plan,
@@ -616,10 +614,7 @@ def main() -> None:
         result["capacity"] = capacity(targets, kinds[0], steps, args.capacity_seconds, setup)
     result["machine"]["load_average_after"] = os.getloadavg()
     result["plots"] = report.plot(runs, args.out, DEADLINE_MS) if runs else []
-    (args.out / "report.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    (args.out / "summary.md").write_text(report.markdown(result))
-    print(report.markdown(result))
-    print(f"wrote {args.out}")
+    report.write(args.out, result, report.markdown(result))
 
 
 def setup_json(setup: Setup) -> dict[str, Any]:

@@ -33,9 +33,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from loadtest import overload
+from loadtest import overload, report
 from loadtest.__main__ import REPO, add_setup_flags, machine, setup_from
 
 
@@ -215,11 +213,7 @@ def plot(result: dict[str, Any], out: Path) -> str:
     bottom.set(xlabel="--admit-load", ylabel="% within 50 ms")
     top.legend(fontsize=8)
     bottom.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    file = f"admit_sweep_{result['kind']}.png"
-    fig.savefig(out / file, dpi=110)
-    plt.close(fig)
-    return file
+    return report.save_plot(fig, out, f"admit_sweep_{result['kind']}.png")
 
 
 def main() -> None:
@@ -238,10 +232,7 @@ def main() -> None:
     parser.add_argument(
         "--capacity-tries", dest="tries", type=int, default=2, help="runs per step; all hold"
     )
-    parser.add_argument("--runs", default="2x,4x,burst")
-    parser.add_argument("--seconds", type=float, default=14.0, help="length of each run")
-    parser.add_argument("--ramp", type=float, default=4.0, help="seconds over which clients arrive")
-    parser.add_argument("--burst-at", type=float, default=7.0, help="seconds to the burst")
+    overload.add_run_flags(parser)
     add_setup_flags(parser)
     parser.add_argument("--out", type=Path, default=REPO / "loadtest" / "results" / "admit_sweep")
     args = parser.parse_args()
@@ -288,10 +279,7 @@ def main() -> None:
     result["tally"] = tally(result["rounds"], targets)
     result["window"] = window(result["tally"])
     result["plot"] = plot(result, args.out)
-    (args.out / "report.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    (args.out / "summary.md").write_text(markdown(result))
-    print(markdown(result))
-    print(f"wrote {args.out}")
+    report.write(args.out, result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -53,7 +53,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 
 from loadtest import hostprobe, report
 from loadtest.__main__ import (
@@ -270,11 +269,7 @@ def plot_over_time(
     twin.set_ylabel("chunks due per second")
     bottom.legend(fontsize=8, loc="lower left")
     twin.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    file = f"overload_{name}.png"
-    fig.savefig(out / file, dpi=110)
-    plt.close(fig)
-    return file
+    return report.save_plot(fig, out, f"overload_{name}.png")
 
 
 def capacity_near(
@@ -629,6 +624,14 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of the runs themselves (shared with ``python -m loadtest.admit_sweep``)."""
+    parser.add_argument("--runs", default="2x,4x,burst")
+    parser.add_argument("--seconds", type=float, default=14.0, help="length of each run")
+    parser.add_argument("--ramp", type=float, default=4.0, help="seconds over which clients arrive")
+    parser.add_argument("--burst-at", type=float, default=7.0, help="seconds to the burst")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m loadtest.overload", description=__doc__.split("\n\n")[0]
@@ -663,10 +666,7 @@ def main() -> None:
         help="search the capacity again, from the one before, before each run after the first, "
         "and check the run against it (default: every run against the first search's)",
     )
-    parser.add_argument("--runs", default="2x,4x,burst")
-    parser.add_argument("--seconds", type=float, default=14.0, help="length of each run")
-    parser.add_argument("--ramp", type=float, default=4.0, help="seconds over which clients arrive")
-    parser.add_argument("--burst-at", type=float, default=7.0, help="seconds to the burst")
+    add_run_flags(parser)
     parser.add_argument(
         "--no-recheck",
         dest="recheck",
@@ -795,10 +795,7 @@ def main() -> None:
         result["capacity_after"] = {k: step[k] for k in ("clients", "ok", "within_50ms", "p99_ms")}
     result["machine"]["load_average_after"] = os.getloadavg()
     result["checks"] = checks(result)
-    (args.out / "report.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    (args.out / "summary.md").write_text(markdown(result))
-    print(markdown(result))
-    print(f"wrote {args.out}")
+    report.write(args.out, result, markdown(result))
 
 
 if __name__ == "__main__":

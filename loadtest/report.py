@@ -7,12 +7,31 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 from loadtest.clients import OK, PENDING, UNUSED, Records
 
 #: The real-time bar of issue 15: a chunk counts as on time if answered within this of its due time.
 BAR_MS = 50.0
 PERCENTILES = [("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("p99.9", 99.9), ("max", 100.0)]
+
+
+def write(out: Path, result: dict[str, Any], summary: str) -> None:
+    """Write a run's ``report.json`` and ``summary.md`` to ``out``, and print the summary."""
+    (out / "report.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    (out / "summary.md").write_text(summary)
+    print(summary)
+    print(f"wrote {out}")
+
+
+def save_plot(fig: Any, out: Path, file: str) -> str:
+    """Lay out a matplotlib figure, write it to ``out / file`` and close it; the file's name."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(out / file, dpi=110)
+    plt.close(fig)
+    return file
 
 
 def merge(records: list[Records]) -> Records:
