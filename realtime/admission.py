@@ -115,13 +115,13 @@ class AdmissionPolicy:
     """The knobs of admission control (``realtime serve --admit-*``)."""
 
     #: Share of the bottleneck (event loop or cores) admitted sessions may use; 0: admit all
-    #: (and do not shed chunks by their age either: overload protection off). At 0.9, silero
-    #: VAD streams beside a 4x crowd were 95.5-98.9 % on time in 6 runs of 11 (the server at
-    #: 0.89-0.95 of its core; its capacity, searched without a crowd, ran at 0.86): a host's
-    #: 15-30 ms hiccup (both cores at once, every 20 s or so here) left a backlog that took
-    #: half a second to drain with a tenth of the core to spare. At 0.88, 10 of 12 held (one
-    #: of the two in a slow stretch of the host; docs/scheduler.md, "The target load").
-    target_load: float = 0.88
+    #: (and do not shed chunks by their age either: overload protection off). The rest is the
+    #: margin a host's spell eats (a core stopped, or slowed 1.3-1.6x, for 50-300 ms). Swept
+    #: with ``python -m loadtest.admit_sweep`` (2x, 4x and a burst, three rounds, silero and
+    #: speech_activity) on a slow day and a fast one: 0.92 held 112 checks of 120 (4 missed
+    #: the on-time bar), 0.88 held 103 (3 on time, 14 too few admitted),
+    #: 0.95 54 of 60 (6 on time). docs/scheduler.md, "The target load".
+    target_load: float = 0.92
     #: Smoothed event-loop lag past which new sessions and streams are refused (when the
     #: server's own load is at least half its target: lag on an idle server is a neighbour's).
     max_lag_ms: float = 20.0
