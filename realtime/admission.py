@@ -119,8 +119,8 @@ class AdmissionPolicy:
     #: margin a host's spell eats (a core stopped, or slowed 1.3-1.6x, for 50-300 ms). Swept
     #: with ``python -m loadtest.admit_sweep`` (2x, 4x and a burst, three rounds, silero and
     #: speech_activity) on a slow day and a fast one: 0.92 held 112 checks of 120 (4 missed
-    #: the on-time bar), 0.88 held 103 (3 on time, 14 too few admitted),
-    #: 0.95 54 of 60 (6 on time). docs/scheduler.md, "The target load".
+    #: the on-time bar), 0.88 held 103 (3 on time, 14 too few admitted), 0.95 54 of 60 (6 on
+    #: time). docs/scheduler.md, "The target load".
     target_load: float = 0.92
     #: Smoothed event-loop lag past which new sessions and streams are refused (when the
     #: server's own load is at least half its target: lag on an idle server is a neighbour's).
