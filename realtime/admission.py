@@ -65,6 +65,20 @@ CAPACITY_HOLD_SECONDS = 1.0
 #: and the first estimates of a ramp are rough (the first read 37 sessions, at 26 sessions and
 #: 0.09 of the core, while 450 fit): held for a second, it refused every client meanwhile.
 HOLD_FROM = 0.9
+#: Seconds the dearest a session cost near full load (from :data:`HOLD_FROM` of the target on)
+#: is remembered: the capacity is never more than that cost leaves room for. Some hosts run
+#: the same work 1.3-1.6x faster for seconds at a time and then slow again (session 37: 400
+#: speech_activity streams kept the core 0.66-0.76 busy for most of a minute, and 0.44-0.48 for
+#: 4.5 s of it). Estimated in such a fast spell, the capacity admitted sessions that the next
+#: slow one could not carry: 126-145 % of the capacity, every session late for seconds until
+#: the newest were taken back. Far from full nothing is remembered: a ramp's first sessions
+#: cost more each (the batches fill as more come), not what the host does.
+COST_MEMORY_SECONDS = 30.0
+#: Seconds a session's cost must have held near full before it is remembered (the least of
+#: them counts): a hiccup (the core slowed 1.5x for 150 ms) is not a slow spell, and remembered
+#: it would cut the capacity by a third for half a minute; and a ramp's first readings near full
+#: still weigh in its first, dearer sessions (the smoothed load and sessions lag it).
+COST_SETTLE_SECONDS = 2.0
 #: A lag of the measuring timer from this long (seconds) is taken for a stall, time the loop
 #: could not run, and not counted in the time its shares are of; a shorter one is a turn of a
 #: busy loop, which used the CPU it took. At 0.85-0.9 of the core the timer fires a few ms
@@ -311,6 +325,13 @@ class Admission:
         #: Capacity estimates of the last :data:`CAPACITY_HOLD_SECONDS`, (time, sessions), each
         #: lower than the ones after it: the first is the least (a sliding-window minimum).
         self._estimates: deque[tuple[float, float]] = deque()
+        #: A session's cost near full over the last :data:`COST_SETTLE_SECONDS` (since the load
+        #: came near full), and the least of each such window over the last
+        #: :data:`COST_MEMORY_SECONDS` (since the load came near full first): (time, cost),
+        #: sliding windows, the first the least and the dearest.
+        self._near: deque[tuple[float, float]] = deque()
+        self._near_since: float | None = None  # when the load last came near full
+        self._dear: deque[tuple[float, float]] = deque()
 
     # --- measuring ---------------------------------------------------------------------------
 
@@ -360,7 +381,7 @@ class Admission:
             share = 0.0 if before is None else (busy - before[0]) / (span * max(workers, 1))
             old = self._model_load.get(name, 0.0)
             self._model_load[name] = old + a * (share - old)
-        self._hold(m.now)
+        self._hold(m.now, span)
 
     def _busy(self, m: Measurement, last: Measurement, dt: float, span: float) -> None:
         """The cores' busy share, all users, over windows of :data:`BUSY_WINDOW`. /proc/stat
@@ -384,21 +405,48 @@ class Admission:
         )
         self._idle_from, self._window, self._window_span = m.idle, 0.0, 0.0
 
-    def _hold(self, now: float) -> None:
-        """Keep the newest capacity estimate among the last :data:`CAPACITY_HOLD_SECONDS`."""
-        estimates = self._estimates
+    def _hold(self, now: float, span: float) -> None:
+        """Keep the newest capacity estimate among the last :data:`CAPACITY_HOLD_SECONDS`, and
+        the dearest cost near full among the last :data:`COST_MEMORY_SECONDS`."""
+        estimates, dear = self._estimates, self._dear
+        while dear and dear[0][0] < now - COST_MEMORY_SECONDS:
+            dear.popleft()
         cost = self.session_cost
         if cost is None:
             estimates.clear()
+            self._near.clear()
+            self._near_since = None
             return
         estimate = max(self.policy.target_load - self.churn, 0.0) / cost
         if self.load < HOLD_FROM * self.policy.target_load:
             estimates.clear()  # far from full: an estimate running ahead admits nothing amiss
+            self._near.clear()
+            self._near_since = None
+        else:
+            self._remember(now, cost)
         while estimates and estimates[-1][1] >= estimate:
             estimates.pop()
         estimates.append((now, estimate))
         while estimates[0][0] < now - CAPACITY_HOLD_SECONDS:
             estimates.popleft()
+
+    def _remember(self, now: float, cost: float) -> None:
+        """Keep a session's cost near full: the least over :data:`COST_SETTLE_SECONDS`, once
+        it was near full that long, goes to the dearest over :data:`COST_MEMORY_SECONDS`."""
+        near, dear = self._near, self._dear
+        if self._near_since is None:
+            self._near_since = now
+        while near and near[-1][1] >= cost:
+            near.pop()
+        near.append((now, cost))
+        while near[0][0] < now - COST_SETTLE_SECONDS:
+            near.popleft()
+        if now - self._near_since < COST_SETTLE_SECONDS:
+            return
+        settled = near[0][1]
+        while dear and dear[-1][1] <= settled:
+            dear.pop()
+        dear.append((now, settled))
 
     def connected(self) -> None:
         """A new WebSocket connection arrived (admitted or not): its cost is not a session's."""
@@ -562,8 +610,21 @@ class Admission:
     @property
     def capacity(self) -> float | None:
         """Sessions the server can carry within its target load (the least estimated over the
-        last :data:`CAPACITY_HOLD_SECONDS`); None while unknown."""
-        return self._estimates[0][1] if self._estimates else None
+        last :data:`CAPACITY_HOLD_SECONDS`, and no more than the dearest cost near full of the
+        last :data:`COST_MEMORY_SECONDS` leaves room for); None while unknown."""
+        if not self._estimates:
+            return None
+        held = self._estimates[0][1]
+        dear = self.remembered_cost
+        if dear is None:
+            return held
+        return min(held, max(self.policy.target_load - self.churn, 0.0) / dear)
+
+    @property
+    def remembered_cost(self) -> float | None:
+        """The dearest a session cost near full over the last :data:`COST_MEMORY_SECONDS` (the
+        least of each :data:`COST_SETTLE_SECONDS`); None if the load was not near full."""
+        return self._dear[0][1] if self._dear else None
 
     def headroom(self, sessions: int) -> float | None:
         """Sessions that may still be admitted beside ``sessions``; None while unknown."""

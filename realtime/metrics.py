@@ -271,6 +271,13 @@ class AdmissionMetrics(Collector):
             "while no live audio stream is measured)",
             math.nan if a.late_share is None else a.late_share,
         )
+        dear = a.remembered_cost
+        yield GaugeMetricFamily(
+            "realtime_session_cost_remembered",
+            "The dearest share of the bottleneck one streaming session used near full load over "
+            "the last 30 s, what admission leaves room for (NaN while not near full lately)",
+            math.nan if dear is None else dear,
+        )
         headroom = a.headroom(self._sessions())
         yield GaugeMetricFamily(
             "realtime_headroom_sessions",

@@ -17,6 +17,7 @@ from realtime.admission import (
     CALM_REFUSALS,
     CAPACITY_HOLD_SECONDS,
     CONNECTION_COST,
+    COST_MEMORY_SECONDS,
     DOOR_COST,
     ENGAGE_PERIODS,
     FIRST_AT_LEAST,
@@ -149,6 +150,8 @@ def test_near_full_a_higher_capacity_counts_once_it_held_a_lower_one_at_once() -
     assert admission.capacity == pytest.approx(80, rel=0.02)  # still the least of the window
     assert isinstance(admission.admit_session(80), errors.ServerBusy)
     server.run(CAPACITY_HOLD_SECONDS + 2.0)
+    assert admission.capacity == pytest.approx(80, rel=0.02)  # the dearer cost is remembered
+    server.run(COST_MEMORY_SECONDS + 5.0)  # and the smoothed cost it remembers settled
     assert admission.capacity == pytest.approx(83.3, rel=0.02)
     assert admission.admit_session(80) is None
     server.cost = 0.012  # 66 fit: the estimate falls, and the capacity with it
@@ -159,6 +162,52 @@ def test_near_full_a_higher_capacity_counts_once_it_held_a_lower_one_at_once() -
     server.streaming, server.cost = 0, 0.0  # idle: the capacity is unknown again
     server.run(5.0)
     assert admission.capacity is None
+
+
+def test_a_fast_spell_near_full_admits_no_more_than_the_slow_one_before_it_left_room_for() -> None:
+    # Some hosts run the same work 1.5x faster for seconds, then slow again (session 37): a
+    # capacity estimated in the fast spell admits sessions the next slow one cannot carry.
+    admission = Admission(AdmissionPolicy(target_load=0.8))
+    server = FakeServer(admission, 0.01)
+    server.streaming = 76  # 0.76 of the core: near the target
+    server.run(10.0)
+    assert admission.capacity == pytest.approx(80, rel=0.02)
+    server.cost = 0.01 / 1.5  # 0.51 of the core: "120 fit", for as long as the spell lasts
+    server.run(5.0)
+    assert admission.load < 0.6
+    assert admission.remembered_cost == pytest.approx(0.01, rel=0.01)
+    assert admission.capacity == pytest.approx(80, rel=0.02)
+    assert admission.admit_session(78) is None
+    assert isinstance(admission.admit_session(80), errors.ServerBusy)
+    server.run(COST_MEMORY_SECONDS + 5.0)  # a fast spell that lasts: the host is faster now
+    assert admission.capacity == pytest.approx(120, rel=0.02)
+
+
+def test_a_hiccup_near_full_is_not_remembered() -> None:
+    # A hiccup (the core slowed 1.5x for 150 ms) is not a slow spell: remembered, it would cut
+    # the capacity by a third for half a minute.
+    admission = Admission(AdmissionPolicy(target_load=0.8))
+    server = FakeServer(admission, 0.01)
+    server.streaming = 76
+    server.run(10.0)
+    server.cost = 0.015
+    server.run(0.15)
+    assert admission.capacity is not None and admission.capacity < 0.95 * 80  # at once
+    server.cost = 0.01
+    server.run(CAPACITY_HOLD_SECONDS + 1.0)
+    assert admission.capacity == pytest.approx(80, rel=0.01)
+
+
+def test_a_ramps_dearer_start_far_from_full_is_not_remembered() -> None:
+    # While few sessions stream, each costs more (the batches are small): that is the ramp's,
+    # not the host's, and it must not hold the capacity down once the sessions are many.
+    admission = Admission(AdmissionPolicy(target_load=0.8))
+    server = FakeServer(admission, 0.016)
+    server.streaming = 30  # 0.48 of the core
+    server.run(5.0)
+    server.cost, server.streaming = 0.01, 76
+    server.run(3.0)
+    assert admission.capacity == pytest.approx(80, rel=0.02)
 
 
 def test_far_from_full_the_capacity_follows_its_estimate() -> None:
@@ -332,6 +381,7 @@ async def test_a_full_server_refuses_hello_with_server_busy_then_closes(
     assert samples[("realtime_batching_slack_cores", ())] == 0.0  # measured without worker runs
     assert samples[("realtime_churn_load", ())] == pytest.approx(0.0, abs=0.05)  # 3 hellos
     assert samples[("realtime_headroom_sessions", ())] == pytest.approx(0.25, abs=0.1)
+    assert math.isnan(samples[("realtime_session_cost_remembered", ())])  # 0.4: not near 0.5
     assert ("realtime_loop_lag_seconds_count", ()) in samples
 
 
@@ -444,14 +494,14 @@ def test_a_crowd_is_refused_at_the_door_but_a_resume_never() -> None:
 
 def test_connections_let_through_the_door_take_their_room_until_the_next_measurement() -> None:
     admission = Admission(AdmissionPolicy(target_load=0.8))
-    server = FakeServer(admission, 0.01)  # full at 80 sessions
+    server = FakeServer(admission, 0.0099)  # full at 80 sessions (80.8)
     server.streaming = 78
     server.run(5.0)
     for _ in range(30):  # a crowd: 3 s of 100 refusals a second
         for _ in range(10):
             assert admission.admit_session(80) is not None
         server.run(0.1)
-    assert admission.crowd and admission.capacity == pytest.approx(80, rel=0.01)
+    assert admission.crowd and admission.capacity == pytest.approx(80.8, rel=0.01)
     # A batch of the crowd at the door, the sessions still 78: room for two, not for all.
     batch = [admission.refuse_at_door(78, resume=False) for _ in range(5)]
     assert batch[:2] == [None, None]
