@@ -87,6 +87,17 @@ class FakeServer:
             )
 
 
+def near_full() -> tuple[Admission, FakeServer]:
+    """76 sessions streaming at 1 % of a core each, measured a while: 0.76 of the core, near the
+    0.8 target (80 fit)."""
+    admission = Admission(AdmissionPolicy(target_load=0.8))
+    server = FakeServer(admission, 0.01)
+    server.streaming = 76
+    server.run(10.0)
+    assert admission.capacity == pytest.approx(80, rel=0.02)
+    return admission, server
+
+
 def test_an_idle_server_admits_and_knows_no_capacity_yet() -> None:
     admission = Admission(AdmissionPolicy())
     FakeServer(admission, 0.01).run(1.0)
@@ -140,11 +151,7 @@ def test_near_full_a_higher_capacity_counts_once_it_held_a_lower_one_at_once() -
     # Admitted sessions cannot be taken back: a session that reads cheaper for a moment (while
     # sessions come in fast the estimate ran ahead of their cost) must not let more in until it
     # held; a dearer one (a slower machine) refuses at once.
-    admission = Admission(AdmissionPolicy(target_load=0.8))
-    server = FakeServer(admission, 0.01)
-    server.streaming = 76  # 0.76 of the core: near the target
-    server.run(5.0)
-    assert admission.capacity == pytest.approx(80, rel=0.02)
+    admission, server = near_full()
     server.cost = 0.0096  # 83 would fit
     server.run(0.5)
     assert admission.capacity == pytest.approx(80, rel=0.02)  # still the least of the window
@@ -167,11 +174,7 @@ def test_near_full_a_higher_capacity_counts_once_it_held_a_lower_one_at_once() -
 def test_a_fast_spell_near_full_admits_no_more_than_the_slow_one_before_it_left_room_for() -> None:
     # Some hosts run the same work 1.5x faster for seconds, then slow again (session 37): a
     # capacity estimated in the fast spell admits sessions the next slow one cannot carry.
-    admission = Admission(AdmissionPolicy(target_load=0.8))
-    server = FakeServer(admission, 0.01)
-    server.streaming = 76  # 0.76 of the core: near the target
-    server.run(10.0)
-    assert admission.capacity == pytest.approx(80, rel=0.02)
+    admission, server = near_full()
     server.cost = 0.01 / 1.5  # 0.51 of the core: "120 fit", for as long as the spell lasts
     server.run(5.0)
     assert admission.load < 0.6
@@ -186,10 +189,7 @@ def test_a_fast_spell_near_full_admits_no_more_than_the_slow_one_before_it_left_
 def test_a_hiccup_near_full_is_not_remembered() -> None:
     # A hiccup (the core slowed 1.5x for 150 ms) is not a slow spell: remembered, it would cut
     # the capacity by a third for half a minute.
-    admission = Admission(AdmissionPolicy(target_load=0.8))
-    server = FakeServer(admission, 0.01)
-    server.streaming = 76
-    server.run(10.0)
+    admission, server = near_full()
     server.cost = 0.015
     server.run(0.15)
     assert admission.capacity is not None and admission.capacity < 0.95 * 80  # at once
@@ -198,20 +198,10 @@ def test_a_hiccup_near_full_is_not_remembered() -> None:
     assert admission.capacity == pytest.approx(80, rel=0.01)
 
 
-def test_a_ramps_dearer_start_far_from_full_is_not_remembered() -> None:
-    # While few sessions stream, each costs more (the batches are small): that is the ramp's,
-    # not the host's, and it must not hold the capacity down once the sessions are many.
-    admission = Admission(AdmissionPolicy(target_load=0.8))
-    server = FakeServer(admission, 0.016)
-    server.streaming = 30  # 0.48 of the core
-    server.run(5.0)
-    server.cost, server.streaming = 0.01, 76
-    server.run(3.0)
-    assert admission.capacity == pytest.approx(80, rel=0.02)
-
-
-def test_far_from_full_the_capacity_follows_its_estimate() -> None:
+def test_far_from_full_the_capacity_follows_its_estimate_and_nothing_is_remembered() -> None:
     # A ramp's first estimates are rough, and the sessions far below them: nothing is held.
+    # Nor remembered: while few sessions stream each costs more (the batches are small), which
+    # is the ramp's, not the host's, and must not hold the capacity down once they are many.
     admission = Admission(AdmissionPolicy(target_load=0.8))
     server = FakeServer(admission, 0.02)
     server.streaming = 10  # 0.2 of the core
@@ -220,6 +210,10 @@ def test_far_from_full_the_capacity_follows_its_estimate() -> None:
     server.cost = 0.01
     server.run(0.5)
     assert admission.capacity == pytest.approx(0.8 / (0.01 + 0.01 * math.exp(-1)), rel=0.02)
+    server.streaming = 76  # near full
+    server.run(4.0)
+    assert admission.capacity == pytest.approx(80, rel=0.02)
+    assert admission.remembered_cost == pytest.approx(0.01, rel=0.01)
 
 
 def test_the_bottleneck_is_the_busier_of_the_loop_and_the_cores() -> None:
