@@ -225,6 +225,23 @@ def median_over_streams(counts: Iterable[tuple[int, float]]) -> float | None:
     return shares[mid] if len(shares) % 2 else (shares[mid - 1] + shares[mid]) / 2
 
 
+def _slide(
+    window: deque[tuple[float, float]],
+    now: float,
+    value: float,
+    seconds: float,
+    least: bool = True,
+) -> None:
+    """Add ``value`` to a sliding window of the last ``seconds`` of (time, value), kept so that
+    its first entry is its least value (``least=False``: its greatest): an entry that a newer
+    one beats can never be first again, and goes."""
+    while window and (window[-1][1] >= value if least else window[-1][1] <= value):
+        window.pop()
+    window.append((now, value))
+    while window[0][0] < now - seconds:
+        window.popleft()
+
+
 def _batching_slack(
     before: dict[str, tuple[float, int, float | None]],
     now: dict[str, tuple[float, int, float | None]],
@@ -327,8 +344,8 @@ class Admission:
         self._estimates: deque[tuple[float, float]] = deque()
         #: A session's cost near full over the last :data:`COST_SETTLE_SECONDS` (since the load
         #: came near full), and the least of each such window over the last
-        #: :data:`COST_MEMORY_SECONDS` (since the load came near full first): (time, cost),
-        #: sliding windows, the first the least and the dearest.
+        #: :data:`COST_MEMORY_SECONDS`: (time, cost), sliding windows, the first the least and
+        #: the dearest (:func:`_slide`).
         self._near: deque[tuple[float, float]] = deque()
         self._near_since: float | None = None  # when the load last came near full
         self._dear: deque[tuple[float, float]] = deque()
@@ -381,7 +398,7 @@ class Admission:
             share = 0.0 if before is None else (busy - before[0]) / (span * max(workers, 1))
             old = self._model_load.get(name, 0.0)
             self._model_load[name] = old + a * (share - old)
-        self._hold(m.now, span)
+        self._hold(m.now)
 
     def _busy(self, m: Measurement, last: Measurement, dt: float, span: float) -> None:
         """The cores' busy share, all users, over windows of :data:`BUSY_WINDOW`. /proc/stat
@@ -405,7 +422,7 @@ class Admission:
         )
         self._idle_from, self._window, self._window_span = m.idle, 0.0, 0.0
 
-    def _hold(self, now: float, span: float) -> None:
+    def _hold(self, now: float) -> None:
         """Keep the newest capacity estimate among the last :data:`CAPACITY_HOLD_SECONDS`, and
         the dearest cost near full among the last :data:`COST_MEMORY_SECONDS`."""
         estimates, dear = self._estimates, self._dear
@@ -424,29 +441,16 @@ class Admission:
             self._near_since = None
         else:
             self._remember(now, cost)
-        while estimates and estimates[-1][1] >= estimate:
-            estimates.pop()
-        estimates.append((now, estimate))
-        while estimates[0][0] < now - CAPACITY_HOLD_SECONDS:
-            estimates.popleft()
+        _slide(estimates, now, estimate, CAPACITY_HOLD_SECONDS)
 
     def _remember(self, now: float, cost: float) -> None:
         """Keep a session's cost near full: the least over :data:`COST_SETTLE_SECONDS`, once
         it was near full that long, goes to the dearest over :data:`COST_MEMORY_SECONDS`."""
-        near, dear = self._near, self._dear
         if self._near_since is None:
             self._near_since = now
-        while near and near[-1][1] >= cost:
-            near.pop()
-        near.append((now, cost))
-        while near[0][0] < now - COST_SETTLE_SECONDS:
-            near.popleft()
-        if now - self._near_since < COST_SETTLE_SECONDS:
-            return
-        settled = near[0][1]
-        while dear and dear[-1][1] <= settled:
-            dear.pop()
-        dear.append((now, settled))
+        _slide(self._near, now, cost, COST_SETTLE_SECONDS)
+        if now - self._near_since >= COST_SETTLE_SECONDS:
+            _slide(self._dear, now, self._near[0][1], COST_MEMORY_SECONDS, least=False)
 
     def connected(self) -> None:
         """A new WebSocket connection arrived (admitted or not): its cost is not a session's."""
