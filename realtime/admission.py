@@ -429,19 +429,18 @@ class Admission:
         while dear and dear[0][0] < now - COST_MEMORY_SECONDS:
             dear.popleft()
         cost = self.session_cost
-        if cost is None:
+        near_full = cost is not None and self.load >= HOLD_FROM * self.policy.target_load
+        if not near_full:
+            # Idle, or far from full: an estimate running ahead admits nothing amiss, and a
+            # ramp's dearer first sessions are not the host's.
             estimates.clear()
             self._near.clear()
             self._near_since = None
+        if cost is None:
             return
-        estimate = max(self.policy.target_load - self.churn, 0.0) / cost
-        if self.load < HOLD_FROM * self.policy.target_load:
-            estimates.clear()  # far from full: an estimate running ahead admits nothing amiss
-            self._near.clear()
-            self._near_since = None
-        else:
+        if near_full:
             self._remember(now, cost)
-        _slide(estimates, now, estimate, CAPACITY_HOLD_SECONDS)
+        _slide(estimates, now, self._room(cost), CAPACITY_HOLD_SECONDS)
 
     def _remember(self, now: float, cost: float) -> None:
         """Keep a session's cost near full: the least over :data:`COST_SETTLE_SECONDS`, once
@@ -620,14 +619,17 @@ class Admission:
             return None
         held = self._estimates[0][1]
         dear = self.remembered_cost
-        if dear is None:
-            return held
-        return min(held, max(self.policy.target_load - self.churn, 0.0) / dear)
+        return held if dear is None else min(held, self._room(dear))
+
+    def _room(self, cost: float) -> float:
+        """Sessions of ``cost`` each that fit in the target load, less the crowd's share."""
+        return max(self.policy.target_load - self.churn, 0.0) / cost
 
     @property
     def remembered_cost(self) -> float | None:
         """The dearest a session cost near full over the last :data:`COST_MEMORY_SECONDS` (the
-        least of each :data:`COST_SETTLE_SECONDS`); None if the load was not near full."""
+        least of each :data:`COST_SETTLE_SECONDS`); None if the load was not near full that
+        long within them."""
         return self._dear[0][1] if self._dear else None
 
     def headroom(self, sessions: int) -> float | None:

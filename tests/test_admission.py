@@ -158,7 +158,7 @@ def test_near_full_a_higher_capacity_counts_once_it_held_a_lower_one_at_once() -
     assert isinstance(admission.admit_session(80), errors.ServerBusy)
     server.run(CAPACITY_HOLD_SECONDS + 2.0)
     assert admission.capacity == pytest.approx(80, rel=0.02)  # the dearer cost is remembered
-    server.run(COST_MEMORY_SECONDS + 5.0)  # and the smoothed cost it remembers settled
+    server.run(COST_MEMORY_SECONDS + 5.0)  # and the readings of its fall (smoothed) with it
     assert admission.capacity == pytest.approx(83.3, rel=0.02)
     assert admission.admit_session(80) is None
     server.cost = 0.012  # 66 fit: the estimate falls, and the capacity with it
