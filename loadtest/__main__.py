@@ -134,6 +134,9 @@ class ServerProcess:
             "cpu_window_s": round(t1 - t0, 2),
             "rss_mb_max": round(max(s[2] for s in inside), 1),
             "series": series,
+            # Every sample, (monotonic seconds, CPU seconds so far): the clients' records are
+            # on the same clock, so a caller can place the server's CPU beside them.
+            "cpu_samples": [(t, cpu) for t, cpu, _ in self.samples],
         }
 
     def stop(self) -> None:
@@ -284,6 +287,11 @@ def read_probe(probe: Probe, start: float, within: tuple[float, float]) -> dict[
         return {"samples": 0, "error": str(e)}
     finally:
         shutil.rmtree(out.parent, ignore_errors=True)
+
+
+def server_figures(stats: dict[str, Any]) -> dict[str, Any]:
+    """The server's figures for a report: :meth:`Server.stats` without its raw samples."""
+    return {k: v for k, v in stats.items() if k != "cpu_samples"}
 
 
 def run_target(
@@ -522,7 +530,7 @@ def run_summary(
 ) -> tuple[Records, dict[str, Any]]:
     """One target under one load: its records and its summary with the server's figures."""
     rec, server = run_target(target, kinds, seconds, setup)
-    s = {**report.summarize(rec, seconds, DEADLINE_MS), "server": server}
+    s = {**report.summarize(rec, seconds, DEADLINE_MS), "server": server_figures(server)}
     lat = s["latency_ms"]
     print(
         f"  {target}: {100 * s['within_50ms']:.1f}% within {report.BAR_MS:g} ms, "

@@ -63,6 +63,7 @@ from loadtest.__main__ import (
     capacity,
     machine,
     run_target,
+    server_figures,
     setup_from,
 )
 from loadtest.clients import OK, UNUSED, Records
@@ -174,13 +175,25 @@ def outside_host_spells(rec: Records, host: dict[str, Any]) -> dict[str, Any]:
 STEP_SECONDS = 0.5
 
 
-def on_time_over_time(rec: Records) -> dict[str, list[Any]]:
+def on_time_over_time(
+    rec: Records, cpu: list[tuple[float, float]] | None = None
+) -> dict[str, list[Any]]:
     """The admitted chunks by due time, per :data:`STEP_SECONDS` from the first hello: each
     step's end (``t``, seconds), how many were due (``due``) and the share of them answered
     within 50 ms (``within_50ms``; None where none was). In the report beside the plot, so that
-    a miss can be placed in its run (the ramp, a spell, the end) from the figures alone."""
+    a miss can be placed in its run (the ramp, a spell, the end) from the figures alone.
+
+    Given the server's CPU samples (``cpu``: (monotonic seconds, CPU seconds so far), on the
+    records' clock), also the cores it used in each step (``server_cores``) and its CPU per
+    admitted chunk due then (``cpu_us_per_due``, µs; None where none was, or not sampled). With
+    the load steady, a step whose chunks cost more CPU ran on a slower host: the outside view of
+    a spell that the host probe's small work does not see (docs/scheduler.md, session 38). While
+    the core is saturated the figure is only a floor."""
+    series: dict[str, list[Any]] = {"t": [], "due": [], "within_50ms": []}
+    if cpu is not None:
+        series |= {"server_cores": [], "cpu_us_per_due": []}
     if not rec.hello_at.size or np.isnan(rec.hello_at).all():
-        return {"t": [], "due": [], "within_50ms": []}
+        return series
     t0 = float(np.nanmin(rec.hello_at))
     used = rec.outcome != UNUSED
     due = rec.due[used] - t0
@@ -189,12 +202,57 @@ def on_time_over_time(rec: Records) -> dict[str, list[Any]]:
     edges = np.arange(0.0, end, STEP_SECONDS)
     total, _ = np.histogram(due, edges)
     good, _ = np.histogram(due[ontime], edges)
+    series["t"] = [round(float(e), 2) for e in edges[1:]]
+    series["due"] = [int(n) for n in total]
+    series["within_50ms"] = [
+        round(int(g) / int(n), 4) if n else None for g, n in zip(good, total, strict=True)
+    ]
+    if cpu is not None:
+        at = np.array([t for t, _ in cpu] or [np.nan]) - t0
+        spent = np.diff(np.interp(edges, at, [c for _, c in cpu] or [0.0]))
+        sampled = (edges[:-1] >= at[0]) & (edges[1:] <= at[-1])  # never, with no samples
+        series["server_cores"] = [
+            round(float(c) / STEP_SECONDS, 3) if ok else None
+            for c, ok in zip(spent, sampled, strict=True)
+        ]
+        series["cpu_us_per_due"] = [
+            round(1e6 * float(c) / int(n), 1) if ok and n else None
+            for c, n, ok in zip(spent, total, sampled, strict=True)
+        ]
+    return series
+
+
+#: A step whose server used this share of a core or more was saturated: its CPU per chunk due
+#: is a floor, not what the chunks cost.
+SATURATED_CORES = 0.95
+
+
+def cpu_spread(series: dict[str, list[Any]], after: float) -> dict[str, Any] | None:
+    """The server's CPU per chunk due over the steps of ``series`` (:func:`on_time_over_time`,
+    with the server's CPU) that end past ``after`` seconds, the run's last step left out (the
+    clients stop in it): the least, the median and the most (µs), and how many steps were
+    saturated (:data:`SATURATED_CORES`); None without such steps."""
+    if "cpu_us_per_due" not in series:
+        return None
+    steps = [
+        (us, cores)
+        for t, us, cores in zip(
+            series["t"][:-1],
+            series["cpu_us_per_due"][:-1],
+            series["server_cores"][:-1],
+            strict=True,
+        )
+        if t > after and us is not None
+    ]
+    if not steps:
+        return None
+    costs = sorted(us for us, _ in steps)
     return {
-        "t": [round(float(e), 2) for e in edges[1:]],
-        "due": [int(n) for n in total],
-        "within_50ms": [
-            round(int(g) / int(n), 4) if n else None for g, n in zip(good, total, strict=True)
-        ],
+        "least": costs[0],
+        "median": costs[len(costs) // 2],
+        "most": costs[-1],
+        "steps": len(steps),
+        "saturated": sum(cores >= SATURATED_CORES for _, cores in steps),
     }
 
 
@@ -212,6 +270,7 @@ def worst_step(series: dict[str, list[Any]]) -> tuple[float, float] | None:
 
 def plot_over_time(
     rec: Records,
+    series: dict[str, list[Any]],
     out: Path,
     name: str,
     title: str,
@@ -219,17 +278,24 @@ def plot_over_time(
     baselines: dict[str, dict[str, list[Any]]] | None = None,
 ) -> str:
     """Sessions admitted and refusals (by hello time) and the share of due chunks answered
-    within 50 ms, per 0.5 s, with the host probe's stops and slowed spells shaded (``host``:
-    its summaries by CPU) and the same share for each baseline run on the same clients
-    (``baselines``: their :func:`on_time_over_time`); the file written."""
+    within 50 ms, per 0.5 s (``series``: :func:`on_time_over_time`), with the host probe's stops
+    and slowed spells shaded (``host``: its summaries by CPU) and the same share for each
+    baseline run on the same clients (``baselines``: their :func:`on_time_over_time`); below,
+    the server's cores and CPU per chunk due, where sampled; the file written."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     t0 = float(np.nanmin(rec.hello_at))
-    series = on_time_over_time(rec)
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
+    sampled = "server_cores" in series
+    fig, (top, bottom, *cpu) = plt.subplots(
+        3 if sampled else 2,
+        1,
+        figsize=(8, 7.5 if sampled else 5.5),
+        sharex=True,
+        height_ratios=(1.0, 1.0, 0.7) if sampled else None,
+    )
     for label, at, color in (
         ("admitted", rec.hello_at[rec.admitted], "tab:green"),
         ("refusals", np.asarray(rec.refusal_at), "tab:red"),
@@ -263,13 +329,44 @@ def plot_over_time(
             alpha=0.25,
             label="host slowed or stopped the server's core" if k == 0 else None,
         )
-    bottom.set(xlabel="time since the first hello (s)", ylabel="% on time", ylim=(0, 101))
+    bottom.set(ylabel="% on time", ylim=(0, 101))
     twin = bottom.twinx()
     twin.plot(ends, total / STEP_SECONDS, color="tab:orange", linewidth=0.8, label="chunks due/s")
     twin.set_ylabel("chunks due per second")
     bottom.legend(fontsize=8, loc="lower left")
     twin.legend(fontsize=8, loc="lower right")
+    (cpu[0] if cpu else bottom).set(xlabel="time since the first hello (s)")
+    if cpu:
+        _plot_cpu(cpu[0], series, baselines or {}, ("tab:blue", *colors))
     return report.save_plot(fig, out, f"overload_{name}.png")
+
+
+def _plot_cpu(
+    ax: Any, series: dict[str, list[Any]], baselines: dict[str, dict[str, list[Any]]], colors: Any
+) -> None:
+    """The server's cores over a run, each baseline's beside it, and its CPU per chunk due."""
+    for k, (target, x) in enumerate([("realtime", series), *baselines.items()]):
+        if "server_cores" in x:
+            ax.plot(
+                x["t"],
+                [np.nan if c is None else c for c in x["server_cores"]],
+                color=colors[k % len(colors)],
+                linestyle="--" if k else "-",
+                label=target,
+            )
+    ax.axhline(SATURATED_CORES, color="grey", linewidth=0.8, linestyle=":")
+    ax.set(ylabel="server CPU (cores)", ylim=(0, 1.1))
+    ax.legend(fontsize=8, loc="lower left")
+    per = ax.twinx()
+    per.plot(
+        series["t"],
+        [np.nan if us is None else us for us in series["cpu_us_per_due"]],
+        color="tab:purple",
+        linewidth=0.8,
+        label="realtime's CPU per chunk due",
+    )
+    per.set_ylabel("µs per chunk due")
+    per.legend(fontsize=8, loc="lower right")
 
 
 def capacity_near(
@@ -364,6 +461,12 @@ BASELINE_FIGURES = (
 )
 
 
+def server_summary(server: dict[str, Any]) -> dict[str, Any]:
+    """The server's figures for a run's report: no raw samples, no series of its own (the
+    run's ``over_time`` places its CPU)."""
+    return {k: v for k, v in server_figures(server).items() if k != "series"}
+
+
 def run_baseline(
     target: str, plan: Scenario, args: argparse.Namespace, setup: Setup
 ) -> dict[str, Any]:
@@ -376,8 +479,8 @@ def run_baseline(
     summary = {k: found[k] for k in BASELINE_FIGURES}
     if plan.base is not None:
         summary["admitted"] = int((rec.admitted & plan.base).sum())
-    summary["over_time"] = on_time_over_time(rec)
-    summary["server"] = {k: v for k, v in server.items() if k != "series"}
+    summary["over_time"] = on_time_over_time(rec, server.get("cpu_samples"))
+    summary["server"] = server_summary(server)
     if server.get("host"):
         summary["outside_host_spells"] = outside_host_spells(rec, server["host"])
     lat = summary["admitted_latency_ms"]
@@ -400,8 +503,8 @@ def run_scenario(
     summary = {
         "offered_clients": len(kinds),
         **admission_summary(rec),
-        "server": {k: v for k, v in server.items() if k != "series"},
-        "over_time": on_time_over_time(rec),
+        "server": server_summary(server),
+        "over_time": on_time_over_time(rec, server.get("cpu_samples")),
     }
     if server.get("host"):
         summary["outside_host_spells"] = outside_host_spells(rec, server["host"])
@@ -604,6 +707,25 @@ def markdown(result: dict[str, Any]) -> str:
             for name, r in runs
             if (o := r.get("outside_host_spells")) is not None
         ]
+    spreads = [
+        (name, c)
+        for name, r in runs
+        if (c := cpu_spread(r.get("over_time", {}), result["ramp"] + STEP_SECONDS)) is not None
+    ]
+    if spreads:
+        lines += [
+            "",
+            f"The server's CPU per admitted chunk due, per {STEP_SECONDS:g} s once the arrivals "
+            "are over (the load then holds: a dearer step ran on a slower host, or the server "
+            "did more for its chunks; while its core is saturated, a floor):",
+            "",
+        ]
+        lines += [
+            f"- {name}: least {c['least']:g}, median {c['median']:g}, most {c['most']:g} µs "
+            f"({c['most'] / c['least']:.2f}x); {c['saturated']} of {c['steps']} steps at "
+            f"{SATURATED_CORES:g} of a core or more"
+            for name, c in spreads
+        ]
     lines += ["", "Checks:", ""]
     lines += [f"- {'yes' if ok else '**no**'}: {what}" for what, ok in result["checks"].items()]
     after = result.get("capacity_after")
@@ -787,7 +909,9 @@ def main() -> None:
         host = summary["server"].get("host")
         others = {b: x["over_time"] for b, x in summary["baselines"].items()}
         result["plots"].append(
-            plot_over_time(rec, args.out, f"{args.kind}_{name}", title, host, others)
+            plot_over_time(
+                rec, summary["over_time"], args.out, f"{args.kind}_{name}", title, host, others
+            )
         )
     if args.recheck and cap:  # did the capacity still hold after the runs?
         again = capacity(["realtime"], args.kind, [cap], args.capacity_seconds, off)

@@ -134,14 +134,18 @@ def test_chunks_due_in_a_host_spell_or_its_drain_are_set_apart_in_a_figure_besid
 
 def test_the_plot_over_time_shades_the_host_spells(tmp_path: Path) -> None:
     from loadtest.clients import OK
-    from loadtest.overload import plot_over_time
+    from loadtest.overload import on_time_over_time, plot_over_time
 
     due = np.tile(100.0 + 0.1 * np.arange(20), (2, 1))
     outcome = np.full(due.shape, OK, np.int32)
     rec = load_records(due, due + 0.005, outcome, np.array([True, True]), np.array([99.9, 99.95]))
     host = {"0": {"start": 100.0, "longest_stops": [[1.2, 15.0]], "longest_slowed": []}}
-    name = plot_over_time(rec, tmp_path, "vad_4x", "a run", host)
+    series = on_time_over_time(rec, [(99.9 + 0.1 * k, 0.08 * k) for k in range(25)])
+    echo = {**series, "server_cores": [0.5] * len(series["t"])}
+    name = plot_over_time(rec, series, tmp_path, "vad_4x", "a run", host, {"echo": echo})
     assert (tmp_path / name).stat().st_size > 10_000
+    bare = on_time_over_time(rec)  # no CPU sampled: no third panel's lines, still a plot
+    assert plot_over_time(rec, bare, tmp_path, "vad_2x", "a run") == "overload_vad_2x.png"
 
 
 def test_a_slowdown_takes_its_share_of_the_core_then_ends_at_normal_priority() -> None:

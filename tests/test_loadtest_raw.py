@@ -590,6 +590,64 @@ def test_the_report_places_each_half_second_of_a_run_and_names_the_worst() -> No
     assert worst_step(on_time_over_time(empty)) is None
 
 
+def test_the_report_places_the_servers_cpu_beside_each_half_second() -> None:
+    """Given the server's CPU samples (on the records' clock), each half-second also has the
+    cores the server used and its CPU per admitted chunk due; a step the samples do not cover
+    has neither. The spread over the steps after the arrivals (the last step left out: the
+    clients stop in it) says how far the server's cost moved while the load held."""
+    from loadtest.overload import cpu_spread, markdown, on_time_over_time
+
+    # One admitted client, a chunk due every 0.1 s from 100.0 s for 2 s; the server sampled
+    # from 99.9 s to 101.5 s, at 0.4 of a core, then 0.9 from 100.95 s.
+    due = 100.0 + 0.1 * np.arange(20)[None, :]
+    outcome = np.full(due.shape, OK, np.int32)
+    rec = load_records(due, due + 0.005, outcome, np.array([True]), np.array([99.95]))
+    times = 99.9 + 0.05 * np.arange(33)
+    cpu = [(float(t), 0.4 * min(t, 100.95) + 0.9 * max(t - 100.95, 0.0)) for t in times]
+    series = on_time_over_time(rec, cpu)
+    assert series["t"] == [0.5, 1.0, 1.5, 2.0]
+    assert series["due"] == [5, 5, 5, 5]
+    assert series["server_cores"] == [0.4, 0.4, 0.9, None]  # sampled to 101.5 s only
+    assert series["cpu_us_per_due"] == [40000.0, 40000.0, 90000.0, None]
+    assert orjson.loads(orjson.dumps(series)) == series
+    assert "server_cores" not in on_time_over_time(rec)  # not sampled: not there
+    spread = cpu_spread(series, 0.5)  # the steps ending at 1.0 and 1.5 s (2.0 s: the last)
+    assert spread == {
+        "least": 40000.0,
+        "median": 90000.0,
+        "most": 90000.0,
+        "steps": 2,
+        "saturated": 0,
+    }
+    assert cpu_spread(series, 2.0) is None
+    hot = {**series, "server_cores": [0.4, 0.4, 0.96, None]}
+    assert cpu_spread(hot, 0.5)["saturated"] == 1  # type: ignore[index]
+    run = {
+        "offered_clients": 1,
+        "admitted": 1,
+        "admitted_after_refusal": 0,
+        "refusals": 0,
+        "refusal_ms": {"max": None},
+        "admitted_within_50ms": 1.0,
+        "admitted_latency_ms": {"p50": 5.0, "p99": 5.0, "max": 5.0},
+        "admitted_p99_all_ms": 5.0,
+        "admitted_lost": 0,
+        "admitted_errors": {},
+        "over_time": series,
+    }
+    text = markdown(overload_result(capacity_clients=1, ramp=0.0, runs={"2x": run}, checks={}))
+    assert "- 2x: least 40000, median 90000, most 90000 µs (2.25x); 0 of 2 steps" in text
+
+
+def test_a_runs_figures_leave_out_the_servers_raw_samples() -> None:
+    from loadtest.__main__ import server_figures
+    from loadtest.overload import server_summary
+
+    stats = {"cpu_cores_mean": 0.5, "series": [{"t": 0.5}], "cpu_samples": [(1.0, 0.1)]}
+    assert server_figures(stats) == {"cpu_cores_mean": 0.5, "series": [{"t": 0.5}]}
+    assert server_summary(stats) == {"cpu_cores_mean": 0.5}
+
+
 def state(pid: int) -> str:
     """A process's state letter (R running, S asleep, T stopped)."""
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
