@@ -290,7 +290,7 @@ def read_probe(probe: Probe, start: float, within: tuple[float, float]) -> dict[
 
 
 def server_figures(stats: dict[str, Any]) -> dict[str, Any]:
-    """The server's figures for a report: :meth:`Server.stats` without its raw samples."""
+    """The server's figures for a report: :meth:`ServerProcess.stats` without its raw samples."""
     return {k: v for k, v in stats.items() if k != "cpu_samples"}
 
 

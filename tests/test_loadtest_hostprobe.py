@@ -144,7 +144,7 @@ def test_the_plot_over_time_shades_the_host_spells(tmp_path: Path) -> None:
     echo = {**series, "server_cores": [0.5] * len(series["t"])}
     name = plot_over_time(rec, series, tmp_path, "vad_4x", "a run", host, {"echo": echo})
     assert (tmp_path / name).stat().st_size > 10_000
-    bare = on_time_over_time(rec)  # no CPU sampled: no third panel's lines, still a plot
+    bare = on_time_over_time(rec)  # no CPU sampled: two panels, no third
     assert plot_over_time(rec, bare, tmp_path, "vad_2x", "a run") == "overload_vad_2x.png"
 
 
