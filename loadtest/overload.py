@@ -721,8 +721,10 @@ def markdown(result: dict[str, Any]) -> str:
             "",
         ]
         lines += [
-            f"- {name}: least {c['least']:g}, median {c['median']:g}, most {c['most']:g} µs "
-            f"({c['most'] / c['least']:.2f}x); {c['saturated']} of {c['steps']} steps at "
+            f"- {name}: least {c['least']:g}, median {c['median']:g}, most {c['most']:g} µs"
+            # /proc counts in 10 ms ticks: a lightly loaded step can read no CPU at all.
+            + (f" ({c['most'] / c['least']:.2f}x)" if c["least"] else "")
+            + f"; {c['saturated']} of {c['steps']} steps at "
             f"{SATURATED_CORES:g} of a core or more"
             for name, c in spreads
         ]

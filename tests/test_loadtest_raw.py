@@ -637,6 +637,10 @@ def test_the_report_places_the_servers_cpu_beside_each_half_second() -> None:
     }
     text = markdown(overload_result(capacity_clients=1, ramp=0.0, runs={"2x": run}, checks={}))
     assert "- 2x: least 40000, median 90000, most 90000 µs (2.25x); 0 of 2 steps" in text
+    idle = {**series, "cpu_us_per_due": [0.0, 0.0, 90000.0, None]}  # no tick in a step
+    runs = {"2x": {**run, "over_time": idle}}
+    text = markdown(overload_result(capacity_clients=1, ramp=0.0, runs=runs, checks={}))
+    assert "- 2x: least 0, median 90000, most 90000 µs; 0 of 2 steps" in text
 
 
 def test_a_runs_figures_leave_out_the_servers_raw_samples() -> None:
