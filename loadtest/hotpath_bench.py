@@ -13,6 +13,13 @@ part of the server's cost that the hot-path work changes, beside the transport's
     python -m loadtest.hotpath_bench --streams 100 --seconds 5
     python -m loadtest.hotpath_bench --profile       # and print cProfile's top functions
     python -m loadtest.hotpath_bench --models examples/models --model silero_vad --chunk-ms 32
+    python -m loadtest.hotpath_bench --stale-ms 200  # every chunk refused for its age
+
+``--stale-ms`` hands each chunk over as if the loop had read its bytes that long before (a
+waiting session's, let go; or the loop fell behind): past its deadline, it is refused
+``deadline_exceeded`` before any work. Against a run without it, this is what shedding a chunk
+saves over serving it; the cost of the refusals is what a server that fell behind pays to
+catch up (docs/scheduler.md, "Session 39").
 """
 
 from __future__ import annotations
@@ -48,11 +55,13 @@ async def run(
     rounds_wanted: int = 0,
     warm_up: bool = True,
     deadline_ms: int = 0,
+    stale_ms: float = 0.0,
 ) -> dict[str, Any]:
     """Offer ``streams`` real-time streams' worth of chunks (``chunk_ms`` of 16 kHz int16 each,
     or one tensor) as fast as the loop takes them, in rounds of one chunk per stream, for
     ``seconds`` (or ``rounds_wanted`` rounds); the CPU seconds per chunk answered. The streams
-    ask for ``deadline_ms`` (0: the model's)."""
+    ask for ``deadline_ms`` (0: the model's); each chunk is handed over ``stale_ms`` after its
+    bytes were read."""
     server = Server(Config(port=0, warm_up=warm_up, workers=2, model_dirs=models))
     if warm_up:
         await asyncio.get_running_loop().run_in_executor(None, server.scheduler.warm_up)
@@ -102,6 +111,7 @@ async def run(
         payload = rng.normal(0, 0.1, spec.item_shape).astype(spec.input.dtype)
     frames = [encode_frame(Chunk(1, seq, chunk_ms * seq, payload)) for seq in range(4096)]
     submit = server.scheduler.submit
+    age = stale_ms / 1000.0
     rounds = 0
     loop_cpu = 0.0
     usage0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -112,7 +122,7 @@ async def run(
         frame = frames[rounds % len(frames)]
         now = time.monotonic()
         for conn in conns:
-            for item in conn.receive_binary(frame, now):
+            for item in conn.receive_binary(frame, now, False, age):
                 try:
                     submit(item)
                 except ServingError as e:  # refused at the queue: answered typed at once
@@ -137,6 +147,7 @@ async def run(
         "streams": streams,
         "chunks": chunks,
         "frames_out": answered,
+        "refused": dict(server.traffic.errors),
         "cpu_us_per_chunk": round(1e6 * cpu / chunks, 1),
         "event_loop_us_per_chunk": round(1e6 * loop_cpu / chunks, 1),
         # The garbage collector's runs per 1000 chunks, by generation, and what they freed: what
@@ -165,6 +176,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=0, help="this many rounds, not --seconds")
     parser.add_argument("--no-warm-up", action="store_true", help="skip the model warm-up")
     parser.add_argument("--deadline-ms", type=int, default=0, help="the streams' deadline")
+    parser.add_argument(
+        "--stale-ms", type=float, default=0.0, help="hand each chunk over this long after its read"
+    )
     parser.add_argument("--profile", action="store_true", help="print cProfile's top lines")
     args = parser.parse_args()
     import uvloop
@@ -183,6 +197,7 @@ def main() -> None:
             args.rounds,
             not args.no_warm_up,
             args.deadline_ms,
+            args.stale_ms,
         )
     )
     if profile is not None:

@@ -173,6 +173,24 @@ def test_the_hot_path_bench_answers_every_chunk_of_a_fixed_number_of_rounds() ->
         asyncio.run(hotpath_bench.run("speech_activity", 1, 0.0, False, deadline_ms=600_000))
 
 
+def test_the_hot_path_bench_hands_chunks_over_stale_to_measure_what_a_refusal_costs() -> None:
+    """``--stale-ms`` past the deadline: every chunk refused ``deadline_exceeded`` before any
+    work, each answered by its error; short of it, every chunk served."""
+    stale = asyncio.run(
+        hotpath_bench.run(
+            "speech_activity", 4, 0.0, False, rounds_wanted=3, warm_up=False, stale_ms=200.0
+        )
+    )
+    assert stale["chunks"] == stale["frames_out"] == 12
+    assert stale["refused"] == {"deadline_exceeded": 12}
+    fresh = asyncio.run(
+        hotpath_bench.run(
+            "speech_activity", 4, 0.0, False, rounds_wanted=3, warm_up=False, stale_ms=50.0
+        )
+    )
+    assert fresh["chunks"] == fresh["frames_out"] == 12 and not fresh["refused"]
+
+
 @pytest.mark.parametrize("door", [False, True])
 def test_the_connection_cost_tool_measures_the_server_per_connection(door: bool) -> None:
     """``loadtest.connection_cost`` gives the figure admission's CONNECTION_COST stands for
