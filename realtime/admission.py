@@ -156,10 +156,15 @@ class AdmissionPolicy:
     #: streams are refused: the admitted ones already miss their deadlines.
     late_share: float = 0.01
     #: Seconds the admitted sessions may stay late (past :data:`OVERRUN_SHARE` of their results,
-    #: in each lateness window) before the newest are taken back (``server_busy``, then the
-    #: close): the server slowed (a neighbour took the cores) below what it admitted, and would
-    #: otherwise never catch up. 0: never.
-    take_back_seconds: float = 2.0
+    #: in each lateness window), or the newest may wait while the server is behind
+    #: (:meth:`Admission.observe_queues`), before the newest are taken back (``server_busy``,
+    #: then the close): the server slowed (a neighbour took the cores) below what it admitted,
+    #: and would otherwise never catch up. 0: never. 1 since session 39: a waiting session
+    #: keeps its chunks, and each costs the loop about what serving it would when it is let go
+    #: or refused; taken back, they cost nothing more. Under 4 s of a core 1.6x slower, 1 s
+    #: held 93.76 / 93.95 % of the admitted chunks within 50 ms against 2 s's 82.52 / 82.53
+    #: (docs/scheduler.md, "Session 39"), and took no session back under 300 ms at 1.5x.
+    take_back_seconds: float = 1.0
 
     @property
     def enabled(self) -> bool:

@@ -122,8 +122,9 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=policy.take_back_seconds,
         help="admission control: once most live audio streams' results have been late this "
-        "long, the newest sessions are ended server_busy, so that the rest are on time again "
-        "(default %(default)s; 0: never)",
+        "long, or the newest sessions have waited this long while the server is behind, the "
+        "newest are ended server_busy, so that the rest are on time again (default "
+        "%(default)s; 0: never)",
     )
     s.add_argument(
         "--busy-retry-ms",
