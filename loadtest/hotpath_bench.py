@@ -147,7 +147,7 @@ async def run(
         "streams": streams,
         "chunks": chunks,
         "frames_out": answered,
-        "refused": dict(server.traffic.errors),
+        "errors": dict(server.traffic.errors),  # sent, by code (--stale-ms: the refusals)
         "cpu_us_per_chunk": round(1e6 * cpu / chunks, 1),
         "event_loop_us_per_chunk": round(1e6 * loop_cpu / chunks, 1),
         # The garbage collector's runs per 1000 chunks, by generation, and what they freed: what
