@@ -301,6 +301,10 @@ def hwm_mb(pid: int) -> float:
     raise AssertionError("no VmHWM")
 
 
+#: Chunks the good client sends before it waits for the first one's answer.
+IN_FLIGHT = 8
+
+
 async def good_client(url: str, attacked: asyncio.Event) -> tuple[list[Any], float]:
     """A real-time speech client next to the attack: every outcome of its stream, and the
     longest ping round trip while the attack ran (the server's event loop stalls show there)."""
@@ -308,13 +312,18 @@ async def good_client(url: str, attacked: asyncio.Event) -> tuple[list[Any], flo
         # Deadlines as generous as the stall bound below: a busy CI machine is slow too.
         opened = {"dtype": "int16", "sample_rate": 16000, "deadline_ms": 3000}
         stream = await client.open("speech_activity", **opened)
-        worst, k = 0.0, 0
+        worst, k, outcomes = 0.0, 0, []
         while not attacked.is_set() or k < 50:
             await stream.send(np.zeros(320, np.int16))
             worst = max(worst, (await client.ping())[0])
             k += 1
+            if k > IN_FLIGHT:  # as a live client does. Sent as fast as pings came back,
+                # the chunks could outrun their results (a batch waits up to 20 ms to fill
+                # while the server is busy) past the 64 a stream may have in flight, and be
+                # refused ``overloaded``, rightly: CI once saw 96 of 493 chunks not answered
+                outcomes.append(await stream.next())
         await stream.close()
-        return await stream.collect(), worst
+        return outcomes + await stream.collect(), worst
 
 
 @pytest.mark.parametrize("attack", ["amplification", "options"])
@@ -364,6 +373,7 @@ async def test_one_client_cannot_stall_the_loop_or_take_the_memory(attack: str) 
         code, err = served.stop()
     assert code == 0, err
     assert "Traceback" not in err
-    assert [type(m) for m in outcomes].count(Result) == len(outcomes) >= 50
+    refused = [m for m in outcomes if not isinstance(m, Result)]
+    assert not refused and len(outcomes) >= 50, (len(outcomes), refused[:3])
     assert worst_ping < 3000, worst_ping  # ms; the amplification stalled the loop 9 600 ms
     assert growth < 100, growth  # MB; the amplification took 1 100, the options 260
